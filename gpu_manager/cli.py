@@ -1,0 +1,125 @@
+"""The `gpu-manager` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpu_manager.config import ConfigError, Inventory, load_inventory
+from gpu_manager.planner import (
+    ObservedState,
+    Plan,
+    PlannerInventory,
+    PreparePhase,
+    Refusal,
+    plan,
+)
+from gpu_manager.planner.serialize import plan_dict
+
+app = typer.Typer(
+    name="gpu-manager",
+    help="Coordinate GPU-hungry services on one GPU host.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ConfigDirOpt = Annotated[
+    Path | None,
+    typer.Option("--config-dir", "-c", help="Folder with services.yaml and phases.yaml "
+                 "[default: $GPU_MANAGER_CONFIG_DIR, else the current folder]"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _load(config_dir: Path | None) -> Inventory:
+    try:
+        return load_inventory(config_dir)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            err.print(str(issue), markup=False, highlight=False)
+        err.print(f"{len(exc.issues)} problem(s) in the inventory", style="red")
+        raise typer.Exit(1) from None
+
+
+@app.command("check-config")
+def check_config(config_dir: ConfigDirOpt = None) -> None:
+    """Validate services.yaml and phases.yaml; print each problem as file:line: field: message."""
+    inv = _load(config_dir)
+    out.print(f"OK: {inv.summary()}", markup=False, highlight=False)
+
+
+def _parse_running(running: str) -> dict[str, int | None]:
+    """`a,b=5000` -> {a: None, b: 5000}: names, optionally with a measured MB."""
+    result: dict[str, int | None] = {}
+    for item in filter(None, (p.strip() for p in running.split(","))):
+        name, _, mb = item.partition("=")
+        try:
+            result[name] = int(mb) if mb else None
+        except ValueError:
+            raise typer.BadParameter(f"{item!r}: expected NAME or NAME=MB") from None
+    return result
+
+
+@app.command("plan")
+def plan_cmd(
+    phase: Annotated[int, typer.Argument(help="Phase number to prepare.")],
+    config_dir: ConfigDirOpt = None,
+    running: Annotated[str, typer.Option(
+        "--running", "-r", help="Services running now, comma-separated; NAME=MB adds a measured "
+        "usage. Default: nothing running.")] = "",
+    total_mb: Annotated[int | None, typer.Option(help="GPU total [default: gpu.total_mb]")] = None,
+    foreign_mb: Annotated[int, typer.Option(help="VRAM used by unmanaged processes")] = 0,
+    current_phase: Annotated[int | None, typer.Option(help="The phase active now")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what preparing PHASE would stop and start, with reasons (nothing is executed)."""
+    inv = _load(config_dir)
+    total = total_mb if total_mb is not None else inv.gpu.total_mb
+    if total is None:
+        err.print("gpu.total_mb is not set (NVML backend): pass --total-mb", style="red")
+        raise typer.Exit(2)
+    run = _parse_running(running)
+    unknown = sorted(set(run) - set(inv.services))
+    if unknown:
+        err.print(f"unknown service(s) in --running: {', '.join(unknown)} "
+                  f"(known: {', '.join(sorted(inv.services))})", style="red", markup=False)
+        raise typer.Exit(2)
+    state = ObservedState(total, run, inv.gpu.reserve_mb, foreign_mb, current_phase)
+    result = plan(PlannerInventory.from_inventory(inv), state, PreparePhase(phase))
+    if as_json:
+        print(json.dumps(plan_dict(result), indent=2))
+    else:
+        print_plan(result)
+    if isinstance(result, Refusal):
+        raise typer.Exit(1)
+
+
+def print_plan(result: Plan | Refusal) -> None:
+    if isinstance(result, Refusal):
+        err.print(f"refused ({result.code}): {result.message}", markup=False, highlight=False)
+        return
+    if not result.steps:
+        out.print("nothing to do: the GPU is already in that state")
+    else:
+        table = Table("#", "action", "service", "MB", "reason")
+        for i, step in enumerate(result.steps, start=1):
+            sign = "-" if step.action == "stop" else "+"
+            table.add_row(str(i), step.action, step.service, f"{sign}{step.mb}", step.reason)
+        out.print(table)
+    out.print(f"budget {result.budget_mb} MB: used {result.used_before_mb} -> "
+              f"{result.used_after_mb} MB, {result.free_after_mb} MB free after")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

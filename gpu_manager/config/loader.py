@@ -1,0 +1,247 @@
+"""Load and validate the inventory; every error names the file, the line and the field.
+
+PyYAML's plain `safe_load` loses line numbers and silently keeps the last of two duplicate keys
+(two services both called `vidi` would quietly become one). So we compose the node tree first,
+record the line of every key path and reject duplicates, then validate with pydantic and map each
+error's location back to the line it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from gpu_manager.config.models import (
+    DockerService,
+    GpuConfig,
+    PhaseConfig,
+    PhasesFile,
+    ServiceConfig,
+    ServicesFile,
+)
+
+SERVICES_FILE = "services.yaml"
+PHASES_FILE = "phases.yaml"
+CONFIG_DIR_ENV = "GPU_MANAGER_CONFIG_DIR"
+
+Path_ = tuple[str, ...]
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}"
+        if self.field:
+            return f"{where}: {self.field}: {self.message}"
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """One or more problems in the inventory files; `issues` lists each with file and line."""
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues = list(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The validated inventory: what the daemon manages and how phases use it."""
+
+    gpu: GpuConfig
+    services: Mapping[str, ServiceConfig]
+    phases: Mapping[int, PhaseConfig]
+    config_dir: Path
+    lines: Mapping[str, Mapping[Path_, int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def budget_mb(self) -> int | None:
+        """Declared budget (total - reserve), before foreign usage; None when total unknown."""
+        if self.gpu.total_mb is None:
+            return None
+        return self.gpu.total_mb - self.gpu.reserve_mb
+
+    def phases_of(self, service: str) -> list[int]:
+        return sorted(n for n, p in self.phases.items() if service in p.services)
+
+    def summary(self) -> str:
+        total = f"{self.gpu.total_mb} MB" if self.gpu.total_mb is not None else "total from NVML"
+        return (
+            f"{len(self.services)} services, {len(self.phases)} phases, "
+            f"gpu backend {self.gpu.backend} ({total}, reserve {self.gpu.reserve_mb} MB)"
+        )
+
+
+class _Doc:
+    """One parsed YAML file: the data and the line of every key path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = path.name
+        self.lines: dict[Path_, int] = {(): 1}
+        self.issues: list[ConfigIssue] = []
+        self.data: Any = None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            self.issues.append(ConfigIssue(self.name, 1, "", f"cannot read: {exc.strerror}"))
+            return
+        except UnicodeDecodeError as exc:
+            self.issues.append(ConfigIssue(self.name, 1, "", f"not UTF-8 text: {exc.reason}"))
+            return
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                self._walk(node, ())
+                self.data = loader.construct_document(node)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark is not None else 1
+            problem = " ".join(p for p in (exc.context, exc.problem) if p)
+            self.issues.append(ConfigIssue(self.name, line, "", f"invalid YAML: {problem}"))
+        except yaml.YAMLError as exc:
+            self.issues.append(ConfigIssue(self.name, 1, "", f"invalid YAML: {exc}"))
+        finally:
+            loader.dispose()
+
+    def _walk(self, node: yaml.Node, at: Path_) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    self.issues.append(ConfigIssue(
+                        self.name, line, ".".join((*at, key)),
+                        f"duplicate key {key!r} (first defined at line {seen[key]})",
+                    ))
+                    continue
+                seen[key] = line
+                self.lines[(*at, key)] = line
+                self._walk(value_node, (*at, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.lines[(*at, str(i))] = item.start_mark.line + 1
+                self._walk(item, (*at, str(i)))
+
+    def locate(self, loc: Sequence[int | str]) -> tuple[int, str]:
+        """Line and dotted field path for a pydantic error location."""
+        matched: Path_ = ()
+        shown: list[str] = []
+        for i, item in enumerate(loc):
+            candidate = (*matched, str(item))
+            if candidate in self.lines:
+                matched = candidate
+                shown.append(str(item))
+            elif i == len(loc) - 1:
+                shown.append(str(item))  # a missing or unknown field: name it
+            # else: a union tag pydantic inserts (`native`, `docker`); not in the file
+        return self.lines.get(matched, 1), ".".join(shown)
+
+    def issue(self, loc: Sequence[int | str], message: str) -> ConfigIssue:
+        line, field_path = self.locate(loc)
+        return ConfigIssue(self.name, line, field_path, message)
+
+    def validate(self, model: type[M]) -> M | None:
+        if self.issues:
+            return None
+        data = {} if self.data is None else self.data
+        if not isinstance(data, dict):
+            self.issues.append(ConfigIssue(self.name, 1, "", "expected a mapping at the top level"))
+            return None
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                self.issues.append(self.issue(err["loc"], _message(err)))
+            return None
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required field is missing"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def default_config_dir() -> Path:
+    return Path(os.environ.get(CONFIG_DIR_ENV) or Path.cwd())
+
+
+def load_inventory(config_dir: Path | str | None = None) -> Inventory:
+    """Load `services.yaml` (required) and `phases.yaml` (optional) from `config_dir`."""
+    base = Path(config_dir) if config_dir is not None else default_config_dir()
+    services_path = base / SERVICES_FILE
+    if not services_path.is_file():
+        raise ConfigError([ConfigIssue(str(services_path), 1, "", "file not found")])
+    sdoc = _Doc(services_path)
+    sfile = sdoc.validate(ServicesFile)
+    phases_path = base / PHASES_FILE
+    pdoc: _Doc | None = _Doc(phases_path) if phases_path.is_file() else None
+    pfile = pdoc.validate(PhasesFile) if pdoc is not None else PhasesFile()
+
+    issues = [*sdoc.issues, *(pdoc.issues if pdoc else [])]
+    if sfile is not None and pfile is not None:
+        issues += _cross_check(sfile, pfile, sdoc, pdoc)
+    if issues:
+        raise ConfigError(sorted(issues, key=lambda i: (i.file, i.line)))
+    assert sfile is not None and pfile is not None
+    lines = {sdoc.name: sdoc.lines, **({pdoc.name: pdoc.lines} if pdoc else {})}
+    return Inventory(sfile.gpu, sfile.services, pfile.phases, base, lines)
+
+
+def _cross_check(
+    sfile: ServicesFile, pfile: PhasesFile, sdoc: _Doc, pdoc: _Doc | None
+) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    gpu = sfile.gpu
+    budget = gpu.total_mb - gpu.reserve_mb if gpu.total_mb is not None else None
+    containers: dict[str, str] = {}
+    for name, svc in sfile.services.items():
+        if budget is not None and svc.vram_mb > budget:
+            issues.append(sdoc.issue(
+                ("services", name, "vram_mb"),
+                f"{svc.vram_mb} MB is more than the GPU can ever give "
+                f"({gpu.total_mb} MB total - {gpu.reserve_mb} MB reserve = {budget} MB)",
+            ))
+        if isinstance(svc, DockerService):
+            cname = svc.container.lstrip("/")
+            if cname in containers:
+                issues.append(sdoc.issue(
+                    ("services", name, "container"),
+                    f"container {cname!r} is already managed by service {containers[cname]!r}",
+                ))
+            containers.setdefault(cname, name)
+    if pdoc is None:
+        return issues
+    known = ", ".join(sorted(sfile.services)) or "(none)"
+    for number, phase in pfile.phases.items():
+        for field_name in ("services", "keep"):
+            for i, svc_name in enumerate(getattr(phase, field_name)):
+                if svc_name not in sfile.services:
+                    issues.append(pdoc.issue(
+                        ("phases", number, field_name, i),
+                        f"unknown service {svc_name!r} (known: {known})",
+                    ))
+        need = sum(sfile.services[s].vram_mb for s in phase.services if s in sfile.services)
+        if budget is not None and need > budget:
+            issues.append(pdoc.issue(
+                ("phases", number, "services"),
+                f"phase needs {need} MB together, more than the GPU budget of {budget} MB",
+            ))
+    return issues

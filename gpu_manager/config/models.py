@@ -1,0 +1,186 @@
+"""The inventory as pydantic models: `services.yaml` and `phases.yaml`.
+
+Every model forbids unknown keys: a typo such as `vram: 4000` must be an error that names the
+line, not a silently ignored field that makes the planner believe the service needs 0 MB.
+Cross-file rules (phases naming services, budgets against the GPU) live in `Inventory`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+ServiceName = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuConfig(_Strict):
+    """The `gpu:` section of services.yaml."""
+
+    backend: Literal["auto", "nvml", "simulated"] = "auto"
+    # Required for `simulated`; for NVML it is the fallback total used when NVML is unavailable
+    # and the daemon runs degraded on declared budgets.
+    total_mb: int | None = Field(default=None, gt=0)
+    # Headroom never handed out: desktop compositors, CUDA context growth, fragmentation.
+    reserve_mb: int = Field(default=0, ge=0)
+    device: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> GpuConfig:
+        if self.backend == "simulated" and self.total_mb is None:
+            raise ValueError("backend 'simulated' needs total_mb")
+        if self.total_mb is not None and self.reserve_mb >= self.total_mb:
+            raise ValueError(
+                f"reserve_mb ({self.reserve_mb}) must be smaller than total_mb ({self.total_mb})"
+            )
+        return self
+
+
+class HealthConfig(_Strict):
+    url: str = Field(pattern=r"^https?://")
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+    interval_s: float = Field(default=10.0, gt=0, le=3600)
+    # None means any 2xx is healthy.
+    expected_status: int | None = Field(default=None, ge=100, le=599)
+
+
+class OllamaEvict(_Strict):
+    """Free VRAM by unloading Ollama's models (`keep_alive: 0`) instead of stopping it."""
+
+    strategy: Literal["ollama"]
+    url: str = Field(default="http://127.0.0.1:11434", pattern=r"^https?://")
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+
+
+RestartPolicy = Literal["no", "on-failure", "always"]
+
+
+class _ServiceBase(_Strict):
+    vram_mb: int = Field(ge=0)
+    priority: int = 0
+    health: HealthConfig | None = None
+    start_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    stop_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    preemptible: bool = True
+    restart: RestartPolicy = "no"
+    evict: OllamaEvict | None = None
+    description: str = ""
+
+    @field_validator("restart", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false; `restart: no` is what people write.
+        if v is False:
+            return "no"
+        return v
+
+
+class NativeService(_ServiceBase):
+    type: Literal["native"]
+    command: list[str] = Field(min_length=1)
+    cwd: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    stop_signal: str = "SIGTERM"
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        # A string is split like a shell would split it, but never run through a shell.
+        if isinstance(v, str):
+            try:
+                return shlex.split(v)
+            except ValueError as exc:
+                raise ValueError(f"cannot split command: {exc}") from exc
+        return v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_str(cls, v: Any) -> Any:
+        # `PORT: 8188` in YAML is an int; the environment only holds strings.
+        if isinstance(v, dict):
+            return {k: (str(x) if isinstance(x, int | float) and not isinstance(x, bool) else x)
+                    for k, x in v.items()}
+        return v
+
+    @field_validator("stop_signal")
+    @classmethod
+    def _signal(cls, v: str) -> str:
+        name = v.upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        if name not in signal.Signals.__members__:
+            raise ValueError(f"unknown signal {v!r}")
+        return name
+
+
+class DeviceRequestConfig(_Strict):
+    """Docker's GPU request; the defaults are Compose's `count: all, capabilities: [gpu]`."""
+
+    driver: str = "nvidia"
+    count: int = -1
+    device_ids: list[str] | None = None
+    capabilities: list[list[str]] = Field(default_factory=lambda: [["gpu"]])
+
+
+class DockerService(_ServiceBase):
+    type: Literal["docker"]
+    container: str = Field(min_length=1, pattern=r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+    # With `image`, a missing container is created; without it, the container must exist.
+    image: str | None = None
+    command: list[str] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    network_mode: str | None = None
+    device_request: DeviceRequestConfig | None = None
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return shlex.split(v)
+        return v
+
+
+ServiceConfig = Annotated[NativeService | DockerService, Field(discriminator="type")]
+
+
+class ServicesFile(_Strict):
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+    services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
+
+
+class PhaseConfig(_Strict):
+    name: str = ""
+    services: list[ServiceName] = Field(default_factory=list)
+    # Services allowed to stay up through this phase when they still fit.
+    keep: list[ServiceName] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> PhaseConfig:
+        for field in ("services", "keep"):
+            names: list[str] = getattr(self, field)
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{field} lists {', '.join(dup)} more than once")
+        both = sorted(set(self.services) & set(self.keep))
+        if both:
+            raise ValueError(f"{', '.join(both)} listed in both services and keep")
+        return self
+
+
+class PhasesFile(_Strict):
+    phases: dict[Annotated[int, Field(ge=0)], PhaseConfig] = Field(default_factory=dict)

@@ -1,0 +1,144 @@
+"""Planner inputs and outputs: plain frozen data, no I/O, cheap to build in tests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from gpu_manager.config import Inventory
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    name: str
+    vram_mb: int
+    priority: int = 0
+    preemptible: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseSpec:
+    number: int
+    name: str = ""
+    services: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerInventory:
+    services: Mapping[str, ServiceSpec]
+    phases: Mapping[int, PhaseSpec] = field(default_factory=dict)
+
+    @classmethod
+    def from_inventory(cls, inv: Inventory) -> PlannerInventory:
+        services = {
+            name: ServiceSpec(name, s.vram_mb, s.priority, s.preemptible)
+            for name, s in inv.services.items()
+        }
+        phases = {
+            n: PhaseSpec(n, p.name, tuple(p.services), tuple(p.keep))
+            for n, p in inv.phases.items()
+        }
+        return cls(services, phases)
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedState:
+    """What runs now and what the GPU has.
+
+    `running` maps each service that holds (or may hold) VRAM to its measured MB, or None when
+    the probe cannot attribute memory to it. A name not in the inventory (e.g. removed by a
+    reload but still up) is counted with its measured MB and never touched by a plan.
+    """
+
+    total_mb: int
+    running: Mapping[str, int | None] = field(default_factory=dict)
+    reserve_mb: int = 0
+    # VRAM used by processes the daemon does not manage (a desktop, an unmanaged job).
+    foreign_mb: int = 0
+    current_phase: int | None = None
+
+    @property
+    def budget_mb(self) -> int:
+        return self.total_mb - self.reserve_mb - self.foreign_mb
+
+
+@dataclass(frozen=True, slots=True)
+class PreparePhase:
+    phase: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartService:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopService:
+    name: str
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StopAll:
+    pass
+
+
+Request = PreparePhase | StartService | StopService | StopAll
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    action: Literal["stop", "start"]
+    service: str
+    # MB this step frees (stop) or needs (start).
+    mb: int
+    reason: str
+    # True when the stop exists only to make room for a higher-priority start.
+    preemption: bool = False
+
+    def __str__(self) -> str:
+        verb = "frees" if self.action == "stop" else "needs"
+        return f"{self.action} {self.service}: {self.reason} ({verb} {self.mb} MB)"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    request: Request
+    steps: tuple[Step, ...]
+    budget_mb: int
+    used_before_mb: int
+    used_after_mb: int
+
+    @property
+    def stops(self) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if s.action == "stop")
+
+    @property
+    def starts(self) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if s.action == "start")
+
+    @property
+    def free_after_mb(self) -> int:
+        return self.budget_mb - self.used_after_mb
+
+
+@dataclass(frozen=True, slots=True)
+class Blocker:
+    name: str
+    mb: int
+    reason: str
+
+
+RefusalCode = Literal["insufficient_vram", "unknown_service", "unknown_phase", "needed_by_phase"]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    request: Request
+    code: RefusalCode
+    message: str
+    blockers: tuple[Blocker, ...] = ()
+    short_mb: int = 0
