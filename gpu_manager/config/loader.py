@@ -196,8 +196,15 @@ def load_inventory(config_dir: Path | str | None = None) -> Inventory:
     pfile = pdoc.validate(PhasesFile) if pdoc is not None else PhasesFile()
 
     issues = [*sdoc.issues, *(pdoc.issues if pdoc else [])]
-    if sfile is not None and pfile is not None:
-        issues += _cross_check(sfile, pfile, sdoc, pdoc)
+    if sfile is not None:
+        issues += _check_services(sfile, sdoc)
+    if pdoc is not None and pfile is not None:
+        # Even when services.yaml is broken, its keys still tell which names exist, so phase
+        # typos are reported in the same run instead of one file at a time.
+        raw = sdoc.data.get("services") if isinstance(sdoc.data, dict) else None
+        names = set(sfile.services) if sfile else set(raw) if isinstance(raw, dict) else None
+        if names is not None:
+            issues += _check_phases(pfile, pdoc, names, sfile)
     if issues:
         raise ConfigError(sorted(issues, key=lambda i: (i.file, i.line)))
     assert sfile is not None and pfile is not None
@@ -205,9 +212,7 @@ def load_inventory(config_dir: Path | str | None = None) -> Inventory:
     return Inventory(sfile.gpu, sfile.services, pfile.phases, base, lines)
 
 
-def _cross_check(
-    sfile: ServicesFile, pfile: PhasesFile, sdoc: _Doc, pdoc: _Doc | None
-) -> list[ConfigIssue]:
+def _check_services(sfile: ServicesFile, sdoc: _Doc) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     gpu = sfile.gpu
     budget = gpu.total_mb - gpu.reserve_mb if gpu.total_mb is not None else None
@@ -227,21 +232,30 @@ def _cross_check(
                     f"container {cname!r} is already managed by service {containers[cname]!r}",
                 ))
             containers.setdefault(cname, name)
-    if pdoc is None:
-        return issues
-    known = ", ".join(sorted(sfile.services)) or "(none)"
+    return issues
+
+
+def _check_phases(
+    pfile: PhasesFile, pdoc: _Doc, names: set[str], sfile: ServicesFile | None
+) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    known = ", ".join(sorted(names)) or "(none)"
     for number, phase in pfile.phases.items():
         for field_name in ("services", "keep"):
             for i, svc_name in enumerate(getattr(phase, field_name)):
-                if svc_name not in sfile.services:
+                if svc_name not in names:
                     issues.append(pdoc.issue(
                         ("phases", number, field_name, i),
                         f"unknown service {svc_name!r} (known: {known})",
                     ))
-        need = sum(sfile.services[s].vram_mb for s in phase.services if s in sfile.services)
-        if budget is not None and need > budget:
+        if sfile is None or sfile.gpu.total_mb is None:
+            continue
+        budget = sfile.gpu.total_mb - sfile.gpu.reserve_mb
+        sizes = [sfile.services[s].vram_mb for s in phase.services if s in sfile.services]
+        # One oversized service is already reported at its own line.
+        if sum(sizes) > budget and all(mb <= budget for mb in sizes):
             issues.append(pdoc.issue(
                 ("phases", number, "services"),
-                f"phase needs {need} MB together, more than the GPU budget of {budget} MB",
+                f"phase needs {sum(sizes)} MB together, more than the GPU budget of {budget} MB",
             ))
     return issues

@@ -1,0 +1,181 @@
+"""Inventory validation: the root files are valid; every broken copy names file, line, field."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpu_manager.config import ConfigError, DockerService, NativeService, load_inventory
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, repo_root: Path) -> Path:
+    for name in ("services.yaml", "phases.yaml"):
+        shutil.copy(repo_root / name, tmp_path / name)
+    return tmp_path
+
+
+def edit(path: Path, old: str, new: str) -> int:
+    """Replace `old` once and return the 1-based line where it stood."""
+    text = path.read_text()
+    assert text.count(old) >= 1, old
+    idx = text.index(old)
+    path.write_text(text.replace(old, new, 1))
+    return text[:idx].count("\n") + 1
+
+
+def errors(cfg: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_inventory(cfg)
+    return [str(i) for i in info.value.issues]
+
+
+def test_root_inventory_is_the_reference_host(repo_root: Path) -> None:
+    inv = load_inventory(repo_root)
+    assert inv.gpu.backend == "simulated"
+    expected = {"comfyui": (20000, 100, [4]), "cosyvoice": (4000, 50, [3]),
+                "vidi": (4000, 40, [2]), "ollama": (18000, 10, [])}
+    got = {n: (s.vram_mb, s.priority, inv.phases_of(n)) for n, s in inv.services.items()}
+    assert got == expected
+    assert sorted(inv.phases) == [1, 2, 3, 4, 5]
+    assert inv.phases[1].services == [] and inv.phases[5].services == []
+    vidi = inv.services["vidi"]
+    assert isinstance(vidi, NativeService)
+    assert vidi.restart == "no" and vidi.stop_signal == "SIGTERM"
+    assert vidi.command[:3] == ["{python}", "-m", "gpu_manager.sim.workload"]
+
+
+def test_examples_inventory_is_valid(repo_root: Path) -> None:
+    inv = load_inventory(repo_root / "examples")
+    cosy = inv.services["cosyvoice"]
+    assert isinstance(cosy, DockerService) and cosy.container == "mcn_cosyvoice"
+    ollama = inv.services["ollama"]
+    assert ollama.evict is not None and ollama.evict.strategy == "ollama"
+
+
+def test_unknown_service_in_phase(cfg: Path) -> None:
+    line = edit(cfg / "phases.yaml", "services: [cosyvoice]", "services: [cosyvoce]")
+    assert errors(cfg) == [
+        f"phases.yaml:{line}: phases.3.services.0: unknown service 'cosyvoce' "
+        "(known: comfyui, cosyvoice, ollama, vidi)"
+    ]
+
+
+def test_negative_vram(cfg: Path) -> None:
+    line = edit(cfg / "services.yaml", "vram_mb: 4000\n    priority: 40",
+                "vram_mb: -5\n    priority: 40")
+    (err,) = errors(cfg)
+    assert err.startswith(f"services.yaml:{line}: services.vidi.vram_mb: ")
+    assert "greater than or equal to 0" in err
+
+
+def test_duplicate_service_names(cfg: Path) -> None:
+    path = cfg / "services.yaml"
+    text = path.read_text()
+    first = text[: text.index("  vidi:")].count("\n") + 1
+    path.write_text(text + "\n  vidi:\n    type: native\n    vram_mb: 1\n    command: [x]\n")
+    dup_line = len(text.splitlines()) + 2
+    assert errors(cfg) == [
+        f"services.yaml:{dup_line}: services.vidi: duplicate key 'vidi' "
+        f"(first defined at line {first})"
+    ]
+
+
+def test_budget_larger_than_gpu(cfg: Path) -> None:
+    line = edit(cfg / "services.yaml", "vram_mb: 20000", "vram_mb: 24000")
+    assert errors(cfg) == [
+        f"services.yaml:{line}: services.comfyui.vram_mb: 24000 MB is more than the GPU can "
+        "ever give (24576 MB total - 1024 MB reserve = 23552 MB)"
+    ]
+
+
+def test_phase_larger_than_gpu(cfg: Path) -> None:
+    line = edit(cfg / "phases.yaml", "services: [comfyui]", "services: [comfyui, vidi]")
+    assert errors(cfg) == [
+        f"phases.yaml:{line}: phases.4.services: phase needs 24000 MB together, more than the "
+        "GPU budget of 23552 MB"
+    ]
+
+
+def test_unknown_key_is_named_at_its_line(cfg: Path) -> None:
+    line = edit(cfg / "services.yaml", "    priority: 50\n", "    priority: 50\n    vram: 12\n")
+    assert errors(cfg) == [f"services.yaml:{line + 1}: services.cosyvoice.vram: unknown key"]
+
+
+def test_missing_field_and_bad_type_tag(cfg: Path) -> None:
+    path = cfg / "services.yaml"
+    text = path.read_text()
+    n = len(text.splitlines())
+    path.write_text(text + "\n  a:\n    type: native\n    command: [x]\n"
+                    "  b:\n    type: podman\n    vram_mb: 1\n")
+    errs = errors(cfg)
+    assert f"services.yaml:{n + 2}: services.a.vram_mb: required field is missing" in errs
+    assert any(e.startswith(f"services.yaml:{n + 5}: services.b: ") and "'podman'" in e
+               for e in errs), errs
+
+
+def test_yaml_syntax_error_points_at_line(cfg: Path) -> None:
+    line = edit(cfg / "phases.yaml", "    name: tts\n", "    name: [tts\n")
+    (err,) = errors(cfg)
+    assert err.startswith("phases.yaml:") and "invalid YAML" in err
+    # PyYAML reports where it noticed the problem: at or just after the broken line.
+    assert line <= int(err.split(":")[1]) <= line + 2
+
+
+def test_yaml_no_means_restart_no_and_bad_signal(cfg: Path) -> None:
+    line = edit(cfg / "services.yaml", "    restart: no\n",
+                "    restart: no\n    stop_signal: SIGNOPE\n")
+    assert errors(cfg) == [
+        f"services.yaml:{line + 1}: services.comfyui.stop_signal: unknown signal 'SIGNOPE'"
+    ]
+
+
+def test_simulated_backend_needs_total(cfg: Path) -> None:
+    gpu_line = edit(cfg / "services.yaml", "gpu:\n", "gpu:\n")
+    edit(cfg / "services.yaml", "  total_mb: 24576 ", "  #total_mb: 24576 ")
+    assert errors(cfg) == [f"services.yaml:{gpu_line}: gpu: backend 'simulated' needs total_mb"]
+
+
+def test_all_problems_reported_at_once(cfg: Path) -> None:
+    edit(cfg / "services.yaml", "vram_mb: 20000", "vram_mb: -1")
+    edit(cfg / "phases.yaml", "services: [vidi]", "services: [vdi]")
+    errs = errors(cfg)
+    assert len(errs) == 2
+    assert {e.split(":")[0] for e in errs} == {"services.yaml", "phases.yaml"}
+
+
+def test_missing_services_file(tmp_path: Path) -> None:
+    (err,) = errors(tmp_path)
+    assert err.endswith("services.yaml:1: file not found")
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("gpu-manager")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=60,
+                          check=False)
+
+
+def test_check_config_cli(cfg: Path, repo_root: Path) -> None:
+    ok = _cli("check-config", cwd=repo_root)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip().splitlines() == [
+        "OK: 4 services, 5 phases, gpu backend simulated (24576 MB, reserve 1024 MB)"
+    ]
+    line = edit(cfg / "phases.yaml", "services: [comfyui]", "services: [comfy]")
+    bad = _cli("check-config", "--config-dir", str(cfg))
+    assert bad.returncode == 1
+    assert f"phases.yaml:{line}: phases.4.services.0: unknown service 'comfy'" in bad.stderr
+
+
+def test_cli_plan_prints_reasons(repo_root: Path) -> None:
+    res = _cli("plan", "4", "--running", "cosyvoice,ollama", "--config-dir", str(repo_root))
+    assert res.returncode == 0, res.stderr
+    assert "not in phase 4 (image)" in res.stdout
+    assert "kept by phase 4 (image) but does not fit" in res.stdout
+    refused = _cli("plan", "9", "--config-dir", str(repo_root))
+    assert refused.returncode == 1
+    assert "unknown phase 9 (known: 1, 2, 3, 4, 5)" in refused.stderr
