@@ -39,6 +39,12 @@ class GpuConfig(_Strict):
     # Headroom never handed out: desktop compositors, CUDA context growth, fragmentation.
     reserve_mb: int = Field(default=0, ge=0)
     device: int = Field(default=0, ge=0)
+    # The poller: slow cadence when idle, fast while a transition waits for VRAM.
+    poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    process_poll_interval_s: float = Field(default=2.0, gt=0, le=60)
+    fast_poll_interval_s: float = Field(default=0.1, ge=0.01, le=5)
+    # Simulated backend: how long a dead stand-in's memory still counts (driver teardown).
+    release_delay_ms: int = Field(default=500, ge=0, le=60000)
 
     @model_validator(mode="after")
     def _check(self) -> GpuConfig:

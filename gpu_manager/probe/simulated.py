@@ -1,0 +1,45 @@
+"""The simulated GPU: memory in use is what live stand-in processes registered, plus foreign."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from gpu_manager.probe.model import DeviceSnapshot, GpuProcess, Snapshot, Source
+from gpu_manager.sim.registry import DEFAULT_RELEASE_DELAY_MS, SimRegistry
+
+
+class SimulatedProbe:
+    source: Source = "simulated"
+
+    def __init__(
+        self, sim_dir: Path, total_mb: int, device: int = 0,
+        release_delay_ms: int = DEFAULT_RELEASE_DELAY_MS,
+    ) -> None:
+        self.registry = SimRegistry(sim_dir)
+        self.total_mb = total_mb
+        self.device = device
+        self.release_delay_s = release_delay_ms / 1000
+        # Stand-ins read this to refuse allocations that would not fit, like a real GPU.
+        self.registry.write_gpu(total_mb, release_delay_ms, device)
+
+    def sample(self, processes: bool = True) -> Snapshot:
+        # Reading the registry is cheap, so the process list is always fresh.
+        regs = [r for r in self.registry.active(self.release_delay_s) if r.device == self.device]
+        foreign = self.registry.foreign().get(self.device, 0)
+        used = sum(r.mb for r in regs) + foreign
+        now = time.monotonic()
+        dev = DeviceSnapshot(
+            index=self.device,
+            name="Simulated GPU",
+            uuid=f"GPU-simulated-{self.device}",
+            total_mb=self.total_mb,
+            used_mb=used,
+            free_mb=max(self.total_mb - used, 0),
+            processes=tuple(GpuProcess(r.pid, r.name, r.mb, "simulated") for r in regs),
+            processes_at=now,
+        )
+        return Snapshot("simulated", now, time.time(), (dev,))
+
+    def close(self) -> None:
+        pass

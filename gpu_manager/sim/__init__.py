@@ -1,0 +1,1 @@
+"""The simulated GPU and its stand-in workloads (for machines without a GPU, and for tests)."""

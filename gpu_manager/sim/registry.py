@@ -1,0 +1,177 @@
+"""The simulated GPU's memory registry: stand-in workloads register their pid and MB here.
+
+Usage is derived from what really runs, never from what the daemon believes it started: a
+registration counts only while its process (pid + create time) is alive and not a zombie, and
+for `release_delay_s` after its death is first seen, to model the driver's teardown. The death
+time is written back into the registration so that every reader (the probe, a workload checking
+for room before it "allocates") applies the same rule. All changes happen under one flock.
+
+Layout of the folder:
+- `gpu.json`: {"total_mb", "release_delay_ms", "device"}, written by the simulated probe
+- `procs/<pid>.json`: one registration per live (or recently dead) stand-in
+- `foreign.json`: {"<device>": MB}: usage injected to model a desktop or an unmanaged job
+- `oom.jsonl`: one line per allocation the simulated GPU refused
+- `lock`: the flock that serialises all of the above
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+DEFAULT_RELEASE_DELAY_MS = 500
+
+
+class SimulatedOOM(Exception):
+    """The simulated GPU does not have the memory a workload asked for."""
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    pid: int
+    create_time: float
+    mb: int
+    name: str
+    device: int = 0
+    dead_since: float | None = None  # wall-clock time the death was first seen
+
+
+def process_alive(pid: int, create_time: float) -> bool:
+    """True while `pid` is the very process that registered (not a reused pid, not a zombie)."""
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > 0.01:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+        return False
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class SimRegistry:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs = root / "procs"
+
+    def ensure(self) -> None:
+        self.procs.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.ensure()
+        with open(self.root / "lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- the GPU's declared shape -------------------------------------------------------------
+    def write_gpu(self, total_mb: int, release_delay_ms: int, device: int) -> None:
+        with self._locked():
+            _write_atomic(self.root / "gpu.json", {
+                "total_mb": total_mb, "release_delay_ms": release_delay_ms, "device": device,
+            })
+
+    def gpu(self) -> dict[str, int] | None:
+        try:
+            data = json.loads((self.root / "gpu.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def release_delay_s(self) -> float:
+        gpu = self.gpu()
+        ms = gpu.get("release_delay_ms", DEFAULT_RELEASE_DELAY_MS) if gpu else None
+        return (ms if ms is not None else DEFAULT_RELEASE_DELAY_MS) / 1000
+
+    # -- registrations ------------------------------------------------------------------------
+    def active(self, release_delay_s: float | None = None) -> list[Registration]:
+        """Registrations that still hold memory; expired ones are removed."""
+        delay = self.release_delay_s() if release_delay_s is None else release_delay_s
+        with self._locked():
+            return self._active_locked(delay, time.time())
+
+    def _active_locked(self, delay: float, now: float) -> list[Registration]:
+        result: list[Registration] = []
+        for path in self.procs.glob("*.json"):
+            try:
+                reg = Registration(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                path.unlink(missing_ok=True)  # a torn or foreign file holds no memory
+                continue
+            if reg.dead_since is None and not process_alive(reg.pid, reg.create_time):
+                reg = Registration(reg.pid, reg.create_time, reg.mb, reg.name, reg.device, now)
+                _write_atomic(path, asdict(reg))
+            if reg.dead_since is not None and now - reg.dead_since >= delay:
+                path.unlink(missing_ok=True)
+                continue
+            result.append(reg)
+        return sorted(result, key=lambda r: r.pid)
+
+    def register(self, pid: int, mb: int, name: str, device: int = 0) -> Registration:
+        """Claim `mb` on `device` for `pid`; raises SimulatedOOM when it does not fit."""
+        create_time = psutil.Process(pid).create_time()
+        reg = Registration(pid, create_time, mb, name, device)
+        with self._locked():
+            gpu = self.gpu()
+            if gpu is not None and int(gpu.get("device", 0)) == device:
+                delay = gpu.get("release_delay_ms", DEFAULT_RELEASE_DELAY_MS) / 1000
+                held = self._active_locked(delay, time.time())
+                used = sum(r.mb for r in held if r.device == device and r.pid != pid)
+                used += self._foreign_locked().get(device, 0)
+                free = int(gpu["total_mb"]) - used
+                if mb > free:
+                    self._oom_locked(reg, free)
+                    raise SimulatedOOM(
+                        f"CUDA out of memory (simulated): {name} (pid {pid}) tried to allocate "
+                        f"{mb} MB on device {device}, {max(free, 0)} MB free of "
+                        f"{gpu['total_mb']} MB"
+                    )
+            _write_atomic(self.procs / f"{pid}.json", asdict(reg))
+        return reg
+
+    def _oom_locked(self, reg: Registration, free: int) -> None:
+        with open(self.root / "oom.jsonl", "a") as fh:
+            fh.write(json.dumps({**asdict(reg), "free_mb": free, "time": time.time()}) + "\n")
+
+    def oom_events(self) -> list[dict[str, Any]]:
+        try:
+            lines = (self.root / "oom.jsonl").read_text().splitlines()
+        except OSError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    # -- foreign usage ------------------------------------------------------------------------
+    def _foreign_locked(self) -> dict[int, int]:
+        try:
+            data = json.loads((self.root / "foreign.json").read_text())
+            return {int(k): int(v) for k, v in data.items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def foreign(self) -> dict[int, int]:
+        with self._locked():
+            return self._foreign_locked()
+
+    def set_foreign(self, mb: int, device: int = 0) -> None:
+        if mb < 0:
+            raise ValueError("foreign usage cannot be negative")
+        with self._locked():
+            data = self._foreign_locked()
+            data[device] = mb
+            _write_atomic(self.root / "foreign.json", {str(k): v for k, v in data.items() if v})

@@ -1,0 +1,159 @@
+"""A stand-in GPU service: holds N MB of (simulated or real) VRAM and serves a health endpoint.
+
+    python -m gpu_manager.sim.workload --vram-mb N --port P [--startup-s S] [--stop-s S]
+        [--ignore-sigterm] [--crash-after-s S] [--cuda] [--name NAME] [--sim-dir DIR]
+
+- Simulated (default): registers its pid and MB with the simulated GPU's registry; the probe
+  counts it while this process lives (plus the release delay). If the simulated GPU lacks the
+  room, it fails like CUDA does: "CUDA out of memory" and exit code 3.
+- `--cuda`: really allocates N MB on the GPU with torch or cupy, whichever is installed.
+- `GET /health`: 503 until `--startup-s` has passed, then 200 with a small JSON body.
+- SIGTERM/SIGINT: exits (after `--stop-s`, modelling a slow shutdown) unless `--ignore-sigterm`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from gpu_manager.paths import sim_dir
+from gpu_manager.sim.registry import SimRegistry, SimulatedOOM
+
+EXIT_OOM = 3
+EXIT_CRASH = 70
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gpu_manager.sim.workload",
+                                description="A stand-in GPU service.")
+    p.add_argument("--vram-mb", type=int, required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--name", default="workload")
+    p.add_argument("--device", type=int, default=0)
+    p.add_argument("--startup-s", type=float, default=0.0,
+                   help="seconds before /health turns 200 (models loading)")
+    p.add_argument("--stop-s", type=float, default=0.0,
+                   help="seconds between SIGTERM and exit (models a slow shutdown)")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--crash-after-s", type=float, default=None,
+                   help="exit with code 70 after this many seconds")
+    p.add_argument("--cuda", action="store_true", help="allocate real GPU memory")
+    p.add_argument("--sim-dir", type=Path, default=None,
+                   help="the simulated GPU's registry [default: $GPU_MANAGER_SIM_DIR]")
+    args = p.parse_args(argv)
+    if args.vram_mb < 0:
+        p.error("--vram-mb must be >= 0")
+    return args
+
+
+def allocate_cuda(mb: int, device: int) -> Any:
+    """Hold `mb` MB of real device memory; returns the buffer (keep a reference)."""
+    try:
+        import torch
+
+        return torch.empty(mb * 1024 * 1024, dtype=torch.uint8, device=f"cuda:{device}")
+    except ImportError:
+        pass
+    try:
+        import cupy  # type: ignore[import-not-found]
+
+        with cupy.cuda.Device(device):
+            return cupy.empty(mb * 1024 * 1024, dtype=cupy.uint8)
+    except ImportError:
+        raise SystemExit("--cuda needs torch or cupy installed") from None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        srv = self.server
+        if self.path.split("?")[0] != "/health":
+            self._reply(404, {"error": "not found"})
+            return
+        ready = time.monotonic() >= srv.ready_at
+        self._reply(200 if ready else 503, {
+            "status": "ok" if ready else "starting", "name": srv.name, "pid": os.getpid(),
+            "vram_mb": srv.vram_mb,
+        })
+
+    def _reply(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # health checks every 100 ms would flood the service log
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    ready_at: float
+    name: str
+    vram_mb: int
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    if args.ignore_sigterm:
+        # SIG_IGN, not a handler: the process must really ignore it, as a hung service does.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+
+    buffer: Any = None
+    if args.cuda:
+        buffer = allocate_cuda(args.vram_mb, args.device)
+    else:
+        registry = SimRegistry(args.sim_dir or sim_dir())
+        try:
+            registry.register(os.getpid(), args.vram_mb, args.name, args.device)
+        except SimulatedOOM as exc:
+            print(exc, file=sys.stderr, flush=True)
+            return EXIT_OOM
+    # The memory is held; it is released by the process's death, never by unregistering,
+    # so the release delay models the driver's teardown for every way of dying.
+
+    server = _Server((args.host, args.port), _Handler)
+    server.ready_at = started + args.startup_s
+    server.name = args.name
+    server.vram_mb = args.vram_mb
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    print(f"{args.name}: pid {os.getpid()} holds {args.vram_mb} MB, health on "
+          f"http://{args.host}:{args.port}/health", flush=True)
+
+    timeout = None
+    if args.crash_after_s is not None:
+        timeout = max(0.0, started + args.crash_after_s - time.monotonic())
+    if not stop.wait(timeout):
+        print(f"{args.name}: crashing as asked (--crash-after-s)", file=sys.stderr, flush=True)
+        os._exit(EXIT_CRASH)
+    if args.stop_s > 0:
+        time.sleep(args.stop_s)  # modelling a slow shutdown is this option's whole purpose
+    server.shutdown()
+    del buffer
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
