@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpu_manager.config import ConfigError, Inventory, load_inventory
+from gpu_manager.paths import sim_dir
 from gpu_manager.planner import (
     ObservedState,
     Plan,
@@ -20,6 +22,7 @@ from gpu_manager.planner import (
     plan,
 )
 from gpu_manager.planner.serialize import plan_dict
+from gpu_manager.sim.registry import SimRegistry
 
 app = typer.Typer(
     name="gpu-manager",
@@ -115,6 +118,43 @@ def print_plan(result: Plan | Refusal) -> None:
         out.print(table)
     out.print(f"budget {result.budget_mb} MB: used {result.used_before_mb} -> "
               f"{result.used_after_mb} MB, {result.free_after_mb} MB free after")
+
+
+sim_app = typer.Typer(help="The simulated GPU: inspect it, inject foreign usage.",
+                       no_args_is_help=True)
+app.add_typer(sim_app, name="sim")
+
+
+@sim_app.command("foreign")
+def sim_foreign(
+    mb: Annotated[int, typer.Argument(help="MB used by processes gpu-manager does not manage")],
+    device: Annotated[int, typer.Option(help="GPU index")] = 0,
+) -> None:
+    """Model a desktop or an unmanaged job using MB of the simulated GPU (0 clears it)."""
+    if mb < 0:
+        err.print("MB must be >= 0", style="red")
+        raise typer.Exit(2)
+    registry = SimRegistry(sim_dir())
+    registry.set_foreign(mb, device)
+    out.print(f"foreign usage on simulated GPU {device}: {mb} MB ({registry.root})")
+
+
+@sim_app.command("status")
+def sim_status(as_json: JsonOpt = False) -> None:
+    """Show what the simulated GPU holds: live registrations and foreign usage."""
+    registry = SimRegistry(sim_dir())
+    regs = registry.active()
+    data = {"dir": str(registry.root), "gpu": registry.gpu(), "foreign_mb": registry.foreign(),
+            "processes": [dataclasses.asdict(r) for r in regs]}
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table("pid", "name", "device", "MB", "state")
+    for r in regs:
+        table.add_row(str(r.pid), r.name, str(r.device), str(r.mb),
+                      "running" if r.dead_since is None else "released soon")
+    out.print(table)
+    out.print(f"gpu {data['gpu']}, foreign {data['foreign_mb']} ({registry.root})")
 
 
 def main() -> None:

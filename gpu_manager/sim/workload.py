@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -58,19 +59,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def allocate_cuda(mb: int, device: int) -> Any:
     """Hold `mb` MB of real device memory; returns the buffer (keep a reference)."""
+    n = mb * 1024 * 1024
+    # Optional heavy dependencies, looked up at run time: neither is a dependency of ours.
     try:
-        import torch
-
-        return torch.empty(mb * 1024 * 1024, dtype=torch.uint8, device=f"cuda:{device}")
+        torch = importlib.import_module("torch")
     except ImportError:
         pass
+    else:
+        buf = torch.empty(n, dtype=torch.uint8, device=f"cuda:{device}")
+        buf.fill_(1)  # touch it, so the driver really backs every page
+        torch.cuda.synchronize(device)
+        return buf
     try:
-        import cupy  # type: ignore[import-not-found]
-
-        with cupy.cuda.Device(device):
-            return cupy.empty(mb * 1024 * 1024, dtype=cupy.uint8)
+        cupy = importlib.import_module("cupy")
     except ImportError:
         raise SystemExit("--cuda needs torch or cupy installed") from None
+    with cupy.cuda.Device(device):
+        buf = cupy.ones(n, dtype=cupy.uint8)
+        cupy.cuda.Device(device).synchronize()
+        return buf
 
 
 class _Handler(BaseHTTPRequestHandler):
