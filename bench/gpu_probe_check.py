@@ -28,8 +28,10 @@ async def one(
     base = poller.latest.device(device)
     assert base is not None and base.free_mb is not None
     t0 = time.monotonic()
-    proc = subprocess.Popen([  # noqa: ASYNC220 - started once, waited on in a threadsys.executable, "-m", "gpu_manager.sim.workload", "--cuda",
-                             "--vram-mb", str(mb), "--device", str(device), "--port", str(port)])
+    # Started once and waited on in a thread: the blocking Popen costs the loop nothing here.
+    cmd = [sys.executable, "-m", "gpu_manager.sim.workload", "--cuda", "--vram-mb", str(mb),
+           "--device", str(device), "--port", str(port)]
+    proc = subprocess.Popen(cmd)  # noqa: ASYNC220
 
     def holds(s) -> bool:  # type: ignore[no-untyped-def]
         d = s.device(device)
