@@ -23,7 +23,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from gpu_manager.paths import sim_dir
@@ -46,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-s", type=float, default=0.0,
                    help="seconds between SIGTERM and exit (models a slow shutdown)")
     p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--unhealthy-after-s", type=float, default=None,
+                   help="/health answers 500 from this many seconds after start on")
     p.add_argument("--crash-after-s", type=float, default=None,
                    help="exit with code 70 after this many seconds")
     p.add_argument("--cuda", action="store_true", help="allocate real GPU memory")
@@ -88,10 +89,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.split("?")[0] != "/health":
             self._reply(404, {"error": "not found"})
             return
-        ready = time.monotonic() >= srv.ready_at
-        self._reply(200 if ready else 503, {
-            "status": "ok" if ready else "starting", "name": srv.name, "pid": os.getpid(),
-            "vram_mb": srv.vram_mb,
+        now = time.monotonic()
+        ready = now >= srv.ready_at
+        sick = srv.sick_at is not None and now >= srv.sick_at
+        code = 500 if sick else 200 if ready else 503
+        self._reply(code, {
+            "status": "unhealthy" if sick else "ok" if ready else "starting",
+            "name": srv.name, "pid": os.getpid(), "vram_mb": srv.vram_mb,
+            # wall-clock time /health turned 200, so callers can measure their own latency
+            "ready_at": time.time() - (now - srv.ready_at),
         })
 
     def _reply(self, code: int, body: dict[str, Any]) -> None:
@@ -109,6 +115,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     ready_at: float
+    sick_at: float | None
     name: str
     vram_mb: int
 
@@ -116,17 +123,14 @@ class _Server(ThreadingHTTPServer):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    stop = threading.Event()
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
+    # Signals are taken synchronously by the main thread (sigwait): blocked here, before any
+    # thread exists, so every thread inherits the block. Otherwise the kernel may hand SIGTERM
+    # to the health thread while the main thread sleeps on a lock that no signal interrupts.
+    sigs = {signal.SIGINT} | (set() if args.ignore_sigterm else {signal.SIGTERM})
     if args.ignore_sigterm:
         # SIG_IGN, not a handler: the process must really ignore it, as a hung service does.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    else:
-        signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
 
     buffer: Any = None
     if args.cuda:
@@ -143,21 +147,26 @@ def main(argv: list[str] | None = None) -> int:
 
     server = _Server((args.host, args.port), _Handler)
     server.ready_at = started + args.startup_s
+    server.sick_at = None if args.unhealthy_after_s is None else started + args.unhealthy_after_s
     server.name = args.name
     server.vram_mb = args.vram_mb
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
     print(f"{args.name}: pid {os.getpid()} holds {args.vram_mb} MB, health on "
           f"http://{args.host}:{args.port}/health", flush=True)
 
-    timeout = None
-    if args.crash_after_s is not None:
-        timeout = max(0.0, started + args.crash_after_s - time.monotonic())
-    if not stop.wait(timeout):
-        print(f"{args.name}: crashing as asked (--crash-after-s)", file=sys.stderr, flush=True)
-        os._exit(EXIT_CRASH)
+    if args.crash_after_s is None:
+        signal.sigwait(sigs)
+    else:
+        left = max(0.0, started + args.crash_after_s - time.monotonic())
+        if signal.sigtimedwait(sigs, left) is None:
+            print(f"{args.name}: crashing as asked (--crash-after-s)", file=sys.stderr,
+                  flush=True)
+            os._exit(EXIT_CRASH)
     if args.stop_s > 0:
         time.sleep(args.stop_s)  # modelling a slow shutdown is this option's whole purpose
-    server.shutdown()
+    # No server.shutdown(): it waits out serve_forever's 0.5 s poll. The serving thread is a
+    # daemon thread and ends with the process.
+    server.server_close()
     del buffer
     return 0
 

@@ -6,6 +6,7 @@ a failure: CI must never go green by silently skipping what it exists to check.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -43,6 +44,16 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, every: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(every)
+
+
+async def until(cond: Callable[[], object], timeout: float, what: str,
+                every: float = 0.01) -> None:
+    """`wait_for` for async tests: polls without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(every)
 
 
 class RedisServer:

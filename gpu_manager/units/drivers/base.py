@@ -1,0 +1,60 @@
+"""The driver interface: how a unit starts, stops, watches and re-adopts one service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class DriverError(Exception):
+    """A start/stop/adopt that failed for a reason worth showing the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    code: int | None  # exit status; None when unknown (e.g. an adopted process)
+    signal: int | None = None
+    detail: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return self.code == 0 and self.signal is None
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"killed by signal {self.signal}" + (f" ({self.detail})" if self.detail else "")
+        if self.code is None:
+            return self.detail or "exited"
+        return f"exited with code {self.code}" + (f" ({self.detail})" if self.detail else "")
+
+
+class Driver(Protocol):
+    """One service's process or container. All methods are async and never block the loop."""
+
+    async def start(self) -> None:
+        """Launch the service; returns once it is launched (not once it is healthy)."""
+        ...
+
+    async def wait_exit(self) -> ExitInfo:
+        """Resolve when the launched or adopted service dies."""
+        ...
+
+    async def stop(self, timeout: float) -> ExitInfo:
+        """Stop gracefully, escalate after `timeout`, and return once nothing is left."""
+        ...
+
+    def running(self) -> bool:
+        """Whether the launched or adopted service is alive, as far as the driver knows."""
+        ...
+
+    def record(self) -> dict[str, Any] | None:
+        """Identity to persist so a restarted daemon can re-adopt (None when not running)."""
+        ...
+
+    async def adopt(self, record: dict[str, Any]) -> bool:
+        """Take over a service from a record; False when it is gone or is not ours."""
+        ...
+
+    async def pids(self) -> list[int]:
+        """Host pids of the service's processes (for matching against the GPU's list)."""
+        ...

@@ -1,0 +1,267 @@
+"""Native services: a command in its own session and process group, never a pattern kill.
+
+How a stop finds what to stop (and nothing else):
+1. Every process we launch gets `GPU_MANAGER_UNIT=<service>:<random token>` in its
+   environment; children inherit it, including double-forked daemons that left our group with
+   setsid(). A decoy whose command line merely looks like the service has no token.
+2. The process group (pgid = the leader's pid) is signalled only while the leader is alive and
+   its create time matches the one recorded at launch, so a reused pid is never signalled.
+
+Stop escalation, step by step:
+1. send `stop_signal` to the group and to every tagged process outside it;
+2. wait for the leader to exit (awaited, not polled) and for the rest to go, until
+   `stop_timeout_s` has passed since step 1;
+3. SIGKILL whatever is left (group and tagged stragglers) and wait until all are gone;
+4. the leader is always reaped (our child: `proc.wait()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+from loguru import logger
+
+from gpu_manager.config import NativeService
+from gpu_manager.units.drivers.base import DriverError, ExitInfo
+
+MARKER_ENV = "GPU_MANAGER_UNIT"
+PYTHON_TOKEN = "{python}"  # in a command: the daemon's own interpreter
+
+
+def _same_process(pid: int, create_time: float) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > 0.01:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except (psutil.Error, OSError):
+        return None
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Block (in a worker thread) until every process is dead or a zombie; return survivors.
+
+    Not psutil.wait_procs: it would waitpid() our own child under asyncio's child watcher, and
+    it counts zombies as alive, while an orphan's zombie lingers until init gets round to
+    reaping it (a second or more on some inits). A zombie holds no memory: it counts as gone.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _alive(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.005)
+
+
+def rotate_log(path: Path, max_bytes: int, backups: int) -> None:
+    """Size-based rollover at each start: the child writes to the file directly, so a daemon
+    restart never breaks its stdout (a pipe through us would SIGPIPE it)."""
+    try:
+        if path.stat().st_size < max_bytes:
+            return
+    except FileNotFoundError:
+        return
+    for i in range(backups - 1, 0, -1):
+        src = path.with_name(f"{path.name}.{i}")
+        if src.exists():
+            os.replace(src, path.with_name(f"{path.name}.{i + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
+
+
+class NativeDriver:
+    def __init__(
+        self, name: str, cfg: NativeService, log_dir: Path,
+        extra_env: Mapping[str, str] | None = None,
+        log_max_bytes: int = 10 * 1024 * 1024, log_backups: int = 3,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.log_path = log_dir / f"{name}.log"
+        self.extra_env = dict(extra_env or {})
+        self.log_max_bytes = log_max_bytes
+        self.log_backups = log_backups
+        self.pid: int | None = None
+        self.create_time: float | None = None
+        self.token: str | None = None
+        self.started_at: float | None = None
+        self._exit: asyncio.Future[ExitInfo] | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    # -- launch -------------------------------------------------------------------------------
+    def argv(self) -> list[str]:
+        return [sys.executable if a == PYTHON_TOKEN else a for a in self.cfg.command]
+
+    async def start(self) -> None:
+        if self.running():
+            raise DriverError(f"{self.name} is already running (pid {self.pid})")
+        argv = self.argv()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        rotate_log(self.log_path, self.log_max_bytes, self.log_backups)
+        token = f"{self.name}:{uuid.uuid4().hex}"
+        env = {**os.environ, **self.extra_env, **self.cfg.env, MARKER_ENV: token}
+        # A local file opened for append: no I/O wait worth a thread.
+        with open(self.log_path, "ab") as log:  # noqa: ASYNC230
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"\n=== {stamp} gpu-manager starts {self.name}: {argv}\n".encode())
+            log.flush()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, cwd=self.cfg.cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                )
+            except OSError as exc:
+                raise DriverError(f"cannot start {self.name}: {argv[0]}: {exc.strerror or exc}"
+                                  ) from exc
+        self.pid, self.token, self.started_at = proc.pid, token, time.time()
+        try:
+            self.create_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            self.create_time = None  # died at once; the watcher reports the exit
+        loop = asyncio.get_running_loop()
+        self._exit = loop.create_future()
+        self._watch = asyncio.create_task(self._watch_child(proc), name=f"{self.name}-exit")
+
+    async def _watch_child(self, proc: asyncio.subprocess.Process) -> None:
+        rc = await proc.wait()  # reaps the leader
+        info = ExitInfo(None, -rc) if rc < 0 else ExitInfo(rc)
+        self._resolve(info)
+
+    def _resolve(self, info: ExitInfo) -> None:
+        if self._exit is not None and not self._exit.done():
+            self._exit.set_result(info)
+
+    # -- observe ------------------------------------------------------------------------------
+    def running(self) -> bool:
+        return self._exit is not None and not self._exit.done()
+
+    async def wait_exit(self) -> ExitInfo:
+        if self._exit is None:
+            raise DriverError(f"{self.name} was never started")
+        return await asyncio.shield(self._exit)
+
+    def record(self) -> dict[str, Any] | None:
+        if not self.running() or self.pid is None or self.create_time is None:
+            return None
+        return {"kind": "native", "pid": self.pid, "create_time": self.create_time,
+                "token": self.token, "started_at": self.started_at}
+
+    def _leader(self) -> psutil.Process | None:
+        if self.pid is None or self.create_time is None:
+            return None
+        return _same_process(self.pid, self.create_time)
+
+    def _members(self) -> list[psutil.Process]:
+        """Our processes: tagged with our token, or in our group while the leader is ours."""
+        leader_ok = self._leader() is not None
+        me = os.getpid()
+        found: list[psutil.Process] = []
+        for proc in psutil.process_iter():
+            if proc.pid == me:
+                continue
+            try:
+                in_group = leader_ok and os.getpgid(proc.pid) == self.pid
+                tagged = bool(self.token) and proc.environ().get(MARKER_ENV) == self.token
+                if (in_group or tagged) and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except (psutil.Error, OSError):
+                continue
+        return found
+
+    async def pids(self) -> list[int]:
+        return [p.pid for p in await asyncio.to_thread(self._members)]
+
+    # -- stop ---------------------------------------------------------------------------------
+    def _signal_all(self, sig: int) -> list[psutil.Process]:
+        members = self._members()
+        if self._leader() is not None and self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+        for proc in members:
+            with contextlib.suppress(psutil.Error, OSError):
+                proc.send_signal(sig)
+        return members
+
+    async def stop(self, timeout: float) -> ExitInfo:
+        sig = signal.Signals[self.cfg.stop_signal]
+        deadline = time.monotonic() + timeout
+        members = await asyncio.to_thread(self._signal_all, sig)
+        if self._exit is not None and not self._exit.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._exit), max(0.0, timeout))
+        left = max(0.0, deadline - time.monotonic())
+        alive = await asyncio.to_thread(wait_gone, members, left)
+        stragglers = await asyncio.to_thread(self._members)
+        if alive or stragglers or self.running():
+            logger.warning(f"{self.name}: still running {timeout:g}s after {sig.name}; "
+                           "sending SIGKILL")
+            killed = await asyncio.to_thread(self._signal_all, signal.SIGKILL)
+            alive = await asyncio.to_thread(wait_gone, killed, 5)
+            if alive:  # pragma: no cover - only an unkillable (D-state) process gets here
+                raise DriverError(f"{self.name}: pids {[p.pid for p in alive]} survived SIGKILL")
+        if self._exit is None:
+            return ExitInfo(None, detail="was not running")
+        return await asyncio.shield(self._exit)
+
+    # -- adoption -----------------------------------------------------------------------------
+    async def adopt(self, record: dict[str, Any]) -> bool:
+        try:
+            pid, create_time = int(record["pid"]), float(record["create_time"])
+            token = str(record["token"]) if record.get("token") else None
+        except (KeyError, TypeError, ValueError):
+            return False
+        proc = _same_process(pid, create_time)
+        if proc is None:
+            return False  # gone, or the pid now belongs to another process
+        if token is not None:
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.environ().get(MARKER_ENV) != token:
+                    return False
+        self.pid, self.create_time, self.token = pid, create_time, token
+        self.started_at = record.get("started_at")
+        loop = asyncio.get_running_loop()
+        self._exit = loop.create_future()
+        self._watch = asyncio.create_task(self._watch_adopted(pid), name=f"{self.name}-exit")
+        return True
+
+    async def _watch_adopted(self, pid: int) -> None:
+        """Not our child after a daemon restart: wait on a pidfd (instant), else poll."""
+        info = ExitInfo(None, detail="exited while adopted; status unknown")
+        try:
+            fd = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            while self._leader() is not None:  # noqa: ASYNC110 - no event exists to wait on
+                await asyncio.sleep(0.05)
+            self._resolve(info)
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        def readable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._resolve(info)
