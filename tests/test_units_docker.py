@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,10 +27,8 @@ def names(docker_client: Any) -> Iterator[list[str]]:
     made: list[str] = []
     yield made
     for name in made:
-        try:
+        with contextlib.suppress(Exception):
             docker_client.containers.get(name).remove(force=True)
-        except Exception:
-            pass
 
 
 def fresh(names: list[str]) -> str:
