@@ -17,6 +17,7 @@ Layout of the folder:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -43,6 +44,7 @@ class Registration:
     name: str
     device: int = 0
     dead_since: float | None = None  # wall-clock time the death was first seen
+    registered_at: float | None = None  # wall-clock time the memory was claimed
 
 
 def process_alive(pid: int, create_time: float) -> bool:
@@ -115,7 +117,7 @@ class SimRegistry:
                 path.unlink(missing_ok=True)  # a torn or foreign file holds no memory
                 continue
             if reg.dead_since is None and not process_alive(reg.pid, reg.create_time):
-                reg = Registration(reg.pid, reg.create_time, reg.mb, reg.name, reg.device, now)
+                reg = dataclasses.replace(reg, dead_since=now)
                 _write_atomic(path, asdict(reg))
             if reg.dead_since is not None and now - reg.dead_since >= delay:
                 path.unlink(missing_ok=True)
@@ -126,7 +128,7 @@ class SimRegistry:
     def register(self, pid: int, mb: int, name: str, device: int = 0) -> Registration:
         """Claim `mb` on `device` for `pid`; raises SimulatedOOM when it does not fit."""
         create_time = psutil.Process(pid).create_time()
-        reg = Registration(pid, create_time, mb, name, device)
+        reg = Registration(pid, create_time, mb, name, device, registered_at=time.time())
         with self._locked():
             gpu = self.gpu()
             if gpu is not None and int(gpu.get("device", 0)) == device:

@@ -65,6 +65,7 @@ class Unit:
         self.last_exit: ExitInfo | None = None
         self.health_detail: str | None = None
         self.restarts = 0
+        self.health_failures = 0  # failed checks of a running service, for metrics
         self._failures: deque[float] = deque()
         self._inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._gen = 0  # bumps with every launch/adopt/stop, so stale watcher news is dropped
@@ -317,6 +318,7 @@ class Unit:
                 self._set(S.READY, f"healthy again ({detail})")
             return
         self._health_fails += 1
+        self.health_failures += 1
         threshold = self.cfg.health.failure_threshold if self.cfg.health else 1
         if self.state == S.READY and self._health_fails >= threshold:
             self._set(S.UNHEALTHY, f"health check failed: {detail}")

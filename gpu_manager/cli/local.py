@@ -1,4 +1,4 @@
-"""The `gpu-manager` command line."""
+"""Commands that work without a daemon: check-config, plan (local), sim."""
 
 from __future__ import annotations
 
@@ -8,9 +8,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from gpu_manager.cli.client import (
+    DaemonUnreachable,
+    TokenOpt,
+    UrlOpt,
+    call,
+    fail,
+    print_operation,
+)
+from gpu_manager.cli.common import ConfigDirOpt, JsonOpt, app, err, out
 from gpu_manager.config import ConfigError, Inventory, load_inventory
 from gpu_manager.paths import sim_dir
 from gpu_manager.planner import (
@@ -23,22 +31,6 @@ from gpu_manager.planner import (
 )
 from gpu_manager.planner.serialize import plan_dict
 from gpu_manager.sim.registry import SimRegistry
-
-app = typer.Typer(
-    name="gpu-manager",
-    help="Coordinate GPU-hungry services on one GPU host.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-out = Console()
-err = Console(stderr=True)
-
-ConfigDirOpt = Annotated[
-    Path | None,
-    typer.Option("--config-dir", "-c", help="Folder with services.yaml and phases.yaml "
-                 "[default: $GPU_MANAGER_CONFIG_DIR, else the current folder]"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def _load(config_dir: Path | None) -> Inventory:
@@ -80,9 +72,32 @@ def plan_cmd(
     total_mb: Annotated[int | None, typer.Option(help="GPU total [default: gpu.total_mb]")] = None,
     foreign_mb: Annotated[int, typer.Option(help="VRAM used by unmanaged processes")] = 0,
     current_phase: Annotated[int | None, typer.Option(help="The phase active now")] = None,
+    local: Annotated[bool, typer.Option(
+        "--local", help="Plan here from the inventory, even when a daemon is up")] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show what preparing PHASE would stop and start, with reasons (nothing is executed)."""
+    """Show what preparing PHASE would stop and start, with reasons (nothing is executed).
+
+    With a daemon up (and no --local/--running), the daemon plans against what really runs.
+    """
+    if not (local or running or total_mb or foreign_mb or current_phase is not None):
+        try:
+            code, body = call("POST", f"/gpu/prepare-phase/{phase}", url, token,
+                              params={"dry_run": "true"}, timeout=30)
+        except DaemonUnreachable:
+            err.print("(no daemon answering: planning locally against 'nothing running')",
+                      style="dim")
+        else:
+            if as_json:
+                print(json.dumps(body, indent=2))
+            elif code < 400:
+                print_operation({**body, "plan": body["plan"]})
+                print_plan_summary(body["plan"])
+            else:
+                fail(code, body)
+            raise typer.Exit(0 if code < 400 else 1)
     inv = _load(config_dir)
     total = total_mb if total_mb is not None else inv.gpu.total_mb
     if total is None:
@@ -102,6 +117,11 @@ def plan_cmd(
         print_plan(result)
     if isinstance(result, Refusal):
         raise typer.Exit(1)
+
+
+def print_plan_summary(plan: dict[str, object]) -> None:
+    out.print(f"budget {plan['budget_mb']} MB: used {plan['used_before_mb']} -> "
+              f"{plan['used_after_mb']} MB, {plan['free_after_mb']} MB free after")
 
 
 def print_plan(result: Plan | Refusal) -> None:
@@ -157,9 +177,3 @@ def sim_status(as_json: JsonOpt = False) -> None:
     out.print(f"gpu {data['gpu']}, foreign {data['foreign_mb']} ({registry.root})")
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,166 @@
+"""The HTTP API (FastAPI; OpenAPI at /docs). Shapes follow interfaces.md §2, plus the plan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gpu_manager import __version__
+from gpu_manager.api import errors, metrics
+from gpu_manager.api.errors import ApiError
+from gpu_manager.api.status import status as build_status
+from gpu_manager.config import Inventory
+from gpu_manager.daemon import Daemon
+from gpu_manager.orchestrator import Operation
+from gpu_manager.planner import PreparePhase, Refusal, StartService, StopAll, StopService
+from gpu_manager.planner.model import Request as PlanRequest
+from gpu_manager.planner.serialize import plan_dict
+from gpu_manager.settings import Settings
+
+DryRun = Annotated[bool, Query(description="Return the plan without acting.")]
+Wait = Annotated[bool, Query(description="false: answer 202 at once with an operation id.")]
+SSE_PING_S = 15.0
+
+
+def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAPI:
+    daemon = Daemon(settings, inventory)
+    registry = metrics.make_registry(daemon)
+    background: set[asyncio.Task[Any]] = set()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await daemon.start()
+        yield
+        daemon.accepting = False
+        for task in list(background):  # let transitions in flight finish, bounded
+            with contextlib.suppress(Exception, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), 30)
+        await daemon.stop()
+
+    app = FastAPI(title="gpu-manager", version=__version__, lifespan=lifespan,
+                  description="Coordinates GPU-hungry services on one GPU host.")
+    app.state.daemon = daemon
+    errors.install(app)
+    token = settings.token_value()
+
+    async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+        if token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError("unauthorized", "a valid `Authorization: Bearer <token>` is required",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    Auth = Depends(authorized)
+
+    def _forget(task: asyncio.Task[Any]) -> None:
+        background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the outcome lives in the operation log
+
+    async def run(req: PlanRequest, dry_run: bool, wait: bool, **shape: Any) -> Any:
+        if not daemon.accepting:
+            raise ApiError("shutting_down", "the daemon is shutting down")
+        orch = daemon.orchestrator
+        if dry_run:
+            result = await orch.dry_run(req)
+            if isinstance(result, Refusal):
+                raise ApiError(result.code, result.message, plan=plan_dict(result))
+            return {"success": True, "dry_run": True, **shape, "plan": plan_dict(result)}
+        op = orch.ops.add(Operation(req))
+        task = asyncio.create_task(orch.execute(op), name=f"op-{op.id}")
+        background.add(task)
+        task.add_done_callback(_forget)
+        if not wait:
+            return JSONResponse({"operation_id": op.id, "status": op.status,
+                                 "url": f"/gpu/operations/{op.id}", **shape}, status_code=202)
+        try:
+            # Shielded: a client that disconnects must not cancel a transition halfway.
+            await asyncio.shield(task)
+        except Exception as exc:
+            raise errors.from_exception(exc, operation=op.as_dict(), **shape) from exc
+        return {"success": True, **shape, "operation_id": op.id, "plan": op.as_dict()}
+
+    @app.get("/health", tags=["probes"])
+    async def health() -> dict[str, Any]:
+        """Liveness: the process answers."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/ready", tags=["probes"])
+    async def ready() -> JSONResponse:
+        """Readiness: the probe and the lock backend are usable (503 with the reason if not)."""
+        ok, detail = daemon.readiness()
+        return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
+
+    @app.get("/gpu/status", tags=["gpu"])
+    async def gpu_status() -> dict[str, Any]:
+        return build_status(daemon)
+
+    @app.post("/gpu/prepare-phase/{phase}", tags=["gpu"], dependencies=[Auth])
+    async def prepare_phase(phase: int, dry_run: DryRun = False, wait: Wait = True) -> Any:
+        return await run(PreparePhase(phase), dry_run, wait, phase=phase)
+
+    @app.post("/gpu/service/{name}/start", tags=["gpu"], dependencies=[Auth])
+    async def start_service(name: str, dry_run: DryRun = False, wait: Wait = True) -> Any:
+        return await run(StartService(name), dry_run, wait, service=name)
+
+    @app.post("/gpu/service/{name}/stop", tags=["gpu"], dependencies=[Auth])
+    async def stop_service(name: str, force: bool = False, dry_run: DryRun = False,
+                           wait: Wait = True) -> Any:
+        return await run(StopService(name, force), dry_run, wait, service=name)
+
+    @app.post("/gpu/release-all", tags=["gpu"], dependencies=[Auth])
+    async def release_all(dry_run: DryRun = False, wait: Wait = True) -> Any:
+        result = await run(StopAll(), dry_run, wait)
+        if isinstance(result, dict) and not dry_run:
+            stopped = [s["service"] for s in result["plan"]["steps"]]
+            result["message"] = (f"stopped {', '.join(stopped)}" if stopped
+                                 else "nothing was running")
+        return result
+
+    @app.post("/gpu/lock/release", tags=["gpu"], dependencies=[Auth])
+    async def lock_release() -> dict[str, Any]:
+        """Force-release the GPU lock, whoever holds it (an operator's last resort)."""
+        try:
+            released = await daemon.lock.force_release()
+        except Exception as exc:
+            raise errors.from_exception(exc) from exc
+        await daemon._update_lock_info()
+        return {"released": released}
+
+    @app.get("/gpu/operations/{op_id}", tags=["gpu"])
+    async def operation(op_id: str) -> dict[str, Any]:
+        op = daemon.orchestrator.ops.get(op_id)
+        if op is None:
+            raise ApiError("unknown_operation", f"no operation {op_id!r} (the last 200 are kept)")
+        return op.as_dict()
+
+    @app.get("/gpu/events", tags=["gpu"])
+    async def events(request: Request) -> StreamingResponse:
+        """Server-sent events: every state change, transition and step."""
+        async def stream() -> AsyncIterator[str]:
+            async with daemon.bus.subscribe() as queue:
+                yield ": connected\n\n"
+                while not await request.is_disconnected():
+                    try:
+                        event = await asyncio.wait_for(queue.get(), SSE_PING_S)
+                    except TimeoutError:
+                        yield ": ping\n\n"
+                        continue
+                    yield f"event: {event.kind}\ndata: {json.dumps(event.as_dict())}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.get("/metrics", tags=["probes"])
+    async def prometheus() -> Response:
+        return Response(metrics.render(registry), media_type="text/plain; version=0.0.4")
+
+    return app

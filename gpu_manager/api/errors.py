@@ -1,0 +1,73 @@
+"""Every error the API returns is JSON `{"error": code, "detail": ...}`, never a bare 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from loguru import logger
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
+from gpu_manager.orchestrator import OperationError
+
+STATUS = {
+    "unknown_service": 404, "unknown_phase": 404, "unknown_operation": 404,
+    "insufficient_vram": 409, "needed_by_phase": 409,
+    "start_failed": 502, "stop_failed": 502, "reclaim_timeout": 504,
+    "lock_held": 423, "lock_unavailable": 503, "lock_lost": 503, "probe_unavailable": 503,
+    "unauthorized": 401, "shutting_down": 503, "invalid_request": 422,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, detail: Any, status: int | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(str(detail))
+        self.code = code
+        self.detail = detail
+        self.status = status or STATUS.get(code, 400)
+        self.headers = headers
+        self.extra = extra
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.code, "detail": self.detail, **self.extra},
+                            status_code=self.status, headers=self.headers)
+
+
+def from_exception(exc: Exception, **extra: Any) -> ApiError:
+    if isinstance(exc, OperationError):
+        return ApiError(exc.code, exc.detail, **exc.extra, **extra)
+    if isinstance(exc, LockHeld):
+        ttl = exc.ttl_ms / 1000 if exc.ttl_ms is not None else None
+        return ApiError("lock_held", str(exc), holder=exc.holder, ttl=ttl, **extra)
+    if isinstance(exc, LockUnavailable):
+        return ApiError("lock_unavailable", str(exc), **extra)
+    if isinstance(exc, LockLost):
+        return ApiError("lock_lost", f"the GPU lock was lost mid-transition: {exc}", **extra)
+    raise exc
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+        return JSONResponse({"error": "invalid_request", "detail": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.opt(exception=exc).error(f"unhandled error on {request.url.path}: {exc}")
+        return JSONResponse({"error": "internal", "detail": f"{type(exc).__name__}: {exc}"},
+                            status_code=500)

@@ -1,0 +1,88 @@
+"""`GET /gpu/status`: built from the latest snapshot and cached state; it never waits on I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpu_manager.daemon import Daemon
+from gpu_manager.units import HOLDS_GPU
+
+
+def vram(daemon: Daemon) -> dict[str, Any]:
+    orch = daemon.orchestrator
+    snap = daemon.poller.latest
+    gpu = daemon.inventory.gpu
+    dev = snap.device(gpu.device)
+    owner = {pid: name for name, pids in orch.unit_pids.items() for pid in pids}
+    total = dev.total_mb if dev and dev.total_mb is not None else gpu.total_mb
+    free = dev.free_mb if dev else None
+    if free is not None:
+        available = max(0, free - gpu.reserve_mb)
+    elif total is not None:  # degraded: what the declared budgets leave
+        held = sum(daemon.inventory.services[n].vram_mb for n, u in daemon.units.items()
+                   if u.state in HOLDS_GPU)
+        available = max(0, total - gpu.reserve_mb - held)
+    else:
+        available = None
+    return {
+        "total_mb": total,
+        "used_mb": dev.used_mb if dev else None,
+        "free_mb": free,
+        "available_mb": available,
+        "reserve_mb": gpu.reserve_mb,
+        "processes": None if dev is None or dev.processes is None else [
+            {"pid": p.pid, "name": p.name, "memory_mb": p.used_mb, "service": owner.get(p.pid)}
+            for p in dev.processes
+        ],
+        "temperature_c": dev.temperature_c if dev else None,
+        "utilization_percent": dev.utilization_percent if dev else None,
+        "device": gpu.device,
+        "source": snap.source,
+        "error": snap.error or (dev.error if dev else None),
+        "foreign_mb": orch.observed().foreign_mb if dev and dev.used_mb is not None else None,
+        "devices": [d.as_dict() for d in snap.devices],
+        "updated_at": snap.wall_time,
+    }
+
+
+def services(daemon: Daemon) -> dict[str, Any]:
+    orch = daemon.orchestrator
+    out: dict[str, Any] = {}
+    for name, unit in daemon.units.items():
+        cfg = daemon.inventory.services[name]
+        out[name] = {
+            "state": unit.state.value,
+            "vram_mb": cfg.vram_mb,
+            "priority": cfg.priority,
+            "phases": daemon.inventory.phases_of(name),
+            "type": cfg.type,
+            "preemptible": cfg.preemptible,
+            "measured_mb": orch.measured(name) if unit.state in HOLDS_GPU else None,
+            "pids": orch.unit_pids.get(name, []),
+            **{k: v for k, v in unit.snapshot().items() if k != "state"},
+        }
+    return out
+
+
+def lock(daemon: Daemon) -> dict[str, Any]:
+    info = daemon.lock_info
+    return {
+        "holder": info.holder,
+        "ttl": round(info.ttl_ms / 1000, 3) if info.ttl_ms is not None else None,
+        "ttl_ms": info.ttl_ms,
+        "backend": info.backend,
+        "by_daemon": info.by_daemon,
+        "ok": info.ok,
+        "error": info.error,
+        "checked_at": daemon.lock_checked_at,
+    }
+
+
+def status(daemon: Daemon) -> dict[str, Any]:
+    return {
+        "vram": vram(daemon),
+        "services": services(daemon),
+        "lock": lock(daemon),
+        "phase": daemon.orchestrator.current_phase,
+        "operations": [op.id for op in daemon.orchestrator.ops.in_flight()],
+    }

@@ -1,0 +1,25 @@
+"""The Typer app and what every command shares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="gpu-manager",
+    help="Coordinate GPU-hungry services on one GPU host.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ConfigDirOpt = Annotated[
+    Path | None,
+    typer.Option("--config-dir", "-c", help="Folder with services.yaml and phases.yaml "
+                 "[default: $GPU_MANAGER_CONFIG_DIR, else the current folder]"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

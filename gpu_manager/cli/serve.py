@@ -1,0 +1,49 @@
+"""`gpu-manager serve`: run the daemon."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from loguru import logger
+
+from gpu_manager.cli.common import ConfigDirOpt, app, err
+from gpu_manager.config import ConfigError, load_inventory
+from gpu_manager.settings import Settings
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [$GPU_MANAGER_HOST, "
+                                             "default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="[$GPU_MANAGER_PORT, default 8000]")] = None,
+    config_dir: ConfigDirOpt = None,
+    state_dir: Annotated[Path | None, typer.Option(help="[$GPU_MANAGER_STATE_DIR]")] = None,
+) -> None:
+    """Run the daemon: the HTTP API on the inventory in --config-dir."""
+    overrides: dict[str, Any] = {k: v for k, v in {
+        "host": host, "port": port, "config_dir": config_dir, "state_dir": state_dir,
+    }.items() if v is not None}
+    settings = Settings(**overrides)
+    if not settings.loopback and settings.token_value() is None:
+        err.print(f"refusing to bind {settings.host}: a non-loopback address needs "
+                  "GPU_MANAGER_TOKEN set (every mutating call then needs it)", style="red")
+        raise typer.Exit(2)
+    try:
+        inventory = load_inventory(settings.config_dir)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            err.print(str(issue), markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    logger.remove()
+    logger.add(sys.stderr, level=settings.log_level.upper())
+    # The web stack and drivers load only to serve, so client verbs start fast.
+    from gpu_manager.api.app import create_app  # noqa: PLC0415
+
+    app_ = create_app(settings, inventory)
+    import uvicorn  # noqa: PLC0415
+
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level="warning",
+                lifespan="on", access_log=False)

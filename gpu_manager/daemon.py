@@ -1,0 +1,156 @@
+"""The daemon: wires config, probe, lock, units and orchestrator together, starts and stops them.
+
+Start order: state store -> probe + poller -> lock -> units (re-adopting what the previous
+daemon started) -> orchestrator -> background refreshers. Stopping the daemon leaves managed
+services running: the next daemon adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from loguru import logger
+
+from gpu_manager.config import Inventory, load_inventory
+from gpu_manager.lock import GpuLock, LockInfo, make_lock
+from gpu_manager.orchestrator import Orchestrator
+from gpu_manager.paths import SIM_DIR_ENV, sim_dir
+from gpu_manager.probe import DeclaredProbe, Poller, make_poller, make_probe
+from gpu_manager.settings import Settings
+from gpu_manager.state_store import StateStore
+from gpu_manager.units import (
+    DockerEngine,
+    EventBus,
+    HealthChecker,
+    Unit,
+    make_driver,
+)
+
+LOCK_INFO_EVERY_S = 0.25
+PIDS_EVERY_S = 1.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, inventory: Inventory | None = None) -> None:
+        self.settings = settings
+        self.inventory = inventory or load_inventory(settings.config_dir)
+        self.started_at = time.time()
+        self.bus = EventBus()
+        self.store = StateStore(settings.state_dir / "state.json")
+        self.sim_dir = sim_dir(settings.state_dir)
+        self.lock_info = LockInfo("unknown", None, None, ok=False, error="not checked yet")
+        self.lock_checked_at = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock_dirty = asyncio.Event()
+        self.poller: Poller
+        self.lock: GpuLock
+        self.units: dict[str, Unit] = {}
+        self.orchestrator: Orchestrator
+        self.health = HealthChecker()
+        self.docker = DockerEngine()
+        self.probe_error: str | None = None
+        self.accepting = True
+
+    async def start(self) -> None:
+        s, inv = self.settings, self.inventory
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store.load()
+        probe = await asyncio.to_thread(make_probe, inv.gpu, self.sim_dir)
+        if isinstance(probe, DeclaredProbe):
+            self.probe_error = probe.reason
+        self.poller = make_poller(inv.gpu, probe)
+        await self.poller.start()
+        self.lock = make_lock(s.redis_url, s.lock_key, s.lock_ttl_ms)
+        env = {SIM_DIR_ENV: str(self.sim_dir)}
+        self.orchestrator = Orchestrator(
+            inv, self.units, self.poller, self.lock, self.bus, self.store,
+            lock_wait_s=s.lock_wait_s, reclaim_timeout_s=s.reclaim_timeout_s,
+            on_lock_change=self._lock_dirty.set,
+        )
+        for name, cfg in inv.services.items():
+            driver = make_driver(name, cfg, log_dir=s.state_dir / "logs", docker=self.docker,
+                                 extra_env=env)
+            unit = Unit(name, cfg, driver, self.health, self.bus, on_record=self.store.set_unit,
+                        restart_gate=self.orchestrator.restart_gate)
+            unit.start_loop()
+            self.units[name] = unit
+        await self._adopt()
+        self._tasks = [asyncio.create_task(self._refresh_lock_info(), name="lock-info"),
+                       asyncio.create_task(self._refresh_pids(), name="unit-pids")]
+        await self._update_lock_info()
+        logger.info(f"gpu-manager up: {inv.summary()}; lock {self.lock.backend}; "
+                    f"probe {self.poller.latest.source}")
+
+    async def _adopt(self) -> None:
+        for name, record in list(self.store.units.items()):
+            unit = self.units.get(name)
+            if unit is None:
+                logger.warning(f"state names {name!r}, which is no longer in the inventory; "
+                               "leaving it alone")
+                continue
+            try:
+                adopted = await unit.adopt(record)
+            except Exception as exc:  # e.g. the Docker engine is down
+                logger.error(f"{name}: cannot check whether it still runs: {exc}")
+                continue
+            if adopted:
+                logger.info(f"{name}: adopted {record}")
+            else:
+                logger.info(f"{name}: recorded as running but gone; marking stopped")
+                self.store.set_unit(name, None)
+
+    async def stop(self) -> None:
+        self.accepting = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for unit in self.units.values():
+            await unit.close()
+        await self.poller.stop()
+        await self.lock.close()
+        await self.health.aclose()
+        self.docker.close()
+
+    # -- background refreshers: requests read their results, never wait on Redis or /proc ---
+    async def _update_lock_info(self) -> None:
+        self.lock_info = await self.lock.info()
+        self.lock_checked_at = time.time()
+
+    async def _refresh_lock_info(self) -> None:
+        while True:
+            self._lock_dirty.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lock_dirty.wait(), LOCK_INFO_EVERY_S)
+            try:
+                await self._update_lock_info()
+            except Exception as exc:  # never let the refresher die
+                logger.warning(f"lock info refresh failed: {exc}")
+
+    async def _refresh_pids(self) -> None:
+        while True:
+            await asyncio.sleep(PIDS_EVERY_S)
+            try:
+                await self.orchestrator.refresh_pids()
+            except Exception as exc:
+                logger.warning(f"pid refresh failed: {exc}")
+
+    # -- readiness ----------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        snap = self.poller.latest
+        degraded = snap.source == "declared"
+        # `auto` may run degraded and still serve; an explicit `nvml` that cannot is not ready.
+        probe_ok = not (degraded and self.inventory.gpu.backend == "nvml") and not (
+            snap.error and snap.source != "declared")
+        lock_ok = self.lock_info.ok
+        detail = {
+            "probe": {"ok": probe_ok, "source": snap.source, "degraded": degraded,
+                      "error": snap.error, "age_s": round(time.monotonic() - snap.taken_at, 3)},
+            "lock": {"ok": lock_ok, "backend": self.lock.backend, "error": self.lock_info.error},
+            "accepting": self.accepting,
+        }
+        return probe_ok and lock_ok and self.accepting, detail

@@ -1,0 +1,163 @@
+"""The Redis GPU lock: `SET key value NX PX ttl`, Lua compare-and-act, renewal, fencing.
+
+The key defaults to `gpu_mutex`, the key the legacy gpu_manager.py v1 takes, so the daemon
+and legacy code exclude each other and each sees the other as the holder. A legacy holder's
+value is its service name; ours is `gpu-manager:<what>:<random>`, unique per acquisition, so
+a release or renewal can never touch a lock someone else took after our TTL ran out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import redis.asyncio as aioredis
+from loguru import logger
+from redis.exceptions import RedisError
+
+from gpu_manager.lock.base import LockHeld, LockInfo, LockLost, LockUnavailable
+
+# KEYS[1] lock key; ARGV[1] our value. Delete only if it is still ours.
+RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+# KEYS[1] lock key; ARGV[1] our value, ARGV[2] ttl in ms. Extend only if it is still ours.
+EXTEND = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS[1] lock key, KEYS[2] fencing counter; ARGV[1] our value, ARGV[2] our fencing number.
+# Still ours, and nobody has acquired (and incremented the counter) since we did.
+CHECK = """
+if redis.call('get', KEYS[1]) == ARGV[1] and redis.call('get', KEYS[2]) == ARGV[2] then
+  return 1
+end
+return 0
+"""
+
+POLL_S = 0.01  # waiting for a busy lock: one GET-free SET NX every 10 ms on loopback
+
+
+class RedisLease:
+    def __init__(self, lock: RedisLock, holder: str, value: str, fencing: int) -> None:
+        self._lock = lock
+        self.holder = holder
+        self.value = value
+        self.fencing = fencing
+        self.lost = asyncio.Event()
+        self.lost_reason = ""
+        self._expires = time.monotonic() + lock.ttl_ms / 1000
+        self._renewer = asyncio.create_task(self._renew(), name="gpu-lock-renewal")
+
+    async def _renew(self) -> None:
+        lock = self._lock
+        interval = lock.ttl_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ok = await lock._extend(keys=[lock.key], args=[self.value, lock.ttl_ms])
+            except RedisError as exc:
+                if time.monotonic() >= self._expires:
+                    self._mark_lost(f"could not renew before the TTL ran out: {exc}")
+                    return
+                logger.warning(f"GPU lock renewal failed, retrying: {exc}")
+                continue
+            if not ok:
+                self._mark_lost("the lock was deleted or taken over")
+                return
+            self._expires = time.monotonic() + lock.ttl_ms / 1000
+
+    def _mark_lost(self, reason: str) -> None:
+        self.lost_reason = reason
+        self.lost.set()
+        logger.error(f"GPU lock lost ({self.holder}, fencing {self.fencing}): {reason}")
+
+    def is_lost(self) -> bool:
+        return self.lost.is_set()
+
+    async def check(self) -> None:
+        if self.lost.is_set():
+            raise LockLost(self.lost_reason)
+        lock = self._lock
+        try:
+            ok = await lock._check(keys=[lock.key, lock.fencing_key],
+                                   args=[self.value, self.fencing])
+        except RedisError as exc:
+            raise LockUnavailable(f"Redis unreachable: {exc}") from exc
+        if not ok:
+            self._mark_lost("the lock is no longer ours (expired or taken over)")
+            raise LockLost(self.lost_reason)
+
+    async def release(self) -> bool:
+        self._renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._renewer
+        lock = self._lock
+        try:
+            return bool(await lock._release(keys=[lock.key], args=[self.value]))
+        except RedisError as exc:
+            logger.warning(f"GPU lock release failed (it expires by its TTL): {exc}")
+            return False
+
+
+class RedisLock:
+    backend = "redis"
+
+    def __init__(self, url: str, key: str = "gpu_mutex", ttl_ms: int = 30_000) -> None:
+        self.url = url
+        self.key = key
+        self.fencing_key = f"{key}:fencing"
+        self.ttl_ms = ttl_ms
+        self.client: aioredis.Redis = aioredis.from_url(
+            url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2)
+        self._release = self.client.register_script(RELEASE)
+        self._extend = self.client.register_script(EXTEND)
+        self._check = self.client.register_script(CHECK)
+
+    async def acquire(self, holder: str, wait_s: float = 0.0) -> RedisLease:
+        value = f"gpu-manager:{holder}:{uuid.uuid4().hex[:12]}"
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                if await self.client.set(self.key, value, nx=True, px=self.ttl_ms):
+                    fencing = int(await self.client.incr(self.fencing_key))
+                    return RedisLease(self, holder, value, fencing)
+                if time.monotonic() >= deadline:
+                    current = await self.client.get(self.key)
+                    ttl = await self.client.pttl(self.key)
+                    if current is None:
+                        continue  # freed between SET and GET: try again at once
+                    raise LockHeld(str(current), int(ttl) if ttl >= 0 else None)
+                await asyncio.sleep(POLL_S)
+        except RedisError as exc:
+            raise LockUnavailable(f"Redis unreachable at {self.url}: {exc}") from exc
+
+    async def info(self) -> LockInfo:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(self.key)
+                pipe.pttl(self.key)
+                holder, ttl = await pipe.execute()
+        except RedisError as exc:
+            return LockInfo(self.backend, None, None, ok=False, error=str(exc))
+        ttl_ms = int(ttl) if holder is not None and int(ttl) >= 0 else None
+        by_daemon = holder is not None and str(holder).startswith("gpu-manager:")
+        return LockInfo(self.backend, holder, ttl_ms, by_daemon=by_daemon)
+
+    async def force_release(self) -> bool:
+        try:
+            return bool(await self.client.delete(self.key))
+        except RedisError as exc:
+            raise LockUnavailable(f"Redis unreachable at {self.url}: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.client.aclose()

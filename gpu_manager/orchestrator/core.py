@@ -1,0 +1,270 @@
+"""The orchestrator: one transition at a time per GPU, under the GPU lock, step by step.
+
+For each request: take the local queue (FIFO), take the GPU lock (423 if someone else holds
+it), observe, plan (pure), then stop -> wait for reclaim by evidence -> start -> wait ready.
+The lock is held until the last start, so the VRAM the stops free stays with this request.
+Reclaim evidence: the stopped units' pids are gone from the probe's process list (or dead)
+AND free memory covers the next start plus the reserve, read in the probe's fast mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import psutil
+from loguru import logger
+
+from gpu_manager.config import Inventory
+from gpu_manager.lock import GpuLock, Lease, LockHeld, LockLost, LockUnavailable
+from gpu_manager.orchestrator.operations import Operation, OperationError, OperationLog
+from gpu_manager.planner import (
+    ObservedState,
+    Plan,
+    PlannerInventory,
+    PreparePhase,
+    Refusal,
+    Request,
+    StartService,
+    plan,
+)
+from gpu_manager.probe import DeviceSnapshot, Poller, Snapshot
+from gpu_manager.state_store import StateStore
+from gpu_manager.units import HOLDS_GPU, Event, EventBus, Unit
+
+REFUSAL_CODES = {"unknown_service": "unknown_service", "unknown_phase": "unknown_phase",
+                 "insufficient_vram": "insufficient_vram", "needed_by_phase": "needed_by_phase"}
+
+
+@dataclass
+class Releasing:
+    """VRAM of a stopped unit that the GPU may not have handed back yet."""
+
+    pids: frozenset[int]
+    mb: int
+    since: float
+
+
+class Orchestrator:
+    def __init__(
+        self, inventory: Inventory, units: Mapping[str, Unit], poller: Poller, lock: GpuLock,
+        bus: EventBus, store: StateStore, *, lock_wait_s: float = 0.0,
+        reclaim_timeout_s: float = 30.0, on_lock_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.inventory = inventory
+        self.pinv = PlannerInventory.from_inventory(inventory)
+        self.units = units
+        self.poller = poller
+        self.lock = lock
+        self.bus = bus
+        self.store = store
+        self.lock_wait_s = lock_wait_s
+        self.reclaim_timeout_s = reclaim_timeout_s
+        self.ops = OperationLog()
+        self.current_phase: int | None = store.phase
+        self.unit_pids: dict[str, list[int]] = {}
+        self.releasing: dict[str, Releasing] = {}
+        self._serial = asyncio.Lock()
+        self._on_lock_change = on_lock_change or (lambda: None)
+        self.transition_durations: list[tuple[str, str, float]] = []  # (kind, outcome, s)
+        self.preemptions: dict[str, int] = {}
+
+    # -- observation (no I/O but the pid refresh) ---------------------------------------------
+    @property
+    def device(self) -> DeviceSnapshot | None:
+        return self.poller.latest.device(self.inventory.gpu.device)
+
+    async def refresh_pids(self) -> None:
+        fresh: dict[str, list[int]] = {}
+        for name, unit in self.units.items():
+            if unit.state in HOLDS_GPU:
+                fresh[name] = await unit.driver.pids()
+        self.unit_pids = fresh
+
+    def measured(self, name: str, snap: Snapshot | None = None) -> int | None:
+        dev = (snap or self.poller.latest).device(self.inventory.gpu.device)
+        if dev is None or dev.processes is None:
+            return None
+        pids = set(self.unit_pids.get(name, ()))
+        found = [p.used_mb for p in dev.processes if p.pid in pids]
+        if not found or any(mb is None for mb in found):
+            return None
+        return sum(mb for mb in found if mb is not None)
+
+    def _prune_releasing(self, dev: DeviceSnapshot | None) -> None:
+        listed = {p.pid for p in dev.processes} if dev is not None and dev.processes else set()
+        for name, rel in list(self.releasing.items()):
+            known_list = dev is not None and dev.processes is not None
+            alive = any(psutil.pid_exists(pid) for pid in rel.pids)
+            if not (rel.pids & listed) and (known_list or not alive):
+                del self.releasing[name]
+            elif time.monotonic() - rel.since > self.reclaim_timeout_s:
+                del self.releasing[name]  # stop waiting on it; what is left shows as foreign
+
+    def observed(self) -> ObservedState:
+        gpu = self.inventory.gpu
+        dev = self.device
+        self._prune_releasing(dev)
+        running = {n: self.measured(n) for n, u in self.units.items() if u.state in HOLDS_GPU}
+        total = dev.total_mb if dev is not None and dev.total_mb is not None else gpu.total_mb
+        foreign = 0
+        if dev is not None and dev.used_mb is not None:
+            managed = sum(mb or 0 for mb in running.values())
+            releasing = sum(r.mb for r in self.releasing.values())
+            foreign = max(0, dev.used_mb - managed - releasing)
+        return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase)
+
+    async def dry_run(self, request: Request) -> Plan | Refusal:
+        await self.refresh_pids()
+        return plan(self.pinv, self.observed(), request)
+
+    # -- execution ----------------------------------------------------------------------------
+    async def execute(self, op: Operation) -> Operation:
+        """Run `op` to its end; raises OperationError (or a lock error) when it fails."""
+        self.ops.add(op)
+        self.bus.publish(Event("operation", None, {"id": op.id, "status": "queued"}))
+        async with self._serial:
+            op.status, op.started_at = "running", time.time()
+            self.store.set_operation(op.id, op.as_dict())
+            t0 = time.monotonic()
+            try:
+                await self._execute(op)
+            except OperationError as exc:
+                op.finish("refused" if exc.code in REFUSAL_CODES else "failed",
+                          {"error": exc.code, "detail": exc.detail, **exc.extra})
+                raise
+            except (LockHeld, LockUnavailable, LockLost) as exc:
+                op.finish("failed", {"error": type(exc).__name__, "detail": str(exc)})
+                raise
+            except BaseException as exc:  # cancelled or a bug: never leave it "running"
+                op.finish("failed", {"error": "internal", "detail": repr(exc)})
+                raise
+            else:
+                op.finish("succeeded")
+            finally:
+                kind = type(op.request).__name__
+                self.transition_durations.append((kind, op.status, time.monotonic() - t0))
+                self.store.set_operation(op.id, None)
+                self.bus.publish(Event("operation", None, op.as_dict()))
+                why = f" ({op.error})" if op.error else ""
+                logger.info(f"operation {op.label}: {op.status} in "
+                            f"{time.monotonic() - t0:.3f}s{why}")
+        return op
+
+    async def _execute(self, op: Operation) -> None:
+        lease = await self.lock.acquire(op.label, self.lock_wait_s)
+        self._on_lock_change()
+        try:
+            await self.refresh_pids()
+            result = plan(self.pinv, self.observed(), op.request)
+            if isinstance(result, Refusal):
+                extra = {} if result.code != "insufficient_vram" else {
+                    "short_mb": result.short_mb,
+                    "blockers": [{"name": b.name, "mb": b.mb, "reason": b.reason}
+                                 for b in result.blockers]}
+                raise OperationError(result.code, result.message, **extra)
+            op.set_plan(result)
+            for record, step in zip(op.steps, result.steps, strict=True):
+                if lease.is_lost():  # the renewal task saw it go: abort before the next step
+                    await lease.check()
+                record.status, record.started_at = "running", time.time()
+                self.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
+                t0 = time.monotonic()
+                try:
+                    if step.action == "stop":
+                        await self._stop(step.service, step.reason, step.preemption)
+                    else:
+                        record.reclaim_wait_s = await self._start(step.service, step.mb, lease)
+                except BaseException as exc:
+                    record.status = "failed"
+                    record.detail = str(exc)
+                    raise
+                finally:
+                    record.duration_s = time.monotonic() - t0
+                if record.status != "failed":
+                    record.status = "done"
+                self.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
+            if isinstance(op.request, PreparePhase):
+                self.current_phase = op.request.phase
+                self.store.set_phase(self.current_phase)
+        finally:
+            await lease.release()
+            self._on_lock_change()
+
+    async def _stop(self, name: str, reason: str, preemption: bool) -> None:
+        unit = self.units[name]
+        pids = frozenset(await unit.driver.pids())
+        mb = max(self.inventory.services[name].vram_mb, self.measured(name) or 0)
+        result = await unit.stop(reason)
+        if not result.ok:
+            raise OperationError("stop_failed", f"could not stop {name}: {result.reason}",
+                                 gpu_state=self.gpu_state())
+        self.releasing[name] = Releasing(pids, mb, time.monotonic())
+        self.unit_pids.pop(name, None)
+        if preemption:
+            self.preemptions[name] = self.preemptions.get(name, 0) + 1
+
+    async def _start(self, name: str, need_mb: int, lease: Lease) -> float:
+        await lease.check()  # fencing: nobody took the lock since we did
+        waited = await self._await_reclaim(name, need_mb)
+        await lease.check()
+        result = await self.units[name].ensure_ready()
+        if not result.ok:
+            # The unit has already stopped what it launched; say where that leaves the GPU.
+            raise OperationError("start_failed", f"{name} did not become ready: {result.reason}",
+                                 gpu_state=self.gpu_state())
+        return waited
+
+    async def _await_reclaim(self, name: str, need_mb: int) -> float:
+        reserve = self.inventory.gpu.reserve_mb
+        pending = frozenset().union(*(r.pids for r in self.releasing.values()))
+
+        def reclaimed(snap: Snapshot) -> bool:
+            dev = snap.device(self.inventory.gpu.device)
+            if dev is None or dev.lost:
+                return False
+            if dev.processes is not None:
+                gone = not (pending & {p.pid for p in dev.processes})
+            else:
+                gone = not any(psutil.pid_exists(pid) for pid in pending)
+            # Degraded (declared) mode knows no free memory: the planner's budget must do.
+            room = dev.free_mb is None or dev.free_mb - reserve >= need_mb
+            return gone and room
+
+        t0 = time.monotonic()
+        if reclaimed(self.poller.latest) and not pending:
+            return 0.0
+        async with self.poller.fast():
+            snap = await self.poller.wait_until(reclaimed, self.reclaim_timeout_s)
+        if snap is None:
+            dev = self.device
+            free = dev.free_mb if dev is not None else None
+            raise OperationError(
+                "reclaim_timeout",
+                f"VRAM for {name} did not come back within {self.reclaim_timeout_s:g}s: "
+                f"need {need_mb} MB + {reserve} MB reserve, {free} MB free; still listed: "
+                f"{sorted(pending & {p.pid for p in (dev.processes or ())}) if dev else '?'}",
+                gpu_state=self.gpu_state())
+        self._prune_releasing(snap.device(self.inventory.gpu.device))
+        return time.monotonic() - t0
+
+    def gpu_state(self) -> dict[str, str]:
+        return {n: u.state.value for n, u in self.units.items()}
+
+    # -- restart gate -------------------------------------------------------------------------
+    async def restart_gate(self, name: str) -> bool:
+        """May a crashed unit restart itself? Only when it fits without stopping anything and
+        nobody holds the GPU lock; a restart never preempts."""
+        if self._serial.locked():
+            # A transition is in flight (it may be waiting on this very unit): do not queue
+            # behind it from inside the unit's own loop; decline and say so.
+            return False
+        async with self._serial:
+            info = await self.lock.info()
+            if info.holder is not None:
+                return False
+            await self.refresh_pids()
+            result = plan(self.pinv, self.observed(), StartService(name))
+            return isinstance(result, Plan) and not result.stops

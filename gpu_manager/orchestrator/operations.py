@@ -1,0 +1,109 @@
+"""Operations: one per mutating request, with its plan, its steps' timings and its outcome."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gpu_manager.planner import Plan, Request
+from gpu_manager.planner.serialize import request_dict
+
+OpStatus = Literal["queued", "running", "succeeded", "failed", "refused", "interrupted"]
+
+
+class OperationError(Exception):
+    """A transition that did not complete; `code` maps to the HTTP status."""
+
+    def __init__(self, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.extra = extra
+
+
+@dataclass
+class StepRecord:
+    action: str
+    service: str
+    mb: int
+    reason: str
+    preemption: bool
+    status: str = "pending"  # pending, running, done, failed
+    started_at: float | None = None
+    duration_s: float | None = None
+    # For starts: how long we waited for VRAM to come back before launching.
+    reclaim_wait_s: float | None = None
+    detail: str | None = None
+
+
+@dataclass
+class Operation:
+    request: Request
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    status: OpStatus = "queued"
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    budget_mb: int | None = None
+    used_before_mb: int | None = None
+    used_after_mb: int | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    dry_run: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.status not in ("queued", "running")
+
+    @property
+    def label(self) -> str:
+        req = request_dict(self.request)
+        target = req.get("name", req.get("phase", ""))
+        return f"{req['kind']}:{target}:{self.id}" if target != "" else f"{req['kind']}:{self.id}"
+
+    def set_plan(self, plan: Plan) -> None:
+        self.budget_mb = plan.budget_mb
+        self.used_before_mb = plan.used_before_mb
+        self.used_after_mb = plan.used_after_mb
+        self.steps = [StepRecord(s.action, s.service, s.mb, s.reason, s.preemption)
+                      for s in plan.steps]
+
+    def finish(self, status: OpStatus, error: dict[str, Any] | None = None) -> None:
+        self.status = status
+        self.error = error
+        self.finished_at = time.time()
+
+    def as_dict(self) -> dict[str, Any]:
+        total = (self.finished_at - self.started_at
+                 if self.finished_at is not None and self.started_at is not None else None)
+        return {
+            "id": self.id, "request": request_dict(self.request), "status": self.status,
+            "dry_run": self.dry_run, "created_at": self.created_at,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "duration_s": total, "budget_mb": self.budget_mb,
+            "used_before_mb": self.used_before_mb, "used_after_mb": self.used_after_mb,
+            "steps": [vars(s) for s in self.steps], "error": self.error,
+        }
+
+
+class OperationLog:
+    """The last `keep` operations, by id."""
+
+    def __init__(self, keep: int = 200) -> None:
+        self._ops: OrderedDict[str, Operation] = OrderedDict()
+        self._keep = keep
+
+    def add(self, op: Operation) -> Operation:
+        self._ops[op.id] = op
+        while len(self._ops) > self._keep:
+            self._ops.popitem(last=False)
+        return op
+
+    def get(self, op_id: str) -> Operation | None:
+        return self._ops.get(op_id)
+
+    def in_flight(self) -> list[Operation]:
+        return [op for op in self._ops.values() if not op.done]

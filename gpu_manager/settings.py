@@ -1,0 +1,45 @@
+"""Daemon settings from the environment (GPU_MANAGER_*); the inventory lives in YAML."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gpu_manager.config import default_config_dir
+from gpu_manager.paths import state_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GPU_MANAGER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # With a token, every mutating endpoint needs `Authorization: Bearer <token>`.
+    token: SecretStr | None = None
+    config_dir: Path = Field(default_factory=default_config_dir)
+    state_dir: Path = Field(default_factory=state_dir)
+    # Without a Redis URL the GPU lock is in-process.
+    redis_url: str | None = None
+    lock_key: str = "gpu_mutex"  # shared with legacy gpu_manager.py v1 on purpose
+    lock_ttl_ms: int = Field(default=30_000, ge=1000)
+    # How long a transition may wait for a GPU lock someone else holds before answering 423.
+    lock_wait_s: float = Field(default=0.0, ge=0)
+    # After stopping services, how long to wait for their VRAM to come back.
+    reclaim_timeout_s: float = Field(default=30.0, gt=0)
+    log_level: str = "INFO"
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def token_value(self) -> str | None:
+        value = self.token.get_secret_value() if self.token is not None else None
+        return value or None
