@@ -70,6 +70,7 @@ class Orchestrator:
         self._on_lock_change = on_lock_change or (lambda: None)
         self.transition_durations: list[tuple[str, str, float]] = []  # (kind, outcome, s)
         self.preemptions: dict[str, int] = {}
+        self._last_stop_at = 0.0
 
     # -- observation (no I/O but the pid refresh) ---------------------------------------------
     @property
@@ -189,6 +190,10 @@ class Orchestrator:
             if isinstance(op.request, PreparePhase):
                 self.current_phase = op.request.phase
                 self.store.set_phase(self.current_phase)
+            if result.steps:
+                # One fresh poll, so /gpu/status read right after this answer shows the result.
+                await self.poller.next_snapshot(timeout=2)
+                await self.refresh_pids()
         finally:
             await lease.release()
             self._on_lock_change()
@@ -202,6 +207,7 @@ class Orchestrator:
             raise OperationError("stop_failed", f"could not stop {name}: {result.reason}",
                                  gpu_state=self.gpu_state())
         self.releasing[name] = Releasing(pids, mb, time.monotonic())
+        self._last_stop_at = time.monotonic()
         self.unit_pids.pop(name, None)
         if preemption:
             self.preemptions[name] = self.preemptions.get(name, 0) + 1
@@ -222,6 +228,10 @@ class Orchestrator:
         pending = frozenset().union(*(r.pids for r in self.releasing.values()))
 
         def reclaimed(snap: Snapshot) -> bool:
+            # Only a snapshot taken after the last stop is evidence: an older one may predate
+            # the stopped service's allocation and "show" its memory as free.
+            if snap.taken_at < self._last_stop_at:
+                return False
             dev = snap.device(self.inventory.gpu.device)
             if dev is None or dev.lost:
                 return False
@@ -234,7 +244,7 @@ class Orchestrator:
             return gone and room
 
         t0 = time.monotonic()
-        if reclaimed(self.poller.latest) and not pending:
+        if not pending and reclaimed(self.poller.latest):
             return 0.0
         async with self.poller.fast():
             snap = await self.poller.wait_until(reclaimed, self.reclaim_timeout_s)
