@@ -71,11 +71,12 @@ class Sampler:
 class DaemonProc:
     def __init__(self, tmp: Path, *, redis_url: str | None = None, token: str | None = None,
                  extra_services: str = "", extra_phases: str = "",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 replace: dict[str, str] | None = None) -> None:
         self.config_dir = tmp / "config"
         self.state_dir = tmp / "state"
         self.sim_dir = self.state_dir / "sim"
-        write_inventory(self.config_dir, extra_services, extra_phases)
+        write_inventory(self.config_dir, extra_services, extra_phases, replace)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "GPU_MANAGER_CONFIG_DIR": str(self.config_dir),
