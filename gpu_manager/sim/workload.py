@@ -98,6 +98,10 @@ class _Handler(BaseHTTPRequestHandler):
             "name": srv.name, "pid": os.getpid(), "vram_mb": srv.vram_mb,
             # wall-clock time /health turned 200, so callers can measure their own latency
             "ready_at": time.time() - (now - srv.ready_at),
+            # this process's own start-to-healthy time, exec included (CLOCK_BOOTTIME based:
+            # psutil's create_time is only as precise as the whole-second boot time)
+            "startup_total_s": srv.ready_at - now + time.clock_gettime(time.CLOCK_BOOTTIME)
+            - _process_start_boottime(),
         })
 
     def _reply(self, code: int, body: dict[str, Any]) -> None:
@@ -110,6 +114,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # health checks every 100 ms would flood the service log
+
+
+def _process_start_boottime() -> float:
+    """When this process was created, in CLOCK_BOOTTIME seconds (from /proc/self/stat)."""
+    stat = Path("/proc/self/stat").read_text()
+    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    return start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 class _Server(ThreadingHTTPServer):

@@ -1,0 +1,24 @@
+"""Run every benchmark: `python -m bench` (or `./dev bench`)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+
+SCRIPTS = ["probe", "transitions"]
+
+
+def main() -> None:
+    only = sys.argv[1:] or SCRIPTS
+    t0 = time.monotonic()
+    for name in only:
+        print(f"\n== bench.{name}")
+        module = importlib.import_module(f"bench.{name}")
+        sys.argv = [f"bench.{name}"]
+        module.main()
+    print(f"\nall benchmarks done in {time.monotonic() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
