@@ -17,6 +17,7 @@ from loguru import logger
 from gpu_manager.config import Inventory, load_inventory
 from gpu_manager.lock import GpuLock, LockInfo, make_lock
 from gpu_manager.orchestrator import Orchestrator
+from gpu_manager.orchestrator.leases import LeaseManager
 from gpu_manager.paths import SIM_DIR_ENV, sim_dir
 from gpu_manager.probe import DeclaredProbe, Poller, make_poller, make_probe
 from gpu_manager.settings import Settings
@@ -70,6 +71,7 @@ class Daemon:
             lock_wait_s=s.lock_wait_s, reclaim_timeout_s=s.reclaim_timeout_s,
             on_lock_change=self._lock_dirty.set,
         )
+        self.orchestrator.redis_url = s.redis_url
         for name, cfg in inv.services.items():
             driver = make_driver(name, cfg, log_dir=s.state_dir / "logs", docker=self.docker,
                                  extra_env=env)
@@ -78,6 +80,8 @@ class Daemon:
             unit.start_loop()
             self.units[name] = unit
         await self._adopt()
+        self.leases = LeaseManager(self.orchestrator, inv.leases)
+        self.leases.start()
         self._tasks = [asyncio.create_task(self._refresh_lock_info(), name="lock-info"),
                        asyncio.create_task(self._refresh_pids(), name="unit-pids")]
         await self._update_lock_info()
@@ -111,6 +115,8 @@ class Daemon:
                 await task
         for unit in self.units.values():
             await unit.close()
+        await self.leases.close()
+        await self.orchestrator.aclose()
         await self.poller.stop()
         await self.lock.close()
         await self.health.aclose()

@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gpu_manager import __version__
-from gpu_manager.api import errors, metrics
+from gpu_manager.api import errors, leases, metrics
 from gpu_manager.api.errors import ApiError
 from gpu_manager.api.status import status as build_status
 from gpu_manager.config import Inventory
@@ -50,11 +50,14 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
     errors.install(app)
     token = settings.token_value()
 
-    async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def authorized(authorization: Annotated[str | None, Header()] = None,
+                         x_service_token: Annotated[str | None, Header()] = None) -> None:
         if token is None:
             return
         scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        if scheme.lower() != "bearer":
+            given = x_service_token or ""  # what the existing GPUClient sends
+        if not hmac.compare_digest(given.encode(), token.encode()):
             raise ApiError("unauthorized", "a valid `Authorization: Bearer <token>` is required",
                            headers={"WWW-Authenticate": "Bearer"})
 
@@ -87,6 +90,8 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
         except Exception as exc:
             raise errors.from_exception(exc, operation=op.as_dict(), **shape) from exc
         return {"success": True, **shape, "operation_id": op.id, "plan": op.as_dict()}
+
+    app.include_router(leases.make_router(daemon, authorized))
 
     @app.get("/health", tags=["probes"])
     async def health() -> dict[str, Any]:

@@ -84,5 +84,8 @@ def status(daemon: Daemon) -> dict[str, Any]:
         "services": services(daemon),
         "lock": lock(daemon),
         "phase": daemon.orchestrator.current_phase,
+        "leases": [{"session_id": x.session_id, "requester": x.requester, "vram_mb": x.vram_mb,
+                    "priority": x.priority} for x in daemon.leases.active],
+        "idle": dict(daemon.orchestrator.idle),
         "operations": [op.id for op in daemon.orchestrator.ops.in_flight()],
     }

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from gpu_manager.config.models import (
     DockerService,
     GpuConfig,
+    LeaseConfig,
     PhaseConfig,
     PhasesFile,
     ServiceConfig,
@@ -65,6 +66,7 @@ class Inventory:
     phases: Mapping[int, PhaseConfig]
     config_dir: Path
     lines: Mapping[str, Mapping[Path_, int]] = field(default_factory=dict, repr=False)
+    leases: LeaseConfig = field(default_factory=LeaseConfig)
 
     @property
     def budget_mb(self) -> int | None:
@@ -209,7 +211,7 @@ def load_inventory(config_dir: Path | str | None = None) -> Inventory:
         raise ConfigError(sorted(issues, key=lambda i: (i.file, i.line)))
     assert sfile is not None and pfile is not None
     lines = {sdoc.name: sdoc.lines, **({pdoc.name: pdoc.lines} if pdoc else {})}
-    return Inventory(sfile.gpu, sfile.services, pfile.phases, base, lines)
+    return Inventory(sfile.gpu, sfile.services, pfile.phases, base, lines, sfile.leases)
 
 
 def _check_services(sfile: ServicesFile, sdoc: _Doc) -> list[ConfigIssue]:

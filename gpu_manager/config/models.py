@@ -77,6 +77,37 @@ class OllamaEvict(_Strict):
     timeout_s: float = Field(default=10.0, gt=0, le=300)
 
 
+class PauseConfig(_Strict):
+    """Cooperative pause: ask the service to offload its model instead of stopping it.
+
+    `redis`: the pub/sub protocol of the transcription service (interfaces.md §3);
+    `http`: POST `pause_url`, then POST `resume_url` when the GPU is released.
+    A pause not acknowledged within `ack_timeout_s` (and VRAM not freed within
+    `freed_timeout_s`) falls back to a stop.
+    """
+
+    strategy: Literal["pause"]
+    protocol: Literal["redis", "http"] = "redis"
+    redis_url: str | None = None  # default: the daemon's GPU_MANAGER_REDIS_URL
+    pause_channel: str = "transcription_pause"
+    paused_channel: str = "transcription_paused"
+    freed_channel: str = "vram_freed"
+    resume_channel: str = "transcription_resume"
+    owner_channel: str = "gpu_owner"
+    state_key: str = "gpu_state"
+    owner_name: str = "transcription"
+    pause_url: str | None = Field(default=None, pattern=r"^https?://")
+    resume_url: str | None = Field(default=None, pattern=r"^https?://")
+    ack_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    freed_timeout_s: float = Field(default=60.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _urls(self) -> PauseConfig:
+        if self.protocol == "http" and not (self.pause_url and self.resume_url):
+            raise ValueError("protocol 'http' needs pause_url and resume_url")
+        return self
+
+
 RestartPolicy = Literal["no", "on-failure", "always"]
 
 
@@ -89,6 +120,7 @@ class _ServiceBase(_Strict):
     preemptible: bool = True
     restart: RestartPolicy = "no"
     evict: OllamaEvict | None = None
+    preempt: PauseConfig | None = None
     description: str = ""
 
     @field_validator("restart", mode="before")
@@ -168,8 +200,24 @@ class DockerService(_ServiceBase):
 ServiceConfig = Annotated[NativeService | DockerService, Field(discriminator="type")]
 
 
+class LeaseConfig(_Strict):
+    """Clients (GPUClient, the legacy /gemma routes) holding VRAM for a while."""
+
+    # Client priorities mapped onto the services' scale: IMMEDIATE=1, BACKGROUND=2.
+    immediate_priority: int = 90
+    background_priority: int = 20
+    # A request without vram_mb takes the whole budget (exclusive use, as the old coordinator).
+    default_vram_mb: int | None = Field(default=None, ge=0)
+    default_ttl_s: float = Field(default=60.0, gt=0, le=86400)
+    max_ttl_s: float = Field(default=3600.0, gt=0, le=86400)
+    # The legacy wire form cannot renew or wait long: its client times out after 15 s.
+    legacy_ttl_s: float = Field(default=600.0, gt=0, le=86400)
+    legacy_wait_s: float = Field(default=10.0, ge=0, le=600)
+
+
 class ServicesFile(_Strict):
     gpu: GpuConfig = Field(default_factory=GpuConfig)
+    leases: LeaseConfig = Field(default_factory=LeaseConfig)
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
 
 

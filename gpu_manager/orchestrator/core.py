@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import httpx
 import psutil
 from loguru import logger
 
 from gpu_manager.config import Inventory
 from gpu_manager.lock import GpuLock, Lease, LockHeld, LockLost, LockUnavailable
+from gpu_manager.lock.keeper import LockKeeper
 from gpu_manager.orchestrator.operations import Operation, OperationError, OperationLog
 from gpu_manager.planner import (
     ObservedState,
@@ -27,12 +30,15 @@ from gpu_manager.planner import (
     PreparePhase,
     Refusal,
     Request,
+    ServiceSpec,
     StartService,
+    StopAll,
+    StopService,
     plan,
 )
 from gpu_manager.probe import DeviceSnapshot, Poller, Snapshot
 from gpu_manager.state_store import StateStore
-from gpu_manager.units import HOLDS_GPU, Event, EventBus, Unit
+from gpu_manager.units import HOLDS_GPU, Event, EventBus, Unit, strategies
 
 REFUSAL_CODES = {"unknown_service": "unknown_service", "unknown_phase": "unknown_phase",
                  "insufficient_vram": "insufficient_vram", "needed_by_phase": "needed_by_phase"}
@@ -45,6 +51,29 @@ class Releasing:
     pids: frozenset[int]
     mb: int
     since: float
+    # Evicted or paused: the process lives on, so only free memory is evidence.
+    must_exit: bool = True
+
+
+@dataclass
+class ClientLease:
+    """VRAM a client holds for a while: counted by the planner, never stopped by it."""
+
+    session_id: str
+    requester: str
+    priority: int
+    client_priority: int
+    vram_mb: int
+    ttl_s: float
+    expires: float  # time.monotonic()
+    legacy: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+    active: bool = False
+    acquired_at: float | None = None  # wall clock
+
+    @property
+    def name(self) -> str:
+        return f"lease:{self.session_id}"
 
 
 class Orchestrator:
@@ -66,8 +95,13 @@ class Orchestrator:
         self.current_phase: int | None = store.phase
         self.unit_pids: dict[str, list[int]] = {}
         self.releasing: dict[str, Releasing] = {}
+        self.leases: dict[str, ClientLease] = {}  # by name, pending and active
+        # Units that run but hold no VRAM: evicted (Ollama) or paused, by who made them so.
+        self.idle: dict[str, str] = {}
+        self.redis_url: str | None = None
+        self._http = httpx.AsyncClient(trust_env=False)
         self._serial = asyncio.Lock()
-        self._on_lock_change = on_lock_change or (lambda: None)
+        self.keeper = LockKeeper(lock, on_lock_change)
         self.transition_durations: list[tuple[str, str, float]] = []  # (kind, outcome, s)
         self.preemptions: dict[str, int] = {}
         self._last_stop_at = 0.0
@@ -108,7 +142,14 @@ class Orchestrator:
         gpu = self.inventory.gpu
         dev = self.device
         self._prune_releasing(dev)
-        running = {n: self.measured(n) for n, u in self.units.items() if u.state in HOLDS_GPU}
+        for name, kind in list(self.idle.items()):
+            mb = self.measured(name)
+            declared = self.inventory.services[name].vram_mb
+            if kind == "evicted" and mb is not None and mb > declared // 10:
+                del self.idle[name]  # it loaded a model again on its own: it holds VRAM
+        running = {n: self.measured(n) for n, u in self.units.items()
+                   if u.state in HOLDS_GPU and n not in self.idle}
+        running.update({n: None for n, lease in self.leases.items() if lease.active})
         total = dev.total_mb if dev is not None and dev.total_mb is not None else gpu.total_mb
         foreign = 0
         if dev is not None and dev.used_mb is not None:
@@ -117,9 +158,17 @@ class Orchestrator:
             foreign = max(0, dev.used_mb - managed - releasing)
         return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase)
 
+    def planner_inventory(self) -> PlannerInventory:
+        if not self.leases:
+            return self.pinv
+        services = dict(self.pinv.services)
+        for name, lease in self.leases.items():
+            services[name] = ServiceSpec(name, lease.vram_mb, lease.priority, preemptible=False)
+        return PlannerInventory(services, self.pinv.phases)
+
     async def dry_run(self, request: Request) -> Plan | Refusal:
         await self.refresh_pids()
-        return plan(self.pinv, self.observed(), request)
+        return plan(self.planner_inventory(), self.observed(), request)
 
     # -- execution ----------------------------------------------------------------------------
     async def execute(self, op: Operation) -> Operation:
@@ -155,11 +204,10 @@ class Orchestrator:
         return op
 
     async def _execute(self, op: Operation) -> None:
-        lease = await self.lock.acquire(op.label, self.lock_wait_s)
-        self._on_lock_change()
+        lease = await self.keeper.hold(op.label, self.lock_wait_s)
         try:
             await self.refresh_pids()
-            result = plan(self.pinv, self.observed(), op.request)
+            result = plan(self.planner_inventory(), self.observed(), op.request)
             if isinstance(result, Refusal):
                 extra = {} if result.code != "insufficient_vram" else {
                     "short_mb": result.short_mb,
@@ -175,7 +223,11 @@ class Orchestrator:
                 t0 = time.monotonic()
                 try:
                     if step.action == "stop":
-                        await self._stop(step.service, step.reason, step.preemption)
+                        # A stop the user asked for is a stop; one the plan needs for room may
+                        # use the service's gentler strategy (evict, pause).
+                        soft = not isinstance(op.request, StopService | StopAll)
+                        record.detail = await self._stop(step.service, step.reason,
+                                                         step.preemption, soft, op.label)
                     else:
                         record.reclaim_wait_s = await self._start(step.service, step.mb, lease)
                 except BaseException as exc:
@@ -195,27 +247,54 @@ class Orchestrator:
                 await self.poller.next_snapshot(timeout=2)
                 await self.refresh_pids()
         finally:
-            await lease.release()
-            self._on_lock_change()
+            await self.keeper.drop(op.label)
 
-    async def _stop(self, name: str, reason: str, preemption: bool) -> None:
+    async def _stop(self, name: str, reason: str, preemption: bool, soft: bool,
+                    requester: str) -> str | None:
+        """Free `name`'s VRAM: evict or pause it when configured and allowed, else stop it."""
         unit = self.units[name]
+        cfg = self.inventory.services[name]
         pids = frozenset(await unit.driver.pids())
-        mb = max(self.inventory.services[name].vram_mb, self.measured(name) or 0)
+        mb = max(cfg.vram_mb, self.measured(name) or 0)
+        detail = None
+        if preemption:
+            self.preemptions[name] = self.preemptions.get(name, 0) + 1
+        if soft and (cfg.evict is not None or cfg.preempt is not None):
+            if cfg.evict is not None:
+                ok, detail = await strategies.ollama_evict(cfg.evict, self._http)
+            else:
+                assert cfg.preempt is not None
+                ok, detail = await strategies.pause(cfg.preempt, self.redis_url, requester,
+                                                    requester, reason, self._http)
+            if ok:
+                self.idle[name] = "evicted" if cfg.evict is not None else "paused"
+                self.releasing[name] = Releasing(pids, mb, time.monotonic(), must_exit=False)
+                self._last_stop_at = time.monotonic()
+                self.bus.publish(Event(self.idle[name], name, {"detail": detail}))
+                return detail
+            logger.warning(f"{name}: {detail}; falling back to a stop")
+            detail = f"{detail}; stopped instead"
         result = await unit.stop(reason)
         if not result.ok:
             raise OperationError("stop_failed", f"could not stop {name}: {result.reason}",
                                  gpu_state=self.gpu_state())
+        self.idle.pop(name, None)
         self.releasing[name] = Releasing(pids, mb, time.monotonic())
         self._last_stop_at = time.monotonic()
         self.unit_pids.pop(name, None)
-        if preemption:
-            self.preemptions[name] = self.preemptions.get(name, 0) + 1
+        return detail
 
     async def _start(self, name: str, need_mb: int, lease: Lease) -> float:
         await lease.check()  # fencing: nobody took the lock since we did
         waited = await self._await_reclaim(name, need_mb)
         await lease.check()
+        client = self.leases.get(name)
+        if client is not None:  # a client lease: the VRAM is now theirs
+            client.active, client.acquired_at = True, time.time()
+            return waited
+        if name in self.idle:  # evicted/paused: it reloads its model on its own
+            await self._resume(name)
+            return waited
         result = await self.units[name].ensure_ready()
         if not result.ok:
             # The unit has already stopped what it launched; say where that leaves the GPU.
@@ -225,7 +304,7 @@ class Orchestrator:
 
     async def _await_reclaim(self, name: str, need_mb: int) -> float:
         reserve = self.inventory.gpu.reserve_mb
-        pending = frozenset().union(*(r.pids for r in self.releasing.values()))
+        pending = frozenset().union(*(r.pids for r in self.releasing.values() if r.must_exit))
 
         def reclaimed(snap: Snapshot) -> bool:
             # Only a snapshot taken after the last stop is evidence: an older one may predate
@@ -248,6 +327,16 @@ class Orchestrator:
             return 0.0
         async with self.poller.fast():
             snap = await self.poller.wait_until(reclaimed, self.reclaim_timeout_s)
+            soft = [n for n, r in self.releasing.items() if not r.must_exit and n in self.idle]
+            if snap is None and soft:
+                # Eviction/pause did not give the memory back: stop them, and say so.
+                for n in soft:
+                    logger.warning(f"{n}: VRAM not back after {self.idle[n]}; stopping it")
+                    await self._stop(n, f"{self.idle[n]} did not free its VRAM", False,
+                                     False, "reclaim")
+                pending = frozenset().union(*(r.pids for r in self.releasing.values()
+                                              if r.must_exit))
+                snap = await self.poller.wait_until(reclaimed, self.reclaim_timeout_s)
         if snap is None:
             dev = self.device
             free = dev.free_mb if dev is not None else None
@@ -261,7 +350,30 @@ class Orchestrator:
         return time.monotonic() - t0
 
     def gpu_state(self) -> dict[str, str]:
-        return {n: u.state.value for n, u in self.units.items()}
+        return {n: self.idle.get(n, u.state.value) for n, u in self.units.items()}
+
+    async def _resume(self, name: str) -> None:
+        cfg = self.inventory.services[name]
+        kind = self.idle.pop(name, None)
+        if kind == "paused" and cfg.preempt is not None:
+            ok, detail = await strategies.resume(cfg.preempt, self.redis_url, name, self._http)
+            self.bus.publish(Event("resumed", name, {"ok": ok, "detail": detail}))
+            if not ok:
+                logger.warning(f"{name}: {detail}")
+
+    async def resume_idle(self) -> None:
+        """Give the GPU back to paused services that fit again (after a release)."""
+        paused = [n for n, kind in self.idle.items() if kind == "paused"]
+        if not paused or self._serial.locked():
+            return
+        async with self._serial:
+            for name in paused:
+                result = plan(self.planner_inventory(), self.observed(), StartService(name))
+                if isinstance(result, Plan) and not result.stops:
+                    await self._resume(name)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
     # -- restart gate -------------------------------------------------------------------------
     async def restart_gate(self, name: str) -> bool:
@@ -273,8 +385,8 @@ class Orchestrator:
             return False
         async with self._serial:
             info = await self.lock.info()
-            if info.holder is not None:
-                return False
+            if info.holder is not None and not self.keeper.holders:
+                return False  # someone outside the daemon (legacy code) owns the GPU
             await self.refresh_pids()
-            result = plan(self.pinv, self.observed(), StartService(name))
+            result = plan(self.planner_inventory(), self.observed(), StartService(name))
             return isinstance(result, Plan) and not result.stops

@@ -1,0 +1,153 @@
+"""Client leases over HTTP: the newer coordinator protocol (/gpu/acquire, /gpu/release,
+/gpu/state) and the older one the existing GPUClient speaks (/gemma/request,
+/gemma/release/{task_id}, /status), byte-compatible with interfaces.md §3.
+
+These bodies follow that protocol (its `error` is a message), not our `{error, detail}` form.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpu_manager.api.status import vram
+from gpu_manager.daemon import Daemon
+
+SessionId = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class AcquireBody(BaseModel):
+    session_id: SessionId
+    requester: str = Field(min_length=1, max_length=200)
+    priority: Literal[1, 2] = 1
+    timeout_ms: int = Field(default=15_000, ge=0, le=600_000)
+    vram_mb: int | None = Field(default=None, ge=0)
+    ttl_s: float | None = Field(default=None, gt=0)
+    metadata: dict[str, Any] | None = None
+
+
+class ReleaseBody(BaseModel):
+    session_id: SessionId
+    requester: str | None = None
+    result: Any = None
+
+
+class RenewBody(BaseModel):
+    session_id: SessionId
+    requester: str | None = None
+
+
+class GemmaRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the old client sends chat fields we ignore
+    task_id: SessionId
+    messages: list[Any] = Field(default_factory=list)
+    context: list[Any] = Field(default_factory=list)
+    max_tokens: int = 0
+    temperature: float = 0.0
+
+
+def iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat() if ts is not None else None
+
+
+def engine_of(task_id: str) -> str:
+    match = re.fullmatch(r"ml-(.+)-[0-9a-f]{8}", task_id)
+    return match.group(1) if match else task_id
+
+
+def make_router(daemon: Daemon, auth: Any) -> APIRouter:
+    router = APIRouter(tags=["leases"])
+    deps = [Depends(auth)]
+
+    @router.post("/gpu/acquire", dependencies=deps)
+    async def acquire(body: AcquireBody) -> JSONResponse:
+        res = await daemon.leases.acquire(body.session_id, body.requester, body.priority,
+                                          body.timeout_ms, body.vram_mb, body.ttl_s,
+                                          body.metadata)
+        lease = res.lease
+        payload = {"success": lease is not None, "session_id": body.session_id,
+                   "acquired_at": iso(lease.acquired_at) if lease else None,
+                   "error": res.error, "wait_time_ms": res.wait_ms,
+                   "vram_mb": lease.vram_mb if lease else None,
+                   "ttl_s": lease.ttl_s if lease else None}
+        code = 200 if lease else 503 if res.code == "unavailable" else 409
+        return JSONResponse(payload, status_code=code)
+
+    @router.post("/gpu/release", dependencies=deps)
+    async def release(body: ReleaseBody) -> JSONResponse:
+        lease = await daemon.leases.release(body.session_id)
+        now = time.time()
+        if lease is None:
+            return JSONResponse({"success": False, "session_id": body.session_id,
+                                 "released_at": None, "session_duration_ms": None,
+                                 "error": "no such active session"}, status_code=404)
+        held_ms = int((now - (lease.acquired_at or now)) * 1000)
+        return JSONResponse({"success": True, "session_id": body.session_id,
+                             "released_at": iso(now), "session_duration_ms": held_ms})
+
+    @router.post("/gpu/renew", dependencies=deps)
+    async def renew(body: RenewBody) -> JSONResponse:
+        lease = daemon.leases.renew(body.session_id)
+        if lease is None:
+            return JSONResponse({"success": False, "session_id": body.session_id,
+                                 "error": "no such active session (expired?)"}, status_code=404)
+        return JSONResponse({"success": True, "session_id": body.session_id,
+                             "expires_in_s": lease.ttl_s})
+
+    @router.get("/gpu/state")
+    async def state() -> dict[str, Any]:
+        leases = daemon.leases.active
+        first = leases[0] if leases else None
+        info = daemon.lock_info
+        return {
+            "owner": first.requester if first else None,
+            "session_id": first.session_id if first else None,
+            "requester": first.requester if first else None,
+            "acquired_at": iso(first.acquired_at) if first else None,
+            "state": "acquired" if first else "idle",
+            "redis_connected": info.ok if info.backend == "redis" else False,
+            "leases": [{"session_id": x.session_id, "requester": x.requester,
+                        "priority": x.client_priority, "vram_mb": x.vram_mb,
+                        "acquired_at": iso(x.acquired_at),
+                        "expires_in_s": round(x.expires - time.monotonic(), 1)}
+                       for x in leases],
+        }
+
+    @router.post("/gemma/request", dependencies=deps)
+    async def gemma_request(body: GemmaRequest, x_service_id: Annotated[
+            str | None, Header()] = None) -> JSONResponse:
+        requester = x_service_id or engine_of(body.task_id)
+        cfg = daemon.inventory.leases
+        res = await daemon.leases.acquire(body.task_id, requester, 1,
+                                          int(cfg.legacy_wait_s * 1000), legacy=True)
+        if res.lease is None:
+            return JSONResponse({"task_id": body.task_id, "status": "failed",
+                                 "message": res.error},
+                                status_code=503 if res.code == "unavailable" else 409)
+        return JSONResponse({"task_id": body.task_id, "status": "gpu_acquired",
+                             "message": f"GPU acquired for {requester} "
+                                        f"({res.lease.vram_mb} MB, waited {res.wait_ms} ms)"})
+
+    @router.post("/gemma/release/{task_id}", dependencies=deps)
+    async def gemma_release(task_id: str) -> JSONResponse:
+        lease = await daemon.leases.release(task_id)
+        if lease is None:
+            return JSONResponse({"status": "not_found", "task_id": task_id}, status_code=404)
+        return JSONResponse({"status": "released", "task_id": task_id})
+
+    @router.get("/status")
+    async def legacy_status() -> dict[str, Any]:
+        leases = daemon.leases.active
+        v = vram(daemon)
+        return {"status": "healthy", "gpu_available": not leases,
+                "current_owner": leases[0].requester if leases else None,
+                "active_sessions": [x.session_id for x in leases],
+                "vram": {k: v[k] for k in ("total_mb", "used_mb", "free_mb", "available_mb")}}
+
+    return router

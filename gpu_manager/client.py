@@ -1,0 +1,251 @@
+"""`GPUClient`: how an ML service asks gpu-manager for the GPU (interfaces.md §3).
+
+Drop-in for the existing client: same names, same behaviour (it never raises from
+`request_gpu`; it falls back to the CPU when the coordinator is unreachable or says no), plus
+it sends the priority and VRAM it needs, and renews its lease while held. Against an old
+coordinator without `/gpu/acquire` it speaks the older `/gemma/request` form.
+
+    from gpu_manager.client import GPURequestPriority, get_gpu_client
+
+    client = get_gpu_client()
+    async with client.gpu_context("ctgan", GPURequestPriority.BACKGROUND) as on_gpu:
+        device = "cuda" if on_gpu else "cpu"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import httpx
+from loguru import logger
+
+DEFAULT_URL = "http://gpu-coordinator:8002"
+
+
+class GPURequestPriority(IntEnum):
+    IMMEDIATE = 1
+    BACKGROUND = 2
+
+
+class GPUClientError(Exception):
+    pass
+
+
+class GPUAcquisitionTimeout(GPUClientError):
+    pass
+
+
+class GPUCoordinatorUnavailable(GPUClientError):
+    pass
+
+
+@dataclass
+class GPUAcquisitionResult:
+    acquired: bool
+    task_id: str | None = None
+    error: str | None = None
+    acquisition_time_ms: float = 0.0
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+class GPUClient:
+    def __init__(self, coordinator_url: str | None = None, timeout_seconds: float | None = None,
+                 retry_attempts: int = 2, fallback_to_cpu: bool | None = None,
+                 service_auth: str | None = None, *, vram_mb: int | None = None,
+                 ttl_s: float = 60.0, service_id: str | None = None) -> None:
+        self.coordinator_url = (coordinator_url or os.environ.get("GPU_COORDINATOR_URL")
+                                or DEFAULT_URL).rstrip("/")
+        self.timeout_seconds = (timeout_seconds if timeout_seconds is not None
+                                else float(os.environ.get("GPU_REQUEST_TIMEOUT", "15")))
+        self.retry_attempts = retry_attempts
+        self.fallback_to_cpu = (fallback_to_cpu if fallback_to_cpu is not None
+                                else _env_bool("GPU_FALLBACK_TO_CPU", True))
+        self.enabled = _env_bool("GPU_ENABLED", True)
+        self.service_auth = service_auth
+        self.vram_mb = vram_mb
+        self.ttl_s = ttl_s
+        self.service_id = service_id or os.environ.get("SERVICE_NAME", "ml-service")
+        self._task_id: str | None = None
+        self._legacy = False
+        self._renewer: asyncio.Task[None] | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def is_acquired(self) -> bool:
+        return self._task_id is not None
+
+    @property
+    def current_task_id(self) -> str | None:
+        return self._task_id
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            headers = {"X-Service-ID": self.service_id, "X-Request-Source": "gpu-client"}
+            if self.service_auth:
+                headers["X-Service-Token"] = self.service_auth
+            self._http = httpx.AsyncClient(base_url=self.coordinator_url, headers=headers,
+                                           timeout=self.timeout_seconds + 5, trust_env=False)
+        return self._http
+
+    # -- acquire / release --------------------------------------------------------------------
+    async def request_gpu(self, engine_name: str,
+                          priority: GPURequestPriority = GPURequestPriority.IMMEDIATE
+                          ) -> GPUAcquisitionResult:
+        """Ask for the GPU; never raises. `acquired=False` (with why) means: use the CPU."""
+        t0 = time.monotonic()
+        if not self.enabled:
+            return GPUAcquisitionResult(False, None, "GPU disabled (GPU_ENABLED=false)")
+        if self.is_acquired:
+            return GPUAcquisitionResult(True, self._task_id, None, 0.0)
+        task_id = f"ml-{engine_name}-{secrets.token_hex(4)}"
+        error = "no attempt made"
+        for attempt in range(self.retry_attempts + 1):
+            try:
+                ok, error = await self._acquire(task_id, engine_name, int(priority))
+            except httpx.TransportError as exc:
+                error = f"coordinator unreachable at {self.coordinator_url}: {exc}"
+                if attempt < self.retry_attempts:
+                    await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            except Exception as exc:  # never raise from request_gpu
+                error = f"{type(exc).__name__}: {exc}"
+                break
+            if ok:
+                self._task_id = task_id
+                self._renewer = asyncio.create_task(self._renew_loop(task_id))
+                return GPUAcquisitionResult(True, task_id, None, (time.monotonic() - t0) * 1000)
+            break  # the coordinator answered no: retrying would only wait longer
+        if self.fallback_to_cpu:
+            logger.info(f"GPU not acquired for {engine_name} ({error}); using the CPU")
+        return GPUAcquisitionResult(False, None, error, (time.monotonic() - t0) * 1000)
+
+    async def _acquire(self, task_id: str, engine: str, priority: int) -> tuple[bool, str]:
+        http = self._client()
+        if not self._legacy:
+            body: dict[str, Any] = {
+                "session_id": task_id, "requester": engine, "priority": priority,
+                "timeout_ms": int(self.timeout_seconds * 1000), "ttl_s": self.ttl_s,
+                "metadata": {"service": self.service_id}}
+            if self.vram_mb is not None:
+                body["vram_mb"] = self.vram_mb
+            resp = await http.post("/gpu/acquire", json=body)
+            if resp.status_code not in (404, 405):
+                data = resp.json()
+                return bool(data.get("success")), str(data.get("error") or resp.status_code)
+            self._legacy = True  # an older coordinator: speak its form from now on
+        resp = await http.post("/gemma/request", json={
+            "task_id": task_id, "messages": [], "context": [], "max_tokens": 0,
+            "temperature": 0.0})
+        if resp.status_code == 200:
+            return True, ""
+        try:
+            return False, str(resp.json().get("message") or resp.status_code)
+        except ValueError:
+            return False, f"HTTP {resp.status_code}"
+
+    async def _renew_loop(self, task_id: str) -> None:
+        if self._legacy:
+            return  # the old protocol has no renewal
+        while True:
+            await asyncio.sleep(max(self.ttl_s / 3, 0.1))
+            try:
+                resp = await self._client().post("/gpu/renew", json={
+                    "session_id": task_id, "requester": self.service_id})
+                if resp.status_code == 404:
+                    logger.warning(f"GPU lease {task_id} is gone (expired or taken back)")
+                    self._task_id = None
+                    return
+            except httpx.HTTPError as exc:
+                logger.warning(f"GPU lease renewal failed, retrying: {exc}")
+
+    async def release_gpu(self) -> bool:
+        task_id, self._task_id = self._task_id, None
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        if task_id is None:
+            return False
+        try:
+            if self._legacy:
+                resp = await self._client().post(f"/gemma/release/{task_id}", json={})
+            else:
+                resp = await self._client().post("/gpu/release", json={
+                    "session_id": task_id, "requester": self.service_id})
+        except httpx.HTTPError as exc:
+            logger.warning(f"GPU release failed (the lease expires by its TTL): {exc}")
+            return False
+        return resp.status_code == 200
+
+    @contextlib.asynccontextmanager
+    async def gpu_context(self, engine_name: str,
+                          priority: GPURequestPriority = GPURequestPriority.IMMEDIATE
+                          ) -> AsyncIterator[bool]:
+        result = await self.request_gpu(engine_name, priority)
+        try:
+            yield result.acquired
+        finally:
+            if result.acquired:
+                await self.release_gpu()
+
+    # -- health and status --------------------------------------------------------------------
+    async def check_coordinator_health(self) -> bool:
+        try:
+            return (await self._client().get("/health")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def get_gpu_status(self) -> dict[str, Any]:
+        try:
+            resp = await self._client().get("/status")
+            data: dict[str, Any] = resp.json()
+            return data
+        except (httpx.HTTPError, ValueError) as exc:
+            raise GPUCoordinatorUnavailable(f"cannot read {self.coordinator_url}/status: {exc}"
+                                            ) from exc
+
+    async def close(self) -> None:
+        if self.is_acquired:
+            await self.release_gpu()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+
+_client: GPUClient | None = None
+
+
+def get_gpu_client(service_auth: str | None = None) -> GPUClient:
+    global _client  # noqa: PLW0603 - the interface is a module-level singleton
+    if _client is None:
+        _client = GPUClient(service_auth=service_auth)
+    return _client
+
+
+async def init_gpu_client(service_auth: str | None = None) -> GPUClient:
+    client = get_gpu_client(service_auth)
+    if not await client.check_coordinator_health():
+        logger.warning(f"GPU coordinator at {client.coordinator_url} is not answering; "
+                       "GPU requests will fall back to the CPU")
+    return client
+
+
+async def shutdown_gpu_client() -> None:
+    global _client  # noqa: PLW0603 - the interface is a module-level singleton
+    if _client is not None:
+        await _client.close()
+        _client = None

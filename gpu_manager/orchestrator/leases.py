@@ -1,0 +1,179 @@
+"""Client leases: a client holds N MB (or the whole GPU) for a while.
+
+A lease is VRAM the planner counts like a running service that it may never stop; acquiring
+one is a start, so it may preempt lower-priority services. Requests wait up to their timeout
+in a fair queue: by priority, then arrival, and only the head of the queue is tried, so a
+stream of small requests cannot starve a large, more important one. A lease expires after its
+TTL unless renewed, so a crashed client cannot hold the GPU forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+
+from gpu_manager.config import LeaseConfig
+from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
+from gpu_manager.orchestrator.core import ClientLease, Orchestrator
+from gpu_manager.orchestrator.operations import Operation, OperationError
+from gpu_manager.planner import Plan, StartService
+from gpu_manager.units import Event
+
+RETRY_S = 0.5  # re-try the head of the queue at least this often (foreign usage may drop)
+
+
+@dataclass(order=True)
+class _Waiter:
+    key: tuple[int, int]
+    session_id: str = field(compare=False)
+
+
+@dataclass(frozen=True)
+class AcquireResult:
+    lease: ClientLease | None
+    error: str | None
+    wait_ms: int
+    code: str = "ok"  # ok, timeout, unavailable, invalid
+
+
+class LeaseManager:
+    def __init__(self, orch: Orchestrator, cfg: LeaseConfig) -> None:
+        self.orch = orch
+        self.cfg = cfg
+        self._queue: list[_Waiter] = []
+        self._seq = itertools.count()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> list[ClientLease]:
+        return [lease for lease in self.orch.leases.values() if lease.active]
+
+    def get(self, session_id: str) -> ClientLease | None:
+        lease = self.orch.leases.get(f"lease:{session_id}")
+        return lease if lease is not None and lease.active else None
+
+    def scale(self, client_priority: int) -> int:
+        return self.cfg.immediate_priority if client_priority == 1 else self.cfg.background_priority
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._expire_loop(), name="lease-expiry")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    async def acquire(self, session_id: str, requester: str, client_priority: int,
+                      timeout_ms: int, vram_mb: int | None = None, ttl_s: float | None = None,
+                      metadata: dict[str, Any] | None = None,
+                      legacy: bool = False) -> AcquireResult:
+        t0 = time.monotonic()
+        existing = self.get(session_id)
+        if existing is not None:  # a retry of a request that already succeeded: idempotent
+            self.renew(session_id)
+            return AcquireResult(existing, None, 0)
+        budget = self.orch.observed().total_mb - self.orch.inventory.gpu.reserve_mb
+        mb = vram_mb if vram_mb is not None else self.cfg.default_vram_mb
+        mb = budget if mb is None else mb
+        ttl = min(ttl_s or (self.cfg.legacy_ttl_s if legacy else self.cfg.default_ttl_s),
+                  self.cfg.max_ttl_s)
+        lease = ClientLease(session_id, requester, self.scale(client_priority), client_priority,
+                            mb, ttl, 0.0, legacy, dict(metadata or {}))
+        waiter = _Waiter((-lease.priority, next(self._seq)), session_id)
+        self._queue.append(waiter)
+        self._queue.sort()
+        deadline = t0 + timeout_ms / 1000
+        last = "waiting for the GPU"
+        try:
+            while True:
+                if self._queue[0] is waiter:
+                    outcome = await self._try(lease)
+                    if outcome is None:
+                        lease.expires = time.monotonic() + lease.ttl_s
+                        self.orch.bus.publish(Event("lease", None, {
+                            "session_id": session_id, "requester": requester,
+                            "status": "acquired", "vram_mb": mb}))
+                        return AcquireResult(lease, None, int((time.monotonic() - t0) * 1000))
+                    code, last = outcome
+                    if code == "unavailable":
+                        return AcquireResult(None, last, self._ms(t0), "unavailable")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return AcquireResult(None, f"timed out after {timeout_ms} ms: {last}",
+                                         self._ms(t0), "timeout")
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(left, RETRY_S))
+        finally:
+            self._queue.remove(waiter)
+            self._notify()
+
+    @staticmethod
+    def _ms(t0: float) -> int:
+        return int((time.monotonic() - t0) * 1000)
+
+    async def _try(self, lease: ClientLease) -> tuple[str, str] | None:
+        """Grant `lease` now if a plan allows it; else (code, why not)."""
+        orch = self.orch
+        orch.leases[lease.name] = lease  # pending: the planner sees its size and priority
+        held = False
+        try:
+            plan = await orch.dry_run(StartService(lease.name))
+            if not isinstance(plan, Plan):
+                return "refused", plan.message
+            # The daemon owns the GPU lock for as long as the lease is held, so legacy code
+            # taking gpu_mutex sees the GPU as owned; taken before the transition, kept after.
+            await orch.keeper.hold(lease.name)
+            held = True
+            await orch.execute(Operation(StartService(lease.name)))
+        except OperationError as exc:
+            return "refused", exc.detail
+        except LockHeld as exc:
+            return "refused", str(exc)
+        except (LockUnavailable, LockLost) as exc:
+            return "unavailable", str(exc)
+        finally:
+            if not lease.active:
+                orch.leases.pop(lease.name, None)
+                if held:
+                    await orch.keeper.drop(lease.name)
+        return None
+
+    def renew(self, session_id: str) -> ClientLease | None:
+        lease = self.get(session_id)
+        if lease is not None:
+            lease.expires = time.monotonic() + lease.ttl_s
+        return lease
+
+    async def release(self, session_id: str, why: str = "released") -> ClientLease | None:
+        lease = self.orch.leases.pop(f"lease:{session_id}", None)
+        if lease is None or not lease.active:
+            return None
+        lease.active = False
+        await self.orch.keeper.drop(lease.name)
+        self.orch.bus.publish(Event("lease", None, {"session_id": session_id,
+                                                    "requester": lease.requester,
+                                                    "status": why}))
+        self._notify()
+        await self.orch.resume_idle()
+        return lease
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for lease in [x for x in self.orch.leases.values() if x.active and x.expires < now]:
+                logger.warning(f"lease {lease.session_id} of {lease.requester} expired after "
+                               f"{lease.ttl_s:g}s without renewal; taking the GPU back")
+                await self.release(lease.session_id, "expired")
