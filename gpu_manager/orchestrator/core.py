@@ -163,7 +163,8 @@ class Orchestrator:
             return self.pinv
         services = dict(self.pinv.services)
         for name, lease in self.leases.items():
-            services[name] = ServiceSpec(name, lease.vram_mb, lease.priority, preemptible=False)
+            services[name] = ServiceSpec(name, lease.vram_mb, lease.priority, preemptible=False,
+                                         stoppable=False)
         return PlannerInventory(services, self.pinv.phases)
 
     async def dry_run(self, request: Request) -> Plan | Refusal:
@@ -227,7 +228,8 @@ class Orchestrator:
                         # use the service's gentler strategy (evict, pause).
                         soft = not isinstance(op.request, StopService | StopAll)
                         record.detail = await self._stop(step.service, step.reason,
-                                                         step.preemption, soft, op.label)
+                                                         step.preemption, soft,
+                                                         self._owner(op.request))
                     else:
                         record.reclaim_wait_s = await self._start(step.service, step.mb, lease)
                 except BaseException as exc:
@@ -348,6 +350,15 @@ class Orchestrator:
                 gpu_state=self.gpu_state())
         self._prune_releasing(snap.device(self.inventory.gpu.device))
         return time.monotonic() - t0
+
+    def _owner(self, request: Request) -> str:
+        """Who the GPU goes to, as the pause protocol names it (`gpu_owner`, `gpu_state`)."""
+        if isinstance(request, StartService):
+            lease = self.leases.get(request.name)
+            return lease.requester if lease is not None else request.name
+        if isinstance(request, PreparePhase):
+            return f"phase {request.phase}"
+        return "gpu-manager"
 
     def gpu_state(self) -> dict[str, str]:
         return {n: self.idle.get(n, u.state.value) for n, u in self.units.items()}

@@ -44,7 +44,8 @@ def plan(inv: PlannerInventory, state: ObservedState, request: Request) -> Plan 
         case PreparePhase():
             return _plan_phase(inv, state, request)
         case StopAll():
-            victims = [n for n in state.running if n in inv.services]
+            victims = [n for n in state.running
+                       if n in inv.services and inv.services[n].stoppable]
             steps = [_stop(inv, state, n, "release all") for n in _stop_order(inv, state, victims)]
             return _finish(inv, state, request, steps)
 
@@ -141,7 +142,7 @@ def _finish(
 
 
 def _unknown_service(inv: PlannerInventory, request: Request, name: str) -> Refusal:
-    known = ", ".join(sorted(inv.services)) or "(none)"
+    known = ", ".join(sorted(n for n, s in inv.services.items() if s.stoppable)) or "(none)"
     return Refusal(request, "unknown_service", f"unknown service {name!r} (known: {known})")
 
 
@@ -156,6 +157,8 @@ def _candidates(
         spec = inv.services.get(n)
         if spec is None:
             blockers.append(Blocker(n, mb, "not in the inventory"))
+        elif not spec.stoppable:
+            blockers.append(Blocker(n, mb, "held by a client"))
         elif not spec.preemptible:
             blockers.append(Blocker(n, mb, "not preemptible"))
         elif below is not None and spec.priority >= below:
@@ -211,7 +214,7 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
 
 
 def _plan_stop(inv: PlannerInventory, state: ObservedState, req: StopService) -> Plan | Refusal:
-    if req.name not in inv.services:
+    if req.name not in inv.services or not inv.services[req.name].stoppable:
         return _unknown_service(inv, req, req.name)
     if req.name not in state.running:
         return _finish(inv, state, req, [])
@@ -234,7 +237,7 @@ def _plan_phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) 
     label = f"phase {phase.number}" + (f" ({phase.name})" if phase.name else "")
     wanted = set(phase.services)
     keep = set(phase.keep)
-    managed = [n for n in state.running if n in inv.services]
+    managed = [n for n in state.running if n in inv.services and inv.services[n].stoppable]
     unlisted = [n for n in managed if n not in wanted and n not in keep]
     steps = [_stop(inv, state, n, f"not in {label}") for n in _stop_order(inv, state, unlisted)]
     to_start = [n for n in phase.services if n not in state.running]
@@ -250,6 +253,9 @@ def _plan_phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) 
                      for n in state.running if n in wanted]
         blockers += [Blocker(n, usage_mb(inv, state, n), "not in the inventory")
                      for n in state.running if n not in inv.services]
+        blockers += [Blocker(n, usage_mb(inv, state, n), "held by a client")
+                     for n in state.running
+                     if n in inv.services and not inv.services[n].stoppable]
         what = f"{label}: " + ", ".join(to_start) if to_start else label
         return _insufficient(state, req, what, need, short, blockers)
     steps += [_stop(inv, state, v, f"kept by {label} but does not fit beside it", preemption=True)

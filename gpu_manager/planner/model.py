@@ -16,6 +16,8 @@ class ServiceSpec:
     vram_mb: int
     priority: int = 0
     preemptible: bool = True
+    # False for client leases: VRAM a plan counts but never stops (only the client frees it).
+    stoppable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
