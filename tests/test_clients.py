@@ -296,3 +296,20 @@ async def test_pause_and_resume_around_an_immediate_acquire(
         await c.close()
         pubsub.close()
         d.close()
+
+
+def test_old_import_style_works_with_the_package(monkeypatch: pytest.MonkeyPatch,
+                                                 redis_server: RedisServer) -> None:
+    # Old code that did `import gpu_manager; gpu_manager.get_gpu_manager()` against the old
+    # file keeps working with this package installed in its place.
+    import gpu_manager
+
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    mgr = gpu_manager.get_gpu_manager()
+    assert isinstance(mgr, gpu_manager.GPUManager)
+    assert mgr.try_acquire_gpu("vidi", timeout=5)
+    assert mgr.get_current_holder() == "vidi"
+    assert mgr.release_gpu("comfyui") is False  # not the holder: untouched
+    assert mgr.release_gpu("vidi") is True
+    with pytest.raises(AttributeError):
+        _ = gpu_manager.no_such_name

@@ -1,0 +1,1 @@
+../compat/gpu_manager.py
