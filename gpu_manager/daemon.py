@@ -14,10 +14,11 @@ from typing import Any
 
 from loguru import logger
 
-from gpu_manager.config import Inventory, load_inventory
+from gpu_manager.config import DockerService, Inventory, load_inventory
 from gpu_manager.lock import GpuLock, LockInfo, make_lock
 from gpu_manager.orchestrator import Orchestrator
 from gpu_manager.orchestrator.leases import LeaseManager
+from gpu_manager.orchestrator.operations import interrupted
 from gpu_manager.paths import SIM_DIR_ENV, sim_dir
 from gpu_manager.probe import DeclaredProbe, Poller, make_poller, make_probe
 from gpu_manager.settings import Settings
@@ -29,6 +30,7 @@ from gpu_manager.units import (
     Unit,
     make_driver,
 )
+from gpu_manager.units.drivers.native import OWNER_ENV, find_launched, kill_group
 
 LOCK_INFO_EVERY_S = 0.25
 PIDS_EVERY_S = 1.0
@@ -53,6 +55,7 @@ class Daemon:
         self.health = HealthChecker()
         self.docker = DockerEngine()
         self.probe_error: str | None = None
+        self.owner = str(settings.state_dir.resolve())
         self.accepting = True
 
     async def start(self) -> None:
@@ -65,7 +68,7 @@ class Daemon:
         self.poller = make_poller(inv.gpu, probe)
         await self.poller.start()
         self.lock = make_lock(s.redis_url, s.lock_key, s.lock_ttl_ms)
-        env = {SIM_DIR_ENV: str(self.sim_dir)}
+        env = {SIM_DIR_ENV: str(self.sim_dir), OWNER_ENV: self.owner}
         self.orchestrator = Orchestrator(
             inv, self.units, self.poller, self.lock, self.bus, self.store,
             lock_wait_s=s.lock_wait_s, reclaim_timeout_s=s.reclaim_timeout_s,
@@ -89,22 +92,44 @@ class Daemon:
                     f"probe {self.poller.latest.source}")
 
     async def _adopt(self) -> None:
-        for name, record in list(self.store.units.items()):
-            unit = self.units.get(name)
-            if unit is None:
-                logger.warning(f"state names {name!r}, which is no longer in the inventory; "
-                               "leaving it alone")
-                continue
-            try:
-                adopted = await unit.adopt(record)
-            except Exception as exc:  # e.g. the Docker engine is down
-                logger.error(f"{name}: cannot check whether it still runs: {exc}")
-                continue
-            if adopted:
-                logger.info(f"{name}: adopted {record}")
-            else:
+        """Rebuild the view from the record and from reality, after a restart or a crash.
+
+        A unit is adopted from its record, else from what is found running: a process this
+        daemon's state dir launched (it may have died before recording it), or the named
+        container. A second live copy of a service is killed, so none is left unaccounted.
+        """
+        for op_id, data in list(self.store.operations.items()):
+            self.orchestrator.ops.add(interrupted(data))
+            self.store.set_operation(op_id, None)
+            logger.warning(f"operation {op_id} ({data.get('request')}) was interrupted by a "
+                           "daemon stop; its services are re-adopted below")
+        launched = await asyncio.to_thread(find_launched, self.owner)
+        for name in sorted(set(self.store.units) - set(self.units)):
+            logger.warning(f"state names {name!r}, no longer in the inventory; left alone")
+        for name, unit in self.units.items():
+            candidates = [r for r in (self.store.units.get(name),) if r]
+            candidates += launched.get(name, [])
+            if isinstance(unit.cfg, DockerService):
+                candidates.append({"kind": "docker", "id": unit.cfg.container.lstrip("/")})
+            adopted: dict[str, Any] | None = None
+            for record in candidates:
+                try:
+                    if await unit.adopt(record):
+                        adopted = record
+                        break
+                except Exception as exc:  # e.g. the Docker engine is down
+                    logger.error(f"{name}: cannot check whether it still runs: {exc}")
+                    break
+            if adopted is not None:
+                logger.info(f"{name}: adopted {adopted}")
+            elif name in self.store.units:
                 logger.info(f"{name}: recorded as running but gone; marking stopped")
                 self.store.set_unit(name, None)
+            token = adopted.get("token") if adopted else None
+            for stray in launched.get(name, []):
+                if stray["token"] != token:
+                    logger.warning(f"{name}: killing a second copy (pid {stray['pid']})")
+                    await asyncio.to_thread(kill_group, stray)
 
     async def stop(self) -> None:
         self.accepting = False
@@ -116,6 +141,7 @@ class Daemon:
         for unit in self.units.values():
             await unit.close()
         await self.leases.close()
+        await self.orchestrator.keeper.release_all()  # leases do not survive the daemon
         await self.orchestrator.aclose()
         await self.poller.stop()
         await self.lock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,8 @@ class Settings(BaseSettings):
     # After stopping services, how long to wait for their VRAM to come back.
     reclaim_timeout_s: float = Field(default=30.0, gt=0)
     log_level: str = "INFO"
+    # On SIGTERM/SIGINT: leave managed services running for the next daemon to adopt, or stop.
+    on_shutdown: Literal["leave", "stop"] = "leave"
 
     @property
     def loopback(self) -> bool:

@@ -38,10 +38,15 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await daemon.start()
         yield
+        # Graceful shutdown: refuse new mutations, let the transition in flight finish
+        # (bounded), optionally stop the services, release the GPU lock.
         daemon.accepting = False
-        for task in list(background):  # let transitions in flight finish, bounded
+        for task in list(background):
             with contextlib.suppress(Exception, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), 30)
+        if settings.on_shutdown == "stop":
+            with contextlib.suppress(Exception):
+                await daemon.orchestrator.execute(Operation(StopAll()))
         await daemon.stop()
 
     app = FastAPI(title="gpu-manager", version=__version__, lifespan=lifespan,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +10,7 @@ from loguru import logger
 
 from gpu_manager.cli.common import ConfigDirOpt, app, err
 from gpu_manager.config import ConfigError, load_inventory
+from gpu_manager.logs import setup as setup_logs
 from gpu_manager.settings import Settings
 
 
@@ -37,13 +37,14 @@ def serve(
         for issue in exc.issues:
             err.print(str(issue), markup=False, highlight=False)
         raise typer.Exit(1) from None
-    logger.remove()
-    logger.add(sys.stderr, level=settings.log_level.upper())
+    log_file = setup_logs(settings.state_dir, settings.log_level)
+    logger.info(f"logging JSON lines to {log_file}")
     # The web stack and drivers load only to serve, so client verbs start fast.
     from gpu_manager.api.app import create_app  # noqa: PLC0415
 
     app_ = create_app(settings, inventory)
     import uvicorn  # noqa: PLC0415
 
+    # Bounded graceful shutdown: in-flight transitions get this long to finish.
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level="warning",
-                lifespan="on", access_log=False)
+                lifespan="on", access_log=False, timeout_graceful_shutdown=30)

@@ -44,6 +44,14 @@ class LockKeeper:
                 await lease.release()
                 self._on_change()
 
+    async def release_all(self) -> None:
+        async with self._mutex:
+            self._holders.clear()
+            if self._lease is not None:
+                lease, self._lease = self._lease, None
+                await lease.release()
+                self._on_change()
+
     async def held(self, label: str) -> bool:
         return label in self._holders and self._lease is not None and not self._lease.is_lost()
 

@@ -200,8 +200,9 @@ class Orchestrator:
                 self.store.set_operation(op.id, None)
                 self.bus.publish(Event("operation", None, op.as_dict()))
                 why = f" ({op.error})" if op.error else ""
-                logger.info(f"operation {op.label}: {op.status} in "
-                            f"{time.monotonic() - t0:.3f}s{why}")
+                took = time.monotonic() - t0
+                logger.bind(op=op.id, status=op.status, duration_s=took).info(
+                    f"operation {op.label}: {op.status} in {took:.3f}s{why}")
         return op
 
     async def _execute(self, op: Operation) -> None:
@@ -240,6 +241,11 @@ class Orchestrator:
                     record.duration_s = time.monotonic() - t0
                 if record.status != "failed":
                     record.status = "done"
+                logger.bind(service=step.service, op=op.id, action=step.action,
+                            reason=step.reason, duration_s=record.duration_s,
+                            preemption=step.preemption).info(
+                    f"{step.action} {step.service} done in {record.duration_s:.3f}s "
+                    f"({step.reason})" + (f"; {record.detail}" if record.detail else ""))
                 self.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
             if isinstance(op.request, PreparePhase):
                 self.current_phase = op.request.phase

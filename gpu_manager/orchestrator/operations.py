@@ -89,6 +89,29 @@ class Operation:
         }
 
 
+def interrupted(data: dict[str, Any]) -> Operation:
+    """An operation a previous daemon had in flight when it died, as the record left it."""
+    from gpu_manager.planner import PreparePhase, StartService, StopAll, StopService  # noqa: PLC0415
+
+    req = data.get("request") or {}
+    kinds: dict[str, Any] = {
+        "PreparePhase": lambda: PreparePhase(int(req["phase"])),
+        "StartService": lambda: StartService(str(req["name"])),
+        "StopService": lambda: StopService(str(req["name"]), bool(req.get("force"))),
+        "StopAll": StopAll,
+    }
+    op = Operation(kinds.get(str(req.get("kind")), StopAll)(), id=str(data.get("id")))
+    op.created_at = float(data.get("created_at") or time.time())
+    op.started_at = data.get("started_at")
+    op.steps = [StepRecord(**{k: v for k, v in s.items() if k in StepRecord.__dataclass_fields__})
+                for s in data.get("steps") or []]
+    op.finish("interrupted", {
+        "error": "interrupted",
+        "detail": "the daemon stopped (crash or kill) during this operation; at restart the "
+                  "GPU state was rebuilt from the processes and containers found running"})
+    return op
+
+
 class OperationLog:
     """The last `keep` operations, by id."""
 

@@ -136,7 +136,8 @@ class Unit:
         self._bus.publish(Event("state", self.name, {
             "state": state.value, "previous": prev.value, "reason": reason,
         }))
-        logger.info(f"{self.name}: {prev.value} -> {state.value} ({reason})")
+        logger.bind(service=self.name, state=state.value, previous=prev.value,
+                    reason=reason).info(f"{prev.value} -> {state.value} ({reason})")
 
     def _spawn(self, key: str, coro: Coroutine[Any, Any, None]) -> None:
         old = self._tasks.pop(key, None)

@@ -35,6 +35,9 @@ from gpu_manager.config import NativeService
 from gpu_manager.units.drivers.base import DriverError, ExitInfo
 
 MARKER_ENV = "GPU_MANAGER_UNIT"
+# The daemon that launched a process (its state dir), so a restarted daemon can find what it
+# launched but had not yet recorded when it died.
+OWNER_ENV = "GPU_MANAGER_OWNER"
 PYTHON_TOKEN = "{python}"  # in a command: the daemon's own interpreter
 
 
@@ -70,6 +73,35 @@ def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proces
         if not alive or time.monotonic() >= deadline:
             return alive
         time.sleep(0.005)
+
+
+def find_launched(owner: str) -> dict[str, list[dict[str, Any]]]:
+    """Records (as `record()` writes them) of live process-group leaders launched by `owner`,
+    by service name, newest first. Blocking: call it in a thread."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+            token = env.get(MARKER_ENV)
+            if env.get(OWNER_ENV) != owner or not token or os.getpgid(proc.pid) != proc.pid:
+                continue  # not ours, or a child: the group leader stands for the group
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found.setdefault(token.split(":", 1)[0], []).append(
+                {"kind": "native", "pid": proc.pid, "create_time": proc.create_time(),
+                 "token": token, "started_at": proc.create_time()})
+        except (psutil.Error, OSError):
+            continue
+    for records in found.values():
+        records.sort(key=lambda r: -float(r["create_time"]))
+    return found
+
+
+def kill_group(record: dict[str, Any]) -> None:
+    """SIGKILL a stray copy's group, after checking the leader is still that process."""
+    if _same_process(int(record["pid"]), float(record["create_time"])) is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(int(record["pid"]), signal.SIGKILL)
 
 
 def rotate_log(path: Path, max_bytes: int, backups: int) -> None:
