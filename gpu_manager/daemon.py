@@ -21,6 +21,7 @@ from gpu_manager.orchestrator.leases import LeaseManager
 from gpu_manager.orchestrator.operations import interrupted
 from gpu_manager.paths import SIM_DIR_ENV, sim_dir
 from gpu_manager.probe import DeclaredProbe, Poller, make_poller, make_probe
+from gpu_manager.reload import Reloader
 from gpu_manager.settings import Settings
 from gpu_manager.state_store import StateStore
 from gpu_manager.units import (
@@ -57,8 +58,10 @@ class Daemon:
         self.probe_error: str | None = None
         self.owner = str(settings.state_dir.resolve())
         self.accepting = True
+        self.start_s: float | None = None
 
     async def start(self) -> None:
+        t0 = time.monotonic()
         s, inv = self.settings, self.inventory
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.store.load()
@@ -68,7 +71,7 @@ class Daemon:
         self.poller = make_poller(inv.gpu, probe)
         await self.poller.start()
         self.lock = make_lock(s.redis_url, s.lock_key, s.lock_ttl_ms)
-        env = {SIM_DIR_ENV: str(self.sim_dir), OWNER_ENV: self.owner}
+        env = self.unit_env = {SIM_DIR_ENV: str(self.sim_dir), OWNER_ENV: self.owner}
         self.orchestrator = Orchestrator(
             inv, self.units, self.poller, self.lock, self.bus, self.store,
             lock_wait_s=s.lock_wait_s, reclaim_timeout_s=s.reclaim_timeout_s,
@@ -83,12 +86,17 @@ class Daemon:
             unit.start_loop()
             self.units[name] = unit
         await self._adopt()
+        await self.orchestrator.refresh_pids()
         self.leases = LeaseManager(self.orchestrator, inv.leases)
         self.leases.start()
+        self.reloader = Reloader(self)
+        self.reloader.start()
         self._tasks = [asyncio.create_task(self._refresh_lock_info(), name="lock-info"),
                        asyncio.create_task(self._refresh_pids(), name="unit-pids")]
         await self._update_lock_info()
-        logger.info(f"gpu-manager up: {inv.summary()}; lock {self.lock.backend}; "
+        self.start_s = time.monotonic() - t0  # the rebuild after a restart: adoption included
+        logger.info(f"view rebuilt in {self.start_s:.3f}s; "
+                    f"gpu-manager up: {inv.summary()}; lock {self.lock.backend}; "
                     f"probe {self.poller.latest.source}")
 
     async def _adopt(self) -> None:
@@ -133,6 +141,7 @@ class Daemon:
 
     async def stop(self) -> None:
         self.accepting = False
+        logger.info("daemon stopped; managed services keep running unless stopped above")
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -140,6 +149,7 @@ class Daemon:
                 await task
         for unit in self.units.values():
             await unit.close()
+        await self.reloader.close()
         await self.leases.close()
         await self.orchestrator.keeper.release_all()  # leases do not survive the daemon
         await self.orchestrator.aclose()
@@ -184,5 +194,8 @@ class Daemon:
                       "error": snap.error, "age_s": round(time.monotonic() - snap.taken_at, 3)},
             "lock": {"ok": lock_ok, "backend": self.lock.backend, "error": self.lock_info.error},
             "accepting": self.accepting,
+            "started_in_s": self.start_s,
+            "config": {"ok": self.reloader.error is None, "error": self.reloader.error,
+                       "reloads": self.reloader.reloads},
         }
         return probe_ok and lock_ok and self.accepting, detail

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from loguru import logger
 
 from gpu_manager import __version__
 from gpu_manager.api import errors, leases, metrics
@@ -41,6 +42,9 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
         # Graceful shutdown: refuse new mutations, let the transition in flight finish
         # (bounded), optionally stop the services, release the GPU lock.
         daemon.accepting = False
+        logger.info(f"graceful shutdown: finishing {len(background)} operation(s) in flight, "
+                    f"then {'stopping' if settings.on_shutdown == 'stop' else 'leaving'} "
+                    "the managed services")
         for task in list(background):
             with contextlib.suppress(Exception, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), 30)
@@ -144,6 +148,19 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
             raise errors.from_exception(exc) from exc
         await daemon._update_lock_info()
         return {"released": released}
+
+    @app.post("/gpu/reload", tags=["gpu"], dependencies=[Auth])
+    async def reload() -> JSONResponse:
+        """Re-read services.yaml and phases.yaml (as SIGHUP does)."""
+        ok, detail = await daemon.reloader.reload()
+        body = {"success": ok, "detail": detail} if ok else {"error": "invalid_config",
+                                                               "detail": detail}
+        return JSONResponse(body, status_code=200 if ok else 422)
+
+    @app.get("/gpu/operations", tags=["gpu"])
+    async def operations(limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:
+        """The most recent operations, newest last (interrupted ones included)."""
+        return {"operations": [op.as_dict() for op in daemon.orchestrator.ops.recent(limit)]}
 
     @app.get("/gpu/operations/{op_id}", tags=["gpu"])
     async def operation(op_id: str) -> dict[str, Any]:

@@ -121,6 +121,9 @@ class _ServiceBase(_Strict):
     restart: RestartPolicy = "no"
     evict: OllamaEvict | None = None
     preempt: PauseConfig | None = None
+    # On a config reload that changes this service while it runs: use the new definition at
+    # its next start, or restart it now.
+    on_change: Literal["next-start", "restart"] = "next-start"
     description: str = ""
 
     @field_validator("restart", mode="before")

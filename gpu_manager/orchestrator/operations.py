@@ -128,5 +128,8 @@ class OperationLog:
     def get(self, op_id: str) -> Operation | None:
         return self._ops.get(op_id)
 
+    def recent(self, limit: int) -> list[Operation]:
+        return list(self._ops.values())[-limit:]
+
     def in_flight(self) -> list[Operation]:
         return [op for op in self._ops.values() if not op.done]

@@ -57,11 +57,12 @@ async def until(cond: Callable[[], object], timeout: float, what: str,
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             unavailable("redis-server is not installed (Debian: apt-get install redis-server)")
-        self.port = free_port()
+        self.port = port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
