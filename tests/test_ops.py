@@ -14,7 +14,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +102,12 @@ def check_invariants(d: DaemonProc, trial: int) -> dict[str, Any]:
             "running": sorted(live)}
 
 
+def ac1(d: DaemonProc, done: list[int]) -> None:
+    for phase in (2, 3, 4):
+        with contextlib.suppress(httpx.HTTPError):
+            done.append(d.post(f"/gpu/prepare-phase/{phase}").status_code)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_kill9_at_random_points_of_ac1(tmp_path: Path) -> None:
@@ -113,13 +118,7 @@ def test_kill9_at_random_points_of_ac1(tmp_path: Path) -> None:
         for trial in range(20):
             d.start()
             done: list[int] = []
-
-            def ac1() -> None:
-                for phase in (2, 3, 4):
-                    with contextlib.suppress(httpx.HTTPError):
-                        done.append(d.post(f"/gpu/prepare-phase/{phase}").status_code)
-
-            runner = threading.Thread(target=ac1)
+            runner = threading.Thread(target=ac1, args=(d, done))
             runner.start()
             # The random point in the sequence at which the daemon dies; not a wait for state.
             time.sleep(rng.uniform(0.0, 2.5))
@@ -198,13 +197,13 @@ def test_hot_reload(tmp_path: Path) -> None:
         assert "services.yaml:" in error and "services.vidi.vram_mb" in error
         assert d.post("/gpu/prepare-phase/3").status_code == 200  # still works, old config
         # a new service arrives by SIGHUP
-        services.write_text(good + """
+        services.write_text(good + f"""
   extra:
     type: native
     vram_mb: 100
     priority: 5
-    command: ["{python}", "-m", "gpu_manager.sim.workload", "--vram-mb", "100", "--port", "%d"]
-""" % free_port())
+    command: ["{{python}}", "-m", "gpu_manager.sim.workload", "--vram-mb", "100", "--port", "{free_port()}"]
+""")
         assert d.proc is not None
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "extra" in d.status()["services"], 5, "the new service")
