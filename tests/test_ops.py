@@ -202,7 +202,8 @@ def test_hot_reload(tmp_path: Path) -> None:
     type: native
     vram_mb: 100
     priority: 5
-    command: ["{{python}}", "-m", "gpu_manager.sim.workload", "--vram-mb", "100", "--port", "{free_port()}"]
+    command: ["{{python}}", "-m", "gpu_manager.sim.workload", "--vram-mb", "100",
+              "--port", "{free_port()}"]
 """)
         assert d.proc is not None
         d.proc.send_signal(signal.SIGHUP)

@@ -92,7 +92,7 @@ def make_data(p: StartBody) -> tuple[Any, Any, Any, Any]:
 def train(s: Session) -> None:
     p = s.params
     try:
-        x, y, xt, yt = s.data = make_data(p)
+        x, y, _, _ = s.data = make_data(p)
         torch = _torch()
         if torch is not None:
             dev = torch.device(s.device)
