@@ -1,4 +1,5 @@
-"""Run every benchmark: `python -m bench` (or `./dev bench`)."""
+"""Run every benchmark: `python -m bench` (or `./dev bench`); `python -m bench NAME ...` for
+some. bench.gpu_e2e and bench.gpu_probe_check need a real NVIDIA GPU and are run by hand."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import importlib
 import sys
 import time
 
-SCRIPTS = ["probe", "transitions"]
+SCRIPTS = ["planner", "probe", "reclaim", "lock", "footprint", "status_load", "transitions"]
 
 
 def main() -> None:

@@ -8,12 +8,12 @@ services running: the next daemon adopts them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
 from loguru import logger
 
+from gpu_manager.aio import wait_event
 from gpu_manager.config import DockerService, Inventory, load_inventory
 from gpu_manager.lock import GpuLock, LockInfo, make_lock
 from gpu_manager.orchestrator import Orchestrator
@@ -141,12 +141,10 @@ class Daemon:
 
     async def stop(self) -> None:
         self.accepting = False
-        logger.info("daemon stopped; managed services keep running unless stopped above")
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         for unit in self.units.values():
             await unit.close()
         await self.reloader.close()
@@ -157,6 +155,7 @@ class Daemon:
         await self.lock.close()
         await self.health.aclose()
         self.docker.close()
+        logger.info("daemon stopped; managed services keep running unless stopped above")
 
     # -- background refreshers: requests read their results, never wait on Redis or /proc ---
     async def _update_lock_info(self) -> None:
@@ -166,8 +165,7 @@ class Daemon:
     async def _refresh_lock_info(self) -> None:
         while True:
             self._lock_dirty.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lock_dirty.wait(), LOCK_INFO_EVERY_S)
+            await wait_event(self._lock_dirty, LOCK_INFO_EVERY_S)
             try:
                 await self._update_lock_info()
             except Exception as exc:  # never let the refresher die

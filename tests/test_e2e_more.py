@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support.daemon import DaemonProc
+from tests.support.daemon import SLOW_COSYVOICE, DaemonProc, preempt_in_background
 from tests.support.env import RedisServer, free_port, wait_for
 
 
@@ -25,8 +25,7 @@ from tests.support.env import RedisServer, free_port, wait_for
 def redis_daemon(tmp_path: Path, redis_server: RedisServer) -> Iterator[DaemonProc]:
     redis.Redis.from_url(redis_server.url).flushdb()
     # cosyvoice takes 1.5 s to shut down, leaving time to steal the lock mid-transition
-    d = DaemonProc(tmp_path, redis_url=redis_server.url, replace={
-        '"--vram-mb", "4000", "--port"': '"--vram-mb", "4000", "--stop-s", "1.5", "--port"'})
+    d = DaemonProc(tmp_path, redis_url=redis_server.url, replace=SLOW_COSYVOICE)
     d.start()
     yield d
     redis.Redis.from_url(redis_server.url).delete("gpu_mutex")
@@ -65,17 +64,12 @@ def test_lock_lost_mid_transition_aborts_before_the_start(
     redis_daemon: DaemonProc, redis_server: RedisServer
 ) -> None:
     r = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    assert redis_daemon.post("/gpu/service/cosyvoice/start").status_code == 200
-    result: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: result.update(
-        resp=redis_daemon.post("/gpu/service/comfyui/start")))
-    t.start()
-    wait_for(lambda: redis_daemon.states()["cosyvoice"] == "stopping", 10, "the stop step")
+    t, result = preempt_in_background(redis_daemon)
     # an operator force-releases and a legacy worker grabs the GPU while we are stopping
     r.delete("gpu_mutex")
     r.set("gpu_mutex", "intruder", ex=60)
     t.join(30)
-    resp = result["resp"]
+    resp = result["r"]
     assert resp.status_code == 503 and resp.json()["error"] == "lock_lost"
     steps = resp.json()["operation"]["steps"]
     assert [(s["action"], s["status"]) for s in steps] == [("stop", "done"), ("start", "failed")]

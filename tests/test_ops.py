@@ -25,7 +25,7 @@ import yaml
 
 from gpu_manager.sim.registry import SimRegistry
 from gpu_manager.units.drivers.native import MARKER_ENV, OWNER_ENV
-from tests.support.daemon import ROOT, DaemonProc
+from tests.support.daemon import ROOT, SLOW_COSYVOICE, DaemonProc, preempt_in_background
 from tests.support.env import IN_CI, RedisServer, free_port, unavailable, wait_for
 
 FAST = {'"--startup-s", "1.5"': '"--startup-s", "0.3"',
@@ -221,16 +221,10 @@ def test_hot_reload(tmp_path: Path) -> None:
 def test_redis_down_mid_transition_then_back(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis")
     port = server.port
-    d = DaemonProc(tmp_path / "d", redis_url=server.url, replace={
-        '"--vram-mb", "4000", "--port"': '"--vram-mb", "4000", "--stop-s", "1.5", "--port"'})
+    d = DaemonProc(tmp_path / "d", redis_url=server.url, replace=SLOW_COSYVOICE)
     d.start()
     try:
-        assert d.post("/gpu/service/cosyvoice/start").status_code == 200
-        result: dict[str, Any] = {}
-        t = threading.Thread(target=lambda: result.update(
-            r=d.post("/gpu/service/comfyui/start")))
-        t.start()
-        wait_for(lambda: d.states()["cosyvoice"] == "stopping", 10, "the stop step")
+        t, result = preempt_in_background(d)
         server.stop()
         t.join(30)
         assert result["r"].status_code == 503
@@ -308,12 +302,7 @@ def test_sigstopped_holder_past_its_ttl_starts_nothing(tmp_path: Path,
         '"--vram-mb", "4000", "--port"': '"--vram-mb", "4000", "--stop-s", "2.0", "--port"'})
     d.start()
     try:
-        assert d.post("/gpu/service/cosyvoice/start").status_code == 200
-        result: dict[str, Any] = {}
-        t = threading.Thread(target=lambda: result.update(
-            r=d.post("/gpu/service/comfyui/start")))
-        t.start()
-        wait_for(lambda: d.states()["cosyvoice"] == "stopping", 10, "the stop step")
+        t, result = preempt_in_background(d)
         assert d.proc is not None
         os.kill(d.proc.pid, signal.SIGSTOP)
         try:

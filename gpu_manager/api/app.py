@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from loguru import logger
 
 from gpu_manager import __version__
+from gpu_manager.aio import within
 from gpu_manager.api import errors, leases, metrics
 from gpu_manager.api.errors import ApiError
 from gpu_manager.api.status import status as build_status
@@ -47,7 +48,7 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
                     "the managed services")
         for task in list(background):
             with contextlib.suppress(Exception, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), 30)
+                await within(asyncio.shield(task), 30)
         if settings.on_shutdown == "stop":
             with contextlib.suppress(Exception):
                 await daemon.orchestrator.execute(Operation(StopAll()))
@@ -177,7 +178,7 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
                 yield ": connected\n\n"
                 while not await request.is_disconnected():
                     try:
-                        event = await asyncio.wait_for(queue.get(), SSE_PING_S)
+                        event = await within(queue.get(), SSE_PING_S)
                     except TimeoutError:
                         yield ": ping\n\n"
                         continue

@@ -45,6 +45,10 @@ class GpuConfig(_Strict):
     fast_poll_interval_s: float = Field(default=0.1, ge=0.01, le=5)
     # Simulated backend: how long a dead stand-in's memory still counts (driver teardown).
     release_delay_ms: int = Field(default=500, ge=0, le=60000)
+    # Simulated backend: what each poll costs (NVML calls take milliseconds), and one slow
+    # poll per second on top (a driver lock held elsewhere). 0 = free, as before.
+    simulated_poll_cost_ms: float = Field(default=0.0, ge=0, le=1000)
+    simulated_slow_poll_ms: float = Field(default=0.0, ge=0, le=5000)
 
     @model_validator(mode="after")
     def _check(self) -> GpuConfig:

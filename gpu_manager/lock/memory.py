@@ -43,7 +43,8 @@ class MemoryLock:
                 if left <= 0:
                     raise LockHeld(self._lease.holder, None)
                 try:
-                    await asyncio.wait_for(self._freed.wait(), left)
+                    async with asyncio.timeout(left):
+                        await self._freed.wait()
                 except TimeoutError:
                     continue
             self._lease = MemoryLease(self, holder, next(self._fencing))

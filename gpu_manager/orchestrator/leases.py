@@ -18,6 +18,7 @@ from typing import Any
 
 from loguru import logger
 
+from gpu_manager.aio import wait_event
 from gpu_manager.config import LeaseConfig
 from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
 from gpu_manager.orchestrator.core import ClientLease, Orchestrator
@@ -113,8 +114,7 @@ class LeaseManager:
                     return AcquireResult(None, f"timed out after {timeout_ms} ms: {last}",
                                          self._ms(t0), "timeout")
                 self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), min(left, RETRY_S))
+                await wait_event(self._changed, min(left, RETRY_S))
         finally:
             self._queue.remove(waiter)
             self._notify()

@@ -25,7 +25,8 @@ def make_probe(gpu: GpuConfig, sim_dir: Path) -> GpuProbe:
     """The probe `gpu.backend` asks for; NVML that fails to start degrades, loudly."""
     if gpu.backend == "simulated":
         assert gpu.total_mb is not None  # enforced by GpuConfig
-        return SimulatedProbe(sim_dir, gpu.total_mb, gpu.device, gpu.release_delay_ms)
+        return SimulatedProbe(sim_dir, gpu.total_mb, gpu.device, gpu.release_delay_ms,
+                              gpu.simulated_poll_cost_ms, gpu.simulated_slow_poll_ms)
     probe = NvmlProbe()
     try:
         probe.init()

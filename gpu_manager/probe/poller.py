@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from loguru import logger
 
+from gpu_manager.aio import wait_event
 from gpu_manager.probe.model import GpuProbe, Snapshot
 
 
@@ -73,8 +74,7 @@ class Poller:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), left)
+            await wait_event(event, left)
 
     async def next_snapshot(self, timeout: float) -> Snapshot | None:
         """The first snapshot taken after this call; forces an early poll."""
@@ -110,8 +110,7 @@ class Poller:
         while True:
             interval = self.fast_interval_s if self.fast_mode else self.interval_s
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            await wait_event(self._wake, interval)
             due = time.monotonic() - self._last_processes >= self.process_interval_s
             await self._poll(processes=self.fast_mode or due)
 

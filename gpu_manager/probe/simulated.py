@@ -15,7 +15,11 @@ class SimulatedProbe:
     def __init__(
         self, sim_dir: Path, total_mb: int, device: int = 0,
         release_delay_ms: int = DEFAULT_RELEASE_DELAY_MS,
+        poll_cost_ms: float = 0.0, slow_poll_ms: float = 0.0,
     ) -> None:
+        self.poll_cost_s = poll_cost_ms / 1000
+        self.slow_poll_s = slow_poll_ms / 1000
+        self._last_slow = time.monotonic()
         self.registry = SimRegistry(sim_dir)
         self.total_mb = total_mb
         self.device = device
@@ -24,6 +28,13 @@ class SimulatedProbe:
         self.registry.write_gpu(total_mb, release_delay_ms, device)
 
     def sample(self, processes: bool = True) -> Snapshot:
+        # The injected cost blocks this (probe) thread only, as a slow NVML call would.
+        cost = self.poll_cost_s
+        if self.slow_poll_s and time.monotonic() - self._last_slow >= 1.0:
+            self._last_slow = time.monotonic()
+            cost += self.slow_poll_s
+        if cost:
+            time.sleep(cost)
         # Reading the registry is cheap, so the process list is always fresh.
         regs = [r for r in self.registry.active(self.release_delay_s) if r.device == self.device]
         foreign = self.registry.foreign().get(self.device, 0)

@@ -6,7 +6,6 @@ makes the orchestrator fall back to stopping the service, and say so.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -14,6 +13,7 @@ import httpx
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gpu_manager.aio import within
 from gpu_manager.config import OllamaEvict, PauseConfig
 
 STALE_S = 30.0  # the pause protocol ignores acknowledgements older than this
@@ -121,8 +121,8 @@ async def pause(cfg: PauseConfig, redis_url: str | None, task_id: str, new_owner
     url = cfg.redis_url or redis_url
     if url is None:
         return False, "pause over Redis needs a Redis URL (preempt.redis_url or the daemon's)"
-    return await asyncio.wait_for(redis_pause(cfg, url, task_id, new_owner, reason),
-                                  cfg.ack_timeout_s + cfg.freed_timeout_s + 5)
+    return await within(redis_pause(cfg, url, task_id, new_owner, reason),
+                        cfg.ack_timeout_s + cfg.freed_timeout_s + 5)
 
 
 async def resume(cfg: PauseConfig, redis_url: str | None, task_id: str,

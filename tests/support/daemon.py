@@ -68,6 +68,23 @@ class Sampler:
         return [r for r in self.seen.values() if r.name == name]
 
 
+# cosyvoice takes 1.5 s to shut down: room to act in the middle of a transition
+SLOW_COSYVOICE = {'"--vram-mb", "4000", "--port"':
+                  '"--vram-mb", "4000", "--stop-s", "1.5", "--port"'}
+
+
+def preempt_in_background(d: DaemonProc) -> tuple[threading.Thread, dict[str, Any]]:
+    """With cosyvoice running, start comfyui (a preemption) on a thread; return once the
+    stop step is under way. `result["r"]` holds the answer once the thread is done."""
+    assert d.post("/gpu/service/cosyvoice/start").status_code == 200
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(
+        r=d.post("/gpu/service/comfyui/start")))
+    thread.start()
+    wait_for(lambda: d.states()["cosyvoice"] == "stopping", 10, "the stop step")
+    return thread, result
+
+
 class DaemonProc:
     def __init__(self, tmp: Path, *, redis_url: str | None = None, token: str | None = None,
                  extra_services: str = "", extra_phases: str = "",

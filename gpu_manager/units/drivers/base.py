@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +27,21 @@ class ExitInfo:
         if self.code is None:
             return self.detail or "exited"
         return f"exited with code {self.code}" + (f" ({self.detail})" if self.detail else "")
+
+
+class ExitWatch:
+    """The exit of what a driver launched or adopted: one future, resolved once."""
+
+    name: str
+    _exit: asyncio.Future[ExitInfo] | None = None
+
+    def running(self) -> bool:
+        return self._exit is not None and not self._exit.done()
+
+    async def wait_exit(self) -> ExitInfo:
+        if self._exit is None:
+            raise DriverError(f"{self.name} was never started")
+        return await asyncio.shield(self._exit)
 
 
 class Driver(Protocol):

@@ -20,8 +20,9 @@ import docker.types
 import requests
 from loguru import logger
 
+from gpu_manager.aio import within
 from gpu_manager.config import DockerService
-from gpu_manager.units.drivers.base import DriverError, ExitInfo
+from gpu_manager.units.drivers.base import DriverError, ExitInfo, ExitWatch
 
 LABEL = "gpu-manager.service"
 
@@ -122,7 +123,7 @@ class DockerEngine:
                 self._client.close()
 
 
-class DockerDriver:
+class DockerDriver(ExitWatch):
     def __init__(self, name: str, cfg: DockerService, engine: DockerEngine) -> None:
         self.name = name
         self.cfg = cfg
@@ -182,14 +183,6 @@ class DockerDriver:
         self._exit = await self.engine.watch(self.container_id)
 
     # -- observe ------------------------------------------------------------------------------
-    def running(self) -> bool:
-        return self._exit is not None and not self._exit.done()
-
-    async def wait_exit(self) -> ExitInfo:
-        if self._exit is None:
-            raise DriverError(f"{self.name} was never started")
-        return await asyncio.shield(self._exit)
-
     def record(self) -> dict[str, Any] | None:
         if not self.running() or self.container_id is None:
             return None
@@ -233,7 +226,7 @@ class DockerDriver:
         if self._exit is None:
             return ExitInfo(None, detail="was not running")
         with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(asyncio.shield(self._exit), 5)
+            return await within(asyncio.shield(self._exit), 5)
         return ExitInfo(None, detail="stopped")
 
     # -- adoption -----------------------------------------------------------------------------

@@ -31,8 +31,9 @@ from typing import Any
 import psutil
 from loguru import logger
 
+from gpu_manager.aio import within
 from gpu_manager.config import NativeService
-from gpu_manager.units.drivers.base import DriverError, ExitInfo
+from gpu_manager.units.drivers.base import DriverError, ExitInfo, ExitWatch
 
 MARKER_ENV = "GPU_MANAGER_UNIT"
 # The daemon that launched a process (its state dir), so a restarted daemon can find what it
@@ -119,7 +120,7 @@ def rotate_log(path: Path, max_bytes: int, backups: int) -> None:
     os.replace(path, path.with_name(f"{path.name}.1"))
 
 
-class NativeDriver:
+class NativeDriver(ExitWatch):
     def __init__(
         self, name: str, cfg: NativeService, log_dir: Path,
         extra_env: Mapping[str, str] | None = None,
@@ -182,14 +183,6 @@ class NativeDriver:
             self._exit.set_result(info)
 
     # -- observe ------------------------------------------------------------------------------
-    def running(self) -> bool:
-        return self._exit is not None and not self._exit.done()
-
-    async def wait_exit(self) -> ExitInfo:
-        if self._exit is None:
-            raise DriverError(f"{self.name} was never started")
-        return await asyncio.shield(self._exit)
-
     def record(self) -> dict[str, Any] | None:
         if not self.running() or self.pid is None or self.create_time is None:
             return None
@@ -238,7 +231,7 @@ class NativeDriver:
         members = await asyncio.to_thread(self._signal_all, sig)
         if self._exit is not None and not self._exit.done():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._exit), max(0.0, timeout))
+                await within(asyncio.shield(self._exit), max(0.0, timeout))
         left = max(0.0, deadline - time.monotonic())
         alive = await asyncio.to_thread(wait_gone, members, left)
         stragglers = await asyncio.to_thread(self._members)
