@@ -93,7 +93,7 @@ class Daemon:
         self.reloader.start()
         self._tasks = [asyncio.create_task(self._refresh_lock_info(), name="lock-info"),
                        asyncio.create_task(self._refresh_pids(), name="unit-pids")]
-        await self._update_lock_info()
+        await self.refresh_lock_info()
         self.start_s = time.monotonic() - t0  # the rebuild after a restart: adoption included
         logger.info(f"view rebuilt in {self.start_s:.3f}s; "
                     f"gpu-manager up: {inv.summary()}; lock {self.lock.backend}; "
@@ -158,7 +158,8 @@ class Daemon:
         logger.info("daemon stopped; managed services keep running unless stopped above")
 
     # -- background refreshers: requests read their results, never wait on Redis or /proc ---
-    async def _update_lock_info(self) -> None:
+    async def refresh_lock_info(self) -> None:
+        """Read the lock's holder and TTL now (requests otherwise read the cached copy)."""
         self.lock_info = await self.lock.info()
         self.lock_checked_at = time.time()
 
@@ -167,7 +168,7 @@ class Daemon:
             self._lock_dirty.clear()
             await wait_event(self._lock_dirty, LOCK_INFO_EVERY_S)
             try:
-                await self._update_lock_info()
+                await self.refresh_lock_info()
             except Exception as exc:  # never let the refresher die
                 logger.warning(f"lock info refresh failed: {exc}")
 

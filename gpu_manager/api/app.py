@@ -99,6 +99,9 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
             await asyncio.shield(task)
         except Exception as exc:
             raise errors.from_exception(exc, operation=op.as_dict(), **shape) from exc
+        finally:
+            # so that a /gpu/status read right after this answer shows the lock as it is now
+            await daemon.refresh_lock_info()
         return {"success": True, **shape, "operation_id": op.id, "plan": op.as_dict()}
 
     app.include_router(leases.make_router(daemon, authorized))
@@ -147,7 +150,7 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
             released = await daemon.lock.force_release()
         except Exception as exc:
             raise errors.from_exception(exc) from exc
-        await daemon._update_lock_info()
+        await daemon.refresh_lock_info()
         return {"released": released}
 
     @app.post("/gpu/reload", tags=["gpu"], dependencies=[Auth])

@@ -77,6 +77,7 @@ def make_router(daemon: Daemon, auth: Any) -> APIRouter:
                    "vram_mb": lease.vram_mb if lease else None,
                    "ttl_s": lease.ttl_s if lease else None}
         code = 200 if lease else 503 if res.code == "unavailable" else 409
+        await daemon.refresh_lock_info()
         return JSONResponse(payload, status_code=code)
 
     @router.post("/gpu/release", dependencies=deps)
@@ -88,6 +89,7 @@ def make_router(daemon: Daemon, auth: Any) -> APIRouter:
                                  "released_at": None, "session_duration_ms": None,
                                  "error": "no such active session"}, status_code=404)
         held_ms = int((now - (lease.acquired_at or now)) * 1000)
+        await daemon.refresh_lock_info()
         return JSONResponse({"success": True, "session_id": body.session_id,
                              "released_at": iso(now), "session_duration_ms": held_ms})
 
