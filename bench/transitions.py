@@ -28,6 +28,10 @@ from bench.common import pct, row, write
 from tests.support.daemon import DaemonProc
 
 SEQUENCE = [2, 3, 4]
+# Stand-ins with known times: healthy 0.3 s after they start, 0.1 s to shut down, and the
+# simulated driver's 500 ms release delay.
+KNOWN = {f'"--startup-s", "{s}"': '"--startup-s", "0.3", "--stop-s", "0.1"'
+         for s in ("1.5", "1.0", "0.5")}
 RELEASE_DELAY_S = 0.5
 
 
@@ -38,7 +42,7 @@ def own_ready_s(port: int) -> float:
 
 
 def daemon_round(tmp: Path) -> list[dict[str, Any]]:
-    d = DaemonProc(tmp).start()
+    d = DaemonProc(tmp, replace=KNOWN).start()
     results = []
     try:
         ports = {n: int(s["health"]["url"].rsplit(":", 1)[1].split("/")[0])
@@ -51,6 +55,8 @@ def daemon_round(tmp: Path) -> list[dict[str, Any]]:
             op = resp.json()["plan"]
             services_own = 0.0
             for step in op["steps"]:
+                if step["action"] == "stop":
+                    services_own += 0.1  # the stand-in's own shutdown (--stop-s)
                 if step["action"] == "start":
                     services_own += own_ready_s(ports[step["service"]])
                     if step["reclaim_wait_s"]:
@@ -73,7 +79,7 @@ def _inventory_health(d: DaemonProc) -> dict[str, Any]:
 
 def baseline_round(tmp: Path) -> list[dict[str, Any]]:
     """The seed's way: stop, sleep(2), start, warm-up, poll health every second."""
-    d = DaemonProc(tmp)  # only for the generated inventory (same stand-ins, same ports)
+    d = DaemonProc(tmp, replace=KNOWN)  # only for the generated inventory (same stand-ins)
     inv = _inventory_health(d)
     env = {**os.environ, "GPU_MANAGER_SIM_DIR": str(tmp / "sim")}
     from gpu_manager.sim.registry import SimRegistry

@@ -25,7 +25,6 @@ from gpu_manager.reload import Reloader
 from gpu_manager.settings import Settings
 from gpu_manager.state_store import StateStore
 from gpu_manager.units import (
-    DockerEngine,
     EventBus,
     HealthChecker,
     Unit,
@@ -54,7 +53,7 @@ class Daemon:
         self.units: dict[str, Unit] = {}
         self.orchestrator: Orchestrator
         self.health = HealthChecker()
-        self.docker = DockerEngine()
+        self._docker: Any = None  # the DockerEngine, made on first use
         self.probe_error: str | None = None
         self.owner = str(settings.state_dir.resolve())
         self.accepting = True
@@ -79,8 +78,8 @@ class Daemon:
         )
         self.orchestrator.redis_url = s.redis_url
         for name, cfg in inv.services.items():
-            driver = make_driver(name, cfg, log_dir=s.state_dir / "logs", docker=self.docker,
-                                 extra_env=env)
+            driver = make_driver(name, cfg, log_dir=s.state_dir / "logs",
+                                 docker=self.docker_engine, extra_env=env)
             unit = Unit(name, cfg, driver, self.health, self.bus, on_record=self.store.set_unit,
                         restart_gate=self.orchestrator.restart_gate)
             unit.start_loop()
@@ -154,8 +153,16 @@ class Daemon:
         await self.poller.stop()
         await self.lock.close()
         await self.health.aclose()
-        self.docker.close()
+        if self._docker is not None:
+            self._docker.close()
         logger.info("daemon stopped; managed services keep running unless stopped above")
+
+    def docker_engine(self) -> Any:
+        if self._docker is None:
+            from gpu_manager.units.drivers.docker import DockerEngine  # noqa: PLC0415
+
+            self._docker = DockerEngine()
+        return self._docker
 
     # -- background refreshers: requests read their results, never wait on Redis or /proc ---
     async def refresh_lock_info(self) -> None:

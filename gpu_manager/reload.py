@@ -110,7 +110,7 @@ class Reloader:
                 unit = Unit(name, new.services[name],
                             make_driver(name, new.services[name],
                                         log_dir=d.settings.state_dir / "logs",
-                                        docker=d.docker, extra_env=d.unit_env),
+                                        docker=d.docker_engine, extra_env=d.unit_env),
                             d.health, d.bus, on_record=d.store.set_unit,
                             restart_gate=orch.restart_gate)
                 unit.start_loop()

@@ -68,7 +68,7 @@ class HealthConfig(_Strict):
     # None means any 2xx is healthy.
     expected_status: int | None = Field(default=None, ge=100, le=599)
     # While starting, check this often (the first check comes right after launch).
-    startup_interval_s: float = Field(default=0.1, ge=0.01, le=10)
+    startup_interval_s: float = Field(default=0.05, ge=0.01, le=10)
     # Consecutive failed checks of a ready service before it is marked unhealthy.
     failure_threshold: int = Field(default=1, ge=1, le=100)
 

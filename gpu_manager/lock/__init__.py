@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from gpu_manager.lock.base import GpuLock, Lease, LockHeld, LockInfo, LockLost, LockUnavailable
 from gpu_manager.lock.memory import MemoryLock
-from gpu_manager.lock.redis import RedisLock
+
+# redis-py costs ~0.3 s to import: only a daemon configured with Redis pays for it.
 
 
 def make_lock(redis_url: str | None, key: str = "gpu_mutex", ttl_ms: int = 30_000) -> GpuLock:
     if redis_url:
+        from gpu_manager.lock.redis import RedisLock  # noqa: PLC0415
+
         return RedisLock(redis_url, key, ttl_ms)
     return MemoryLock()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisLock":
+        from gpu_manager.lock.redis import RedisLock  # noqa: PLC0415
+
+        return RedisLock
+    raise AttributeError(name)
 
 
 __all__ = [

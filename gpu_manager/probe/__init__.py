@@ -16,7 +16,6 @@ from gpu_manager.probe.model import (
     Snapshot,
     Source,
 )
-from gpu_manager.probe.nvml import NvmlProbe
 from gpu_manager.probe.poller import Poller
 from gpu_manager.probe.simulated import SimulatedProbe
 
@@ -27,6 +26,8 @@ def make_probe(gpu: GpuConfig, sim_dir: Path) -> GpuProbe:
         assert gpu.total_mb is not None  # enforced by GpuConfig
         return SimulatedProbe(sim_dir, gpu.total_mb, gpu.device, gpu.release_delay_ms,
                               gpu.simulated_poll_cost_ms, gpu.simulated_slow_poll_ms)
+    from gpu_manager.probe.nvml import NvmlProbe  # noqa: PLC0415 - simulated hosts skip pynvml
+
     probe = NvmlProbe()
     try:
         probe.init()

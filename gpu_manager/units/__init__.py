@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from gpu_manager.config import DockerService, NativeService, ServiceConfig
 from gpu_manager.units.drivers.base import Driver, DriverError, ExitInfo
-from gpu_manager.units.drivers.docker import DockerDriver, DockerEngine
 from gpu_manager.units.drivers.native import NativeDriver
 from gpu_manager.units.events import Event, EventBus
 from gpu_manager.units.health import HealthChecker
@@ -16,13 +16,25 @@ from gpu_manager.units.unit import RestartPolicy, Unit, UnitResult
 
 
 def make_driver(
-    name: str, cfg: ServiceConfig, *, log_dir: Path, docker: DockerEngine,
+    name: str, cfg: ServiceConfig, *, log_dir: Path, docker: Callable[[], Any],
     extra_env: Mapping[str, str] | None = None,
 ) -> Driver:
+    """`docker` gives the shared DockerEngine; it is only called for a docker service."""
     if isinstance(cfg, NativeService):
         return NativeDriver(name, cfg, log_dir, extra_env)
     assert isinstance(cfg, DockerService)
-    return DockerDriver(name, cfg, docker)
+    from gpu_manager.units.drivers.docker import DockerDriver  # noqa: PLC0415
+
+    return DockerDriver(name, cfg, docker())
+
+
+def __getattr__(name: str) -> Any:
+    # The Docker SDK (with requests) costs ~0.2 s to import; hosts without containers skip it.
+    if name in ("DockerDriver", "DockerEngine"):
+        from gpu_manager.units.drivers import docker  # noqa: PLC0415
+
+        return getattr(docker, name)
+    raise AttributeError(name)
 
 
 __all__ = [

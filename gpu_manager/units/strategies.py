@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from gpu_manager.aio import within
 from gpu_manager.config import OllamaEvict, PauseConfig
@@ -46,6 +45,9 @@ def _message(raw: object) -> dict[str, object]:
 async def redis_pause(cfg: PauseConfig, url: str, task_id: str, new_owner: str,
                       reason: str) -> tuple[bool, str]:
     """The transcription pause protocol (interfaces.md §3) over Redis pub/sub."""
+    import redis.asyncio as aioredis  # noqa: PLC0415 - only pausable services need redis
+    from redis.exceptions import RedisError  # noqa: PLC0415
+
     r = aioredis.from_url(url, decode_responses=True, socket_timeout=5)
     pubsub = r.pubsub()
     try:
@@ -70,7 +72,7 @@ async def redis_pause(cfg: PauseConfig, url: str, task_id: str, new_owner: str,
         await r.aclose()
 
 
-async def _await_message(pubsub: aioredis.client.PubSub, channel: str, status: str,
+async def _await_message(pubsub: Any, channel: str, status: str,
                          timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
@@ -87,6 +89,9 @@ async def _await_message(pubsub: aioredis.client.PubSub, channel: str, status: s
 
 
 async def redis_resume(cfg: PauseConfig, url: str, task_id: str) -> tuple[bool, str]:
+    import redis.asyncio as aioredis  # noqa: PLC0415
+    from redis.exceptions import RedisError  # noqa: PLC0415
+
     r = aioredis.from_url(url, decode_responses=True, socket_timeout=5)
     try:
         await r.publish(cfg.resume_channel, json.dumps({"task_id": task_id,

@@ -238,7 +238,7 @@ class Unit:
             self._post("ready", gen, "started (no health check configured)")
             return
         deadline = self._start_began + self.cfg.start_timeout_s
-        await asyncio.sleep(0.02)  # first check within 50 ms of the launch
+        await asyncio.sleep(0.01)  # first check within 50 ms of the launch
         while True:
             ok, detail = await self._health.check(health)
             self.health_detail = detail
