@@ -19,6 +19,7 @@ def main() -> None:
         sys.argv = [f"bench.{name}"]
         module.main()
     print(f"\nall benchmarks done in {time.monotonic() - t0:.0f}s")
+    importlib.import_module("bench.summary").main()
 
 
 if __name__ == "__main__":

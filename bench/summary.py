@@ -1,0 +1,103 @@
+"""Write docs/benchmarks.md from bench/results/*.json (run last by `python -m bench`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def rows() -> list[tuple[str, str, str, str]]:
+    out: list[tuple[str, str, str, str]] = []
+    if (s := load("status_load")) is not None:
+        o = s["ours"]["open_loop"]
+        out.append(("GET /gpu/status p99 at 500 req/s (poller 5 ms/poll + 100 ms/s)",
+                    f"{o['p99_ms']:.2f} ms (bare FastAPI {s['bare']['open_loop']['p99_ms']:.2f})",
+                    "<= 5 ms", verdict(o["p99_ms"] <= 5)))
+        out.append(("status throughput vs bare endpoint", f"{s['throughput_ratio']:.0%}",
+                    ">= 60%", verdict(s["throughput_ratio"] >= 0.6)))
+        out.append(("RSS under status load", f"{s['rss_load_mb']:.0f} MB", "<= 100 MB",
+                    verdict(s["rss_load_mb"] <= 100)))
+    if (t := load("transitions")) is not None:
+        out.append(("transition overhead p95 (AC-1)", f"{t['overhead_ms_p95']:.0f} ms",
+                    "<= 150 ms", verdict(t["overhead_ms_p95"] <= 150)))
+        out.append(("AC-1 sequence vs the seed's stop/sleep(2)/poll",
+                    f"{t['sequence_s_ours']:.2f} s vs {t['sequence_s_baseline']:.2f} s = "
+                    f"{t['speedup']:.1f}x", ">= 3x", verdict(t["speedup"] >= 3)))
+    if (r := load("reclaim")) is not None:
+        out.append(("reclaim detection beyond the release delay, p95",
+                    f"{r['p95_ms']:.0f} ms", f"<= {r['target_ms']:.0f} ms",
+                    verdict(r["p95_ms"] <= r["target_ms"])))
+    if (lk := load("lock")) is not None:
+        out.append(("Redis lock acquire+release p99", f"{lk['cycle_p99_ms']:.3f} ms", "<= 1 ms",
+                    verdict(lk["cycle_p99_ms"] <= 1)))
+        out.append(("lock hand-off to a waiter (max)", f"{max(lk['handoff_ms']):.1f} ms",
+                    "<= 20 ms", verdict(max(lk["handoff_ms"]) <= 20)))
+        limit = lk["ttl_ms"] + 200
+        out.append(("take-over after kill -9 of the holder (max)",
+                    f"{max(lk['takeover_ms']):.0f} ms", f"<= TTL + 200 = {limit} ms",
+                    verdict(max(lk["takeover_ms"]) <= limit)))
+    if (p := load("planner")) is not None:
+        sizes = p["sizes"]
+        curve = ", ".join(f"{n}: {v['start_ms_p50']:.2f}" for n, v in sizes.items())
+        out.append(("planner, 1,000 services (start with preemption)",
+                    f"{sizes['1000']['start_ms_p50']:.2f} ms (curve, ms: {curve})", "<= 10 ms",
+                    verdict(sizes["1000"]["start_ms_p50"] <= 10)))
+    if (f := load("footprint")) is not None:
+        start = sorted(f["start_s"])[len(f["start_s"]) // 2]
+        rss = sorted(f["rss_idle_mb"])[len(f["rss_idle_mb"]) // 2]
+        out.append(("cold start to /ready (p50)", f"{start:.2f} s", "<= 1.5 s",
+                    verdict(start <= 1.5)))
+        out.append(("RSS idle (p50)", f"{rss:.0f} MB", "<= 100 MB", verdict(rss <= 100)))
+    if (pr := load("probe")) is not None:
+        sim = pr["simulated"]
+        out.append(("snapshot read + can_fit p99 (no probe call)",
+                    f"{sim['read_us_p99']:.2f} us", "<< 100 ms (NFR-1)", "met"))
+    return out
+
+
+def main() -> None:
+    any_result = next((load(n) for n in ("status_load", "transitions", "probe") if load(n)), None)
+    machine = any_result["machine"] if any_result else {}
+    when = any_result["when"] if any_result else "?"
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `python -m bench.summary` from `bench/results/*.json` (`./dev bench` runs",
+        "every script, then this). Ratios compare against a baseline measured in the same run.",
+        "",
+        f"Machine: {machine.get('cpus')} CPUs ({machine.get('cpu_model')}), "
+        f"{machine.get('memory_gb')} GB, Python {machine.get('python')}, "
+        f"{machine.get('platform')}; run at {when}.",
+        "",
+        "| what | measured | target | |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows()],
+        "",
+        "See the scripts' docstrings for what each measures and how; the JSON files hold every",
+        "sample. Real-GPU figures (bench/gpu_e2e.py, bench/gpu_probe_check.py) are in",
+        "docs/gpu-validation.md when a GPU machine was available.",
+        "",
+    ]
+    notes = DOC.with_name("benchmarks-notes.md")
+    if notes.exists():
+        lines += ["## Notes", "", notes.read_text().strip(), ""]
+    DOC.write_text("\n".join(lines))
+    print(f"  -> {DOC}")
+
+
+if __name__ == "__main__":
+    main()
