@@ -53,12 +53,13 @@ class Reloader:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        # Linux and macOS loops take signal handlers; outside the main thread they cannot.
+        with contextlib.suppress(RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         self._task = asyncio.create_task(self._watch(), name="config-watch")
 
     async def close(self) -> None:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        with contextlib.suppress(RuntimeError, ValueError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self._task is not None:
             self._task.cancel()
