@@ -115,6 +115,14 @@ def print_operation(body: dict[str, Any]) -> None:
         out.print(f"done in {plan['duration_s']:.2f}s")
 
 
+def mutate(path: str, url: str | None, token: str | None, as_json: bool,
+           params: dict[str, Any] | None = None) -> None:
+    """POST a transition and print the plan it executed (or the JSON)."""
+    body = request("POST", path, url, token, as_json, params)
+    if not as_json:
+        print_operation(body)
+
+
 @app.command("status")
 def status(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Show VRAM, each service's state and the GPU lock holder."""
@@ -127,18 +135,14 @@ def status(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False)
 def phase(number: int, url: UrlOpt = None, token: TokenOpt = None,
           as_json: JsonOpt = False) -> None:
     """Prepare the GPU for pipeline phase NUMBER (stops and starts services)."""
-    body = request("POST", f"/gpu/prepare-phase/{number}", url, token, as_json)
-    if not as_json:
-        print_operation(body)
+    mutate(f"/gpu/prepare-phase/{number}", url, token, as_json)
 
 
 @app.command("start")
 def start(name: str, url: UrlOpt = None, token: TokenOpt = None,
           as_json: JsonOpt = False) -> None:
     """Start service NAME, preempting lower-priority services if it must."""
-    body = request("POST", f"/gpu/service/{name}/start", url, token, as_json)
-    if not as_json:
-        print_operation(body)
+    mutate(f"/gpu/service/{name}/start", url, token, as_json)
 
 
 @app.command("stop")
@@ -146,15 +150,11 @@ def stop(name: str, force: Annotated[bool, typer.Option(
             help="Stop it even if the current phase needs it")] = False,
          url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Stop service NAME."""
-    body = request("POST", f"/gpu/service/{name}/stop", url, token, as_json,
-                   params={"force": "true"} if force else None)
-    if not as_json:
-        print_operation(body)
+    mutate(f"/gpu/service/{name}/stop", url, token, as_json,
+           {"force": "true"} if force else None)
 
 
 @app.command("release-all")
 def release_all(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Stop every managed service."""
-    body = request("POST", "/gpu/release-all", url, token, as_json)
-    if not as_json:
-        print_operation(body)
+    mutate("/gpu/release-all", url, token, as_json)

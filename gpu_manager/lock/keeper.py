@@ -52,8 +52,5 @@ class LockKeeper:
                 await lease.release()
                 self._on_change()
 
-    async def held(self, label: str) -> bool:
-        return label in self._holders and self._lease is not None and not self._lease.is_lost()
-
 
 __all__ = ["LockKeeper"]

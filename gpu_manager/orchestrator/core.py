@@ -40,8 +40,8 @@ from gpu_manager.probe import DeviceSnapshot, Poller, Snapshot
 from gpu_manager.state_store import StateStore
 from gpu_manager.units import HOLDS_GPU, Event, EventBus, Unit, strategies
 
-REFUSAL_CODES = {"unknown_service": "unknown_service", "unknown_phase": "unknown_phase",
-                 "insufficient_vram": "insufficient_vram", "needed_by_phase": "needed_by_phase"}
+REFUSAL_CODES = frozenset({"unknown_service", "unknown_phase", "insufficient_vram",
+                           "needed_by_phase"})
 
 
 @dataclass
@@ -102,7 +102,6 @@ class Orchestrator:
         self._http = httpx.AsyncClient(trust_env=False)
         self._serial = asyncio.Lock()
         self.keeper = LockKeeper(lock, on_lock_change)
-        self.transition_durations: list[tuple[str, str, float]] = []  # (kind, outcome, s)
         self.preemptions: dict[str, int] = {}
         self._last_stop_at = 0.0
 
@@ -117,6 +116,7 @@ class Orchestrator:
             if unit.state in HOLDS_GPU:
                 fresh[name] = await unit.driver.pids()
         self.unit_pids = fresh
+        self._update_bookkeeping()
 
     def measured(self, name: str, snap: Snapshot | None = None) -> int | None:
         dev = (snap or self.poller.latest).device(self.inventory.gpu.device)
@@ -138,15 +138,20 @@ class Orchestrator:
             elif time.monotonic() - rel.since > self.reclaim_timeout_s:
                 del self.releasing[name]  # stop waiting on it; what is left shows as foreign
 
-    def observed(self) -> ObservedState:
-        gpu = self.inventory.gpu
-        dev = self.device
-        self._prune_releasing(dev)
+    def _update_bookkeeping(self) -> None:
+        """Forget releases the GPU has completed, and evicted services that reloaded."""
+        self._prune_releasing(self.device)
         for name, kind in list(self.idle.items()):
             mb = self.measured(name)
             declared = self.inventory.services[name].vram_mb
             if kind == "evicted" and mb is not None and mb > declared // 10:
                 del self.idle[name]  # it loaded a model again on its own: it holds VRAM
+
+    def observed(self) -> ObservedState:
+        """The planner's view, from cached pids and the latest snapshot; no side effects,
+        so /gpu/status may call it on every request."""
+        gpu = self.inventory.gpu
+        dev = self.device
         running = {n: self.measured(n) for n, u in self.units.items()
                    if u.state in HOLDS_GPU and n not in self.idle}
         running.update({n: None for n, lease in self.leases.items() if lease.active})
@@ -195,8 +200,6 @@ class Orchestrator:
             else:
                 op.finish("succeeded")
             finally:
-                kind = type(op.request).__name__
-                self.transition_durations.append((kind, op.status, time.monotonic() - t0))
                 self.store.set_operation(op.id, None)
                 self.bus.publish(Event("operation", None, op.as_dict()))
                 why = f" ({op.error})" if op.error else ""

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gpu_manager.planner import Plan, Request
+from gpu_manager.planner import Plan, PreparePhase, Request, StartService, StopAll, StopService
 from gpu_manager.planner.serialize import request_dict
 
 OpStatus = Literal["queued", "running", "succeeded", "failed", "refused", "interrupted"]
@@ -91,8 +91,6 @@ class Operation:
 
 def interrupted(data: dict[str, Any]) -> Operation:
     """An operation a previous daemon had in flight when it died, as the record left it."""
-    from gpu_manager.planner import PreparePhase, StartService, StopAll, StopService  # noqa: PLC0415
-
     req = data.get("request") or {}
     kinds: dict[str, Any] = {
         "PreparePhase": lambda: PreparePhase(int(req["phase"])),
