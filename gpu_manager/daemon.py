@@ -3,20 +3,26 @@
 Start order: state store -> probe + poller -> lock -> units (re-adopting what the previous
 daemon started) -> orchestrator -> background refreshers. Stopping the daemon leaves managed
 services running: the next daemon adopts them.
+
+Every long-lived task runs under one `Supervisor` (a crash is logged, shown in /ready and the
+task restarted), and `stop()` is bounded step by step: whatever one step does (hangs, raises),
+the next still runs, so the GPU lock is always released and every client closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from loguru import logger
 
-from gpu_manager.aio import wait_event
-from gpu_manager.config import DockerService, Inventory, load_inventory
+from gpu_manager.aio import Supervisor, wait_event
+from gpu_manager.config import DockerService, Inventory, ServiceConfig, load_inventory
 from gpu_manager.lock import GpuLock, LockInfo, make_lock
 from gpu_manager.orchestrator import Orchestrator
+from gpu_manager.orchestrator.executor import LOCK_IO_S
 from gpu_manager.orchestrator.leases import LeaseManager
 from gpu_manager.orchestrator.operations import interrupted
 from gpu_manager.paths import SIM_DIR_ENV, sim_dir
@@ -25,6 +31,7 @@ from gpu_manager.reload import Reloader
 from gpu_manager.settings import Settings
 from gpu_manager.state_store import StateStore
 from gpu_manager.units import (
+    Driver,
     EventBus,
     HealthChecker,
     Unit,
@@ -34,12 +41,13 @@ from gpu_manager.units.drivers.native import OWNER_ENV, find_launched, kill_grou
 
 LOCK_INFO_EVERY_S = 0.25
 PIDS_EVERY_S = 1.0
+STOP_STEP_S = 5.0  # each step of the daemon's own shutdown
 
 
 class Daemon:
     def __init__(self, settings: Settings, inventory: Inventory | None = None) -> None:
         self.settings = settings
-        self.inventory = inventory or load_inventory(settings.config_dir)
+        self._inventory = inventory or load_inventory(settings.config_dir)
         self.started_at = time.time()
         self.bus = EventBus()
         self.store = StateStore(settings.state_dir / "state.json")
@@ -58,6 +66,24 @@ class Daemon:
         self.owner = str(settings.state_dir.resolve())
         self.accepting = True
         self.start_s: float | None = None
+        self.supervisor = Supervisor()
+        self.unit_env: dict[str, str] = {}
+
+    @property
+    def inventory(self) -> Inventory:
+        """The inventory in force: the orchestrator owns it once it exists (reloads swap it
+        there, under the same serialisation as transitions)."""
+        orch = getattr(self, "orchestrator", None)
+        return orch.inventory if orch is not None else self._inventory
+
+    # -- one factory for units and drivers, at start-up and on reload -------------------------
+    def driver(self, name: str, cfg: ServiceConfig) -> Driver:
+        return make_driver(name, cfg, log_dir=self.settings.state_dir / "logs",
+                           docker=self.docker_engine, extra_env=self.unit_env)
+
+    def unit(self, name: str, cfg: ServiceConfig) -> Unit:
+        return Unit(name, cfg, self.driver(name, cfg), self.health, self.bus,
+                    on_record=self.store.set_unit, restart_gate=self.orchestrator.restart_gate)
 
     async def start(self) -> None:
         t0 = time.monotonic()
@@ -70,7 +96,7 @@ class Daemon:
         self.poller = make_poller(inv.gpu, probe)
         await self.poller.start()
         self.lock = make_lock(s.redis_url, s.lock_key, s.lock_ttl_ms)
-        env = self.unit_env = {SIM_DIR_ENV: str(self.sim_dir), OWNER_ENV: self.owner}
+        self.unit_env = {SIM_DIR_ENV: str(self.sim_dir), OWNER_ENV: self.owner}
         self.orchestrator = Orchestrator(
             inv, self.units, self.poller, self.lock, self.bus, self.store,
             lock_wait_s=s.lock_wait_s, reclaim_timeout_s=s.reclaim_timeout_s,
@@ -78,20 +104,19 @@ class Daemon:
         )
         self.orchestrator.redis_url = s.redis_url
         for name, cfg in inv.services.items():
-            driver = make_driver(name, cfg, log_dir=s.state_dir / "logs",
-                                 docker=self.docker_engine, extra_env=env)
-            unit = Unit(name, cfg, driver, self.health, self.bus, on_record=self.store.set_unit,
-                        restart_gate=self.orchestrator.restart_gate)
+            unit = self.unit(name, cfg)
             unit.start_loop()
             self.units[name] = unit
         await self._adopt()
         await self.orchestrator.refresh_pids()
         self.leases = LeaseManager(self.orchestrator, inv.leases)
-        self.leases.start()
         self.reloader = Reloader(self)
         self.reloader.start()
-        self._tasks = [asyncio.create_task(self._refresh_lock_info(), name="lock-info"),
-                       asyncio.create_task(self._refresh_pids(), name="unit-pids")]
+        sup = self.supervisor
+        sup.spawn("lock-info", self._refresh_lock_info)
+        sup.spawn("unit-pids", self._refresh_pids)
+        sup.spawn("lease-expiry", self.leases.expire_loop)
+        sup.spawn("config-watch", self.reloader.watch)
         await self.refresh_lock_info()
         self.start_s = time.monotonic() - t0  # the rebuild after a restart: adoption included
         logger.info(f"view rebuilt in {self.start_s:.3f}s; "
@@ -140,22 +165,29 @@ class Daemon:
 
     async def stop(self) -> None:
         self.accepting = False
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
-        for unit in self.units.values():
-            await unit.close()
-        await self.reloader.close()
-        await self.leases.close()
-        await self.orchestrator.keeper.release_all()  # leases do not survive the daemon
-        await self.orchestrator.aclose()
-        await self.poller.stop()
-        await self.lock.close()
-        await self.health.aclose()
+        await self._quietly("background tasks", self.supervisor.close(STOP_STEP_S))
+        await self._quietly("units", asyncio.gather(*(u.close() for u in self.units.values())))
+        await self._quietly("config watch", self.reloader.close())
+        # leases do not survive the daemon; the lock goes whatever happened above
+        await self._quietly("GPU lock release", self.orchestrator.keeper.release_all())
+        await self._quietly("orchestrator", self.orchestrator.aclose())
+        await self._quietly("poller", self.poller.stop())
+        await self._quietly("lock backend", self.lock.close())
+        await self._quietly("health checker", self.health.aclose())
         if self._docker is not None:
-            self._docker.close()
+            await self._quietly("Docker client", asyncio.to_thread(self._docker.close))
         logger.info("daemon stopped; managed services keep running unless stopped above")
+
+    @staticmethod
+    async def _quietly(what: str, aw: Awaitable[Any]) -> None:
+        """One shutdown step: bounded, and its failure is logged, never raised."""
+        try:
+            async with asyncio.timeout(STOP_STEP_S):
+                await aw
+        except TimeoutError:
+            logger.error(f"shutdown: {what} did not finish within {STOP_STEP_S:g}s; going on")
+        except Exception as exc:
+            logger.opt(exception=exc).error(f"shutdown: {what} failed: {exc}; going on")
 
     def docker_engine(self) -> Any:
         if self._docker is None:
@@ -167,25 +199,24 @@ class Daemon:
     # -- background refreshers: requests read their results, never wait on Redis or /proc ---
     async def refresh_lock_info(self) -> None:
         """Read the lock's holder and TTL now (requests otherwise read the cached copy)."""
-        self.lock_info = await self.lock.info()
+        try:
+            async with asyncio.timeout(LOCK_IO_S):
+                self.lock_info = await self.lock.info()
+        except TimeoutError:
+            self.lock_info = LockInfo(self.lock.backend, None, None, ok=False,
+                                      error=f"no answer within {LOCK_IO_S:g}s")
         self.lock_checked_at = time.time()
 
     async def _refresh_lock_info(self) -> None:
         while True:
             self._lock_dirty.clear()
             await wait_event(self._lock_dirty, LOCK_INFO_EVERY_S)
-            try:
-                await self.refresh_lock_info()
-            except Exception as exc:  # never let the refresher die
-                logger.warning(f"lock info refresh failed: {exc}")
+            await self.refresh_lock_info()
 
     async def _refresh_pids(self) -> None:
         while True:
             await asyncio.sleep(PIDS_EVERY_S)
-            try:
-                await self.orchestrator.refresh_pids()
-            except Exception as exc:
-                logger.warning(f"pid refresh failed: {exc}")
+            await self.orchestrator.refresh_pids()
 
     # -- readiness ----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -203,5 +234,6 @@ class Daemon:
             "started_in_s": self.start_s,
             "config": {"ok": self.reloader.error is None, "error": self.reloader.error,
                        "reloads": self.reloader.reloads},
+            "tasks": {"ok": self.supervisor.ok, "problems": self.supervisor.problems()},
         }
-        return probe_ok and lock_ok and self.accepting, detail
+        return probe_ok and lock_ok and self.accepting and self.supervisor.ok, detail

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # On SIGTERM/SIGINT: leave managed services running for the next daemon to adopt, or stop.
     on_shutdown: Literal["leave", "stop"] = "leave"
+    # On SIGTERM: how long operations in flight may go on before they are cancelled.
+    shutdown_timeout_s: float = Field(default=20.0, ge=0, le=600)
 
     @property
     def loopback(self) -> bool:

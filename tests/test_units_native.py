@@ -200,7 +200,7 @@ async def test_restart_with_backoff_then_start_limit(h: Harness) -> None:
     await until(lambda: "start limit hit" in unit.reason, 15, "the start limit")
     starts = [at for state, at in h.states("crashloop") if state == "starting"]
     fails = [at for state, at in h.states("crashloop") if state == "failed"]
-    assert len(starts) == 3 and unit.restarts == 2
+    assert len(starts) == 3 and unit.restarts.count == 2
     # each restart waits at least its backoff after the failure before it: 0.2 s, then 0.4 s
     gaps = [starts[i + 1] - fails[i] for i in range(2)]
     assert 0.2 <= gaps[0] < 0.4 and 0.4 <= gaps[1] < 0.7, gaps

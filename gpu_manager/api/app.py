@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from loguru import logger
 
 from gpu_manager import __version__
-from gpu_manager.aio import within
+from gpu_manager.aio import settle, within
 from gpu_manager.api import errors, leases, metrics
 from gpu_manager.api.errors import ApiError
 from gpu_manager.api.status import status as build_status
@@ -46,12 +47,19 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
         logger.info(f"graceful shutdown: finishing {len(background)} operation(s) in flight, "
                     f"then {'stopping' if settings.on_shutdown == 'stop' else 'leaving'} "
                     "the managed services")
-        for task in list(background):
-            with contextlib.suppress(Exception, TimeoutError):
-                await within(asyncio.shield(task), 30)
+        deadline = time.monotonic() + settings.shutdown_timeout_s
+        pending = [t for t in background if not t.done()]
+        if pending:
+            # Each operation is bounded by its own deadline; the shutdown budget caps the
+            # whole wait, and what is still running then is cancelled (its lock dropped).
+            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+            await settle([t for t in pending if not t.done()], 10.0)
         if settings.on_shutdown == "stop":
-            with contextlib.suppress(Exception):
-                await daemon.orchestrator.execute(Operation(StopAll()))
+            try:
+                async with asyncio.timeout(max(5.0, deadline - time.monotonic())):
+                    await daemon.orchestrator.execute(Operation(StopAll()))
+            except Exception as exc:
+                logger.error(f"graceful shutdown: stopping the services failed: {exc}")
         await daemon.stop()
 
     app = FastAPI(title="gpu-manager", version=__version__, lifespan=lifespan,

@@ -50,7 +50,7 @@ class DaemonCollector(Collector):
             if mb is not None:
                 measured.add_metric([name], mb)
             health.add_metric([name], unit.health_failures)
-            restarts.add_metric([name], unit.restarts)
+            restarts.add_metric([name], unit.restarts.count)
         yield from (state, measured, health, restarts)
         pre = CounterMetricFamily("gpu_manager_preemptions", "Services stopped to make room "
                                   "for a higher priority", labels=["service"])

@@ -13,14 +13,13 @@ def vram(daemon: Daemon) -> dict[str, Any]:
     snap = daemon.poller.latest
     gpu = daemon.inventory.gpu
     dev = snap.device(gpu.device)
-    owner = {pid: name for name, pids in orch.unit_pids.items() for pid in pids}
+    owner = orch.ledger.view().owner_of()
     total = dev.total_mb if dev and dev.total_mb is not None else gpu.total_mb
     free = dev.free_mb if dev else None
     if free is not None:
         available = max(0, free - gpu.reserve_mb)
     elif total is not None:  # degraded: what the declared budgets leave
-        held = sum(daemon.inventory.services[n].vram_mb for n, u in daemon.units.items()
-                   if u.state in HOLDS_GPU)
+        held = sum(u.cfg.vram_mb for u in list(daemon.units.values()) if u.state in HOLDS_GPU)
         available = max(0, total - gpu.reserve_mb - held)
     else:
         available = None
@@ -47,18 +46,25 @@ def vram(daemon: Daemon) -> dict[str, Any]:
 
 def services(daemon: Daemon) -> dict[str, Any]:
     orch = daemon.orchestrator
+    books = orch.ledger.view()
+    inv = daemon.inventory
     out: dict[str, Any] = {}
-    for name, unit in daemon.units.items():
-        cfg = daemon.inventory.services[name]
+    for name, unit in list(daemon.units.items()):
+        # A unit no longer in the inventory is one whose removal could not stop it: shown
+        # (it still holds VRAM) with its last definition, and `removed: true`.
+        cfg = inv.services.get(name, unit.cfg)
         out[name] = {
             "state": unit.state.value,
             "vram_mb": cfg.vram_mb,
             "priority": cfg.priority,
-            "phases": daemon.inventory.phases_of(name),
+            "phases": inv.phases_of(name),
             "type": cfg.type,
             "preemptible": cfg.preemptible,
             "measured_mb": orch.measured(name) if unit.state in HOLDS_GPU else None,
-            "pids": orch.unit_pids.get(name, []),
+            "pids": list(books.unit_pids.get(name, ())),
+            "pids_error": books.pid_errors.get(name),
+            "idle": books.idle[name].value if name in books.idle else None,
+            **({"removed": True} if name not in inv.services else {}),
             **{k: v for k, v in unit.snapshot().items() if k != "state"},
         }
     return out
@@ -86,6 +92,6 @@ def status(daemon: Daemon) -> dict[str, Any]:
         "phase": daemon.orchestrator.current_phase,
         "leases": [{"session_id": x.session_id, "requester": x.requester, "vram_mb": x.vram_mb,
                     "priority": x.priority} for x in daemon.leases.active],
-        "idle": dict(daemon.orchestrator.idle),
+        "idle": {n: k.value for n, k in daemon.orchestrator.ledger.view().idle.items()},
         "operations": [op.id for op in daemon.orchestrator.ops.in_flight()],
     }

@@ -45,6 +45,8 @@ def serve(
     app_ = create_app(settings, inventory)
     import uvicorn  # noqa: PLC0415
 
-    # Bounded graceful shutdown: in-flight transitions get this long to finish.
+    # Bounded graceful shutdown: open requests get this long to finish; then the lifespan
+    # gives operations in flight the rest of shutdown_timeout_s and cancels what is left.
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level="warning",
-                lifespan="on", access_log=False, timeout_graceful_shutdown=30)
+                lifespan="on", access_log=False,
+                timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s // 2)))

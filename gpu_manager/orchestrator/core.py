@@ -1,27 +1,37 @@
-"""The orchestrator: one transition at a time per GPU, under the GPU lock, step by step.
+"""The orchestrator: the facade the API calls. One transition at a time per GPU, under the
+GPU lock; the VRAM books in the ledger; the inventory swapped only through `apply_inventory`.
 
 For each request: take the local queue (FIFO), take the GPU lock (423 if someone else holds
-it), observe, plan (pure), then stop -> wait for reclaim by evidence -> start -> wait ready.
-The lock is held until the last start, so the VRAM the stops free stays with this request.
-Reclaim evidence: the stopped units' pids are gone from the probe's process list (or dead)
-AND free memory covers the next start plus the reserve, read in the probe's fast mode.
+it), observe, plan (pure), then run the plan (`executor.Executor`). The lock is held until the
+last start, so the VRAM the stops free stays with this request. Whatever happens (a refusal,
+a failed step, the overall deadline, a cancel at shutdown) the operation ends with a status
+and the lock is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import httpx
 import psutil
 from loguru import logger
 
-from gpu_manager.config import Inventory
-from gpu_manager.lock import GpuLock, Lease, LockHeld, LockLost, LockUnavailable
+from gpu_manager.config import Inventory, ServiceConfig
+from gpu_manager.lock import GpuLock, LockHeld, LockLost, LockUnavailable
 from gpu_manager.lock.keeper import LockKeeper
+from gpu_manager.orchestrator.executor import (
+    LOCK_IO_S,
+    PIDS_TIMEOUT_S,
+    Executor,
+    lock_call,
+    plan_bound,
+    refusal_error,
+)
+from gpu_manager.orchestrator.ledger import Ledger
 from gpu_manager.orchestrator.operations import Operation, OperationError, OperationLog
 from gpu_manager.planner import (
     ObservedState,
@@ -32,59 +42,43 @@ from gpu_manager.planner import (
     Request,
     ServiceSpec,
     StartService,
-    StopAll,
-    StopService,
     plan,
 )
 from gpu_manager.probe import DeviceSnapshot, Poller, Snapshot
 from gpu_manager.state_store import StateStore
-from gpu_manager.units import HOLDS_GPU, Event, EventBus, Unit, strategies
+from gpu_manager.units import HOLDS_GPU, Driver, Event, EventBus, IdleKind, Unit, strategies
 
 REFUSAL_CODES = frozenset({"unknown_service", "unknown_phase", "insufficient_vram",
                            "needed_by_phase"})
 
 
-@dataclass
-class Releasing:
-    """VRAM of a stopped unit that the GPU may not have handed back yet."""
+class UnitFactory(Protocol):
+    """How the daemon builds units and drivers (one place, for start-up and reloads)."""
 
-    pids: frozenset[int]
-    mb: int
-    since: float
-    # Evicted or paused: the process lives on, so only free memory is evidence.
-    must_exit: bool = True
+    def unit(self, name: str, cfg: ServiceConfig) -> Unit: ...
+
+    def driver(self, name: str, cfg: ServiceConfig) -> Driver: ...
 
 
 @dataclass
-class ClientLease:
-    """VRAM a client holds for a while: counted by the planner, never stopped by it."""
-
-    session_id: str
-    requester: str
-    priority: int
-    client_priority: int
-    vram_mb: int
-    ttl_s: float
-    expires: float  # time.monotonic()
-    legacy: bool = False
-    metadata: dict[str, Any] = field(default_factory=dict)
-    active: bool = False
-    acquired_at: float | None = None  # wall clock
-
-    @property
-    def name(self) -> str:
-        return f"lease:{self.session_id}"
+class ReloadResult:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    restart: list[str] = field(default_factory=list)
+    # removed services whose stop failed: still running, still counted, retried next reload
+    kept: dict[str, str] = field(default_factory=dict)
 
 
 class Orchestrator:
     def __init__(
-        self, inventory: Inventory, units: Mapping[str, Unit], poller: Poller, lock: GpuLock,
+        self, inventory: Inventory, units: dict[str, Unit], poller: Poller, lock: GpuLock,
         bus: EventBus, store: StateStore, *, lock_wait_s: float = 0.0,
         reclaim_timeout_s: float = 30.0, on_lock_change: Callable[[], None] | None = None,
     ) -> None:
         self.inventory = inventory
         self.pinv = PlannerInventory.from_inventory(inventory)
-        self.units = units
+        self.units = units  # written only by apply_inventory (under _serial)
         self.poller = poller
         self.lock = lock
         self.bus = bus
@@ -92,82 +86,91 @@ class Orchestrator:
         self.lock_wait_s = lock_wait_s
         self.reclaim_timeout_s = reclaim_timeout_s
         self.ops = OperationLog()
+        self.ledger = Ledger()
         self.current_phase: int | None = store.phase
-        self.unit_pids: dict[str, list[int]] = {}
-        self.releasing: dict[str, Releasing] = {}
-        self.leases: dict[str, ClientLease] = {}  # by name, pending and active
-        # Units that run but hold no VRAM: evicted (Ollama) or paused, by who made them so.
-        self.idle: dict[str, str] = {}
         self.redis_url: str | None = None
-        self._http = httpx.AsyncClient(trust_env=False)
+        self.http = httpx.AsyncClient(trust_env=False)
         self._serial = asyncio.Lock()
         self.keeper = LockKeeper(lock, on_lock_change)
         self.preemptions: dict[str, int] = {}
-        self._last_stop_at = 0.0
+        self.executor = Executor(self)
 
-    # -- observation (no I/O but the pid refresh) ---------------------------------------------
+    # -- observation --------------------------------------------------------------------------
     @property
     def device(self) -> DeviceSnapshot | None:
         return self.poller.latest.device(self.inventory.gpu.device)
 
+    @property
+    def busy(self) -> bool:
+        return self._serial.locked()
+
+    async def read_pids(self, name: str) -> tuple[frozenset[int], str | None]:
+        """The unit's pids now, bounded; on failure the last known ones and the error."""
+        unit = self.units[name]
+        try:
+            async with asyncio.timeout(PIDS_TIMEOUT_S):
+                return frozenset(await unit.driver.pids()), None
+        except TimeoutError:
+            error = f"no answer within {PIDS_TIMEOUT_S:g}s"
+        except Exception as exc:  # DriverError from an unreachable engine, or a bug
+            error = f"{type(exc).__name__}: {exc}"
+        logger.warning(f"{name}: cannot read its pids: {error}")
+        return frozenset(self.ledger.view().unit_pids.get(name, ())), error
+
     async def refresh_pids(self) -> None:
-        fresh: dict[str, list[int]] = {}
-        for name, unit in self.units.items():
-            if unit.state in HOLDS_GPU:
-                fresh[name] = await unit.driver.pids()
-        self.unit_pids = fresh
-        self._update_bookkeeping()
+        units = [(n, u) for n, u in list(self.units.items()) if u.state in HOLDS_GPU]
+        results = await asyncio.gather(*(self.read_pids(n) for n, _ in units))
+        fresh = {n: tuple(sorted(p)) for (n, _), (p, err) in zip(units, results, strict=True)
+                 if err is None}
+        errors = {n: err for (n, _), (_, err) in zip(units, results, strict=True)
+                  if err is not None}
+        self.ledger.set_pids(fresh, errors)
+        self.prune(self.poller.latest)
+        for name, kind in self.ledger.view().idle.items():
+            unit = self.units.get(name)
+            mb = self.measured(name)
+            if kind == IdleKind.EVICTED and unit is not None and mb is not None \
+                    and mb > unit.cfg.vram_mb // 10:
+                self.ledger.wake(name)  # it loaded a model again on its own: it holds VRAM
+
+    def prune(self, snap: Snapshot) -> None:
+        dev = snap.device(self.inventory.gpu.device)
+        listed = ({p.pid for p in dev.processes}
+                  if dev is not None and dev.processes is not None else None)
+        self.ledger.prune_releasing(listed, psutil.pid_exists, self.reclaim_timeout_s)
 
     def measured(self, name: str, snap: Snapshot | None = None) -> int | None:
         dev = (snap or self.poller.latest).device(self.inventory.gpu.device)
         if dev is None or dev.processes is None:
             return None
-        pids = set(self.unit_pids.get(name, ()))
+        pids = set(self.ledger.view().unit_pids.get(name, ()))
         found = [p.used_mb for p in dev.processes if p.pid in pids]
         if not found or any(mb is None for mb in found):
             return None
         return sum(mb for mb in found if mb is not None)
 
-    def _prune_releasing(self, dev: DeviceSnapshot | None) -> None:
-        listed = {p.pid for p in dev.processes} if dev is not None and dev.processes else set()
-        for name, rel in list(self.releasing.items()):
-            known_list = dev is not None and dev.processes is not None
-            alive = any(psutil.pid_exists(pid) for pid in rel.pids)
-            if not (rel.pids & listed) and (known_list or not alive):
-                del self.releasing[name]
-            elif time.monotonic() - rel.since > self.reclaim_timeout_s:
-                del self.releasing[name]  # stop waiting on it; what is left shows as foreign
-
-    def _update_bookkeeping(self) -> None:
-        """Forget releases the GPU has completed, and evicted services that reloaded."""
-        self._prune_releasing(self.device)
-        for name, kind in list(self.idle.items()):
-            mb = self.measured(name)
-            declared = self.inventory.services[name].vram_mb
-            if kind == "evicted" and mb is not None and mb > declared // 10:
-                del self.idle[name]  # it loaded a model again on its own: it holds VRAM
-
     def observed(self) -> ObservedState:
-        """The planner's view, from cached pids and the latest snapshot; no side effects,
-        so /gpu/status may call it on every request."""
+        """The planner's view, from cached pids and the latest snapshot; no side effects."""
         gpu = self.inventory.gpu
         dev = self.device
-        running = {n: self.measured(n) for n, u in self.units.items()
-                   if u.state in HOLDS_GPU and n not in self.idle}
-        running.update({n: None for n, lease in self.leases.items() if lease.active})
+        books = self.ledger.view()
+        running = {n: self.measured(n) for n, u in list(self.units.items())
+                   if u.state in HOLDS_GPU and n not in books.idle}
+        running.update({n: None for n, lease in books.leases.items() if lease.active})
         total = dev.total_mb if dev is not None and dev.total_mb is not None else gpu.total_mb
         foreign = 0
         if dev is not None and dev.used_mb is not None:
             managed = sum(mb or 0 for mb in running.values())
-            releasing = sum(r.mb for r in self.releasing.values())
+            releasing = sum(r.mb for r in books.releasing.values())
             foreign = max(0, dev.used_mb - managed - releasing)
         return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase)
 
     def planner_inventory(self) -> PlannerInventory:
-        if not self.leases:
+        leases = self.ledger.view().leases
+        if not leases:
             return self.pinv
         services = dict(self.pinv.services)
-        for name, lease in self.leases.items():
+        for name, lease in leases.items():
             services[name] = ServiceSpec(name, lease.vram_mb, lease.priority, preemptible=False,
                                          stoppable=False)
         return PlannerInventory(services, self.pinv.phases)
@@ -175,6 +178,28 @@ class Orchestrator:
     async def dry_run(self, request: Request) -> Plan | Refusal:
         await self.refresh_pids()
         return plan(self.planner_inventory(), self.observed(), request)
+
+    def gpu_state(self) -> dict[str, str]:
+        idle = self.ledger.view().idle
+        return {n: idle[n].value if n in idle else u.state.value
+                for n, u in list(self.units.items())}
+
+    def owner(self, request: Request) -> str:
+        """Who the GPU goes to, as the pause protocol names it (`gpu_owner`, `gpu_state`)."""
+        if isinstance(request, StartService):
+            lease = self.ledger.lease(request.name)
+            return lease.requester if lease is not None else request.name
+        if isinstance(request, PreparePhase):
+            return f"phase {request.phase}"
+        return "gpu-manager"
+
+    # -- the books' other writers go through here ---------------------------------------------
+    def set_phase(self, phase: int | None) -> None:
+        self.current_phase = phase
+        self.store.set_phase(phase)
+
+    def count_preemption(self, name: str) -> None:
+        self.preemptions[name] = self.preemptions.get(name, 0) + 1
 
     # -- execution ----------------------------------------------------------------------------
     async def execute(self, op: Operation) -> Operation:
@@ -209,191 +234,102 @@ class Orchestrator:
         return op
 
     async def _execute(self, op: Operation) -> None:
-        lease = await self.keeper.hold(op.label, self.lock_wait_s)
+        try:
+            async with asyncio.timeout(self.lock_wait_s + LOCK_IO_S):
+                lease = await self.keeper.hold(op.label, self.lock_wait_s)
+        except TimeoutError as exc:
+            raise LockUnavailable(f"the lock backend did not answer within "
+                                  f"{self.lock_wait_s + LOCK_IO_S:g}s") from exc
         try:
             await self.refresh_pids()
             result = plan(self.planner_inventory(), self.observed(), op.request)
             if isinstance(result, Refusal):
-                extra = {} if result.code != "insufficient_vram" else {
-                    "short_mb": result.short_mb,
-                    "blockers": [{"name": b.name, "mb": b.mb, "reason": b.reason}
-                                 for b in result.blockers]}
-                raise OperationError(result.code, result.message, **extra)
+                raise refusal_error(result)
             op.set_plan(result)
-            for record, step in zip(op.steps, result.steps, strict=True):
-                if lease.is_lost():  # the renewal task saw it go: abort before the next step
-                    await lease.check()
-                record.status, record.started_at = "running", time.time()
-                self.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
-                t0 = time.monotonic()
-                try:
-                    if step.action == "stop":
-                        # A stop the user asked for is a stop; one the plan needs for room may
-                        # use the service's gentler strategy (evict, pause).
-                        soft = not isinstance(op.request, StopService | StopAll)
-                        record.detail = await self._stop(step.service, step.reason,
-                                                         step.preemption, soft,
-                                                         self._owner(op.request))
-                    else:
-                        record.reclaim_wait_s = await self._start(step.service, step.mb, lease)
-                except BaseException as exc:
-                    record.status = "failed"
-                    record.detail = str(exc)
-                    raise
-                finally:
-                    record.duration_s = time.monotonic() - t0
-                if record.status != "failed":
-                    record.status = "done"
-                logger.bind(service=step.service, op=op.id, action=step.action,
-                            reason=step.reason, duration_s=record.duration_s,
-                            preemption=step.preemption).info(
-                    f"{step.action} {step.service} done in {record.duration_s:.3f}s "
-                    f"({step.reason})" + (f"; {record.detail}" if record.detail else ""))
-                self.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
-            if isinstance(op.request, PreparePhase):
-                self.current_phase = op.request.phase
-                self.store.set_phase(self.current_phase)
-            if result.steps:
-                # One fresh poll, so /gpu/status read right after this answer shows the result.
-                await self.poller.next_snapshot(timeout=2)
-                await self.refresh_pids()
+            bound = plan_bound(self, result)
+            try:
+                async with asyncio.timeout(bound):
+                    await self.executor.run(op, lease, result)
+            except TimeoutError as exc:
+                raise OperationError(
+                    "deadline_exceeded", f"the plan did not finish within {bound:g}s (the sum "
+                    "of its steps' deadlines)", gpu_state=self.gpu_state()) from exc
         finally:
-            await self.keeper.drop(op.label)
+            await self._drop_lock(op.label)
 
-    async def _stop(self, name: str, reason: str, preemption: bool, soft: bool,
-                    requester: str) -> str | None:
-        """Free `name`'s VRAM: evict or pause it when configured and allowed, else stop it."""
-        unit = self.units[name]
+    async def _drop_lock(self, label: str) -> None:
+        try:
+            await lock_call("release", self.keeper.drop(label))
+        except Exception as exc:  # Redis gone: the key expires by its TTL
+            logger.opt(exception=exc).error(f"could not release the GPU lock ({label}): {exc}")
+
+    async def resume(self, name: str) -> None:
         cfg = self.inventory.services[name]
-        pids = frozenset(await unit.driver.pids())
-        mb = max(cfg.vram_mb, self.measured(name) or 0)
-        detail = None
-        if preemption:
-            self.preemptions[name] = self.preemptions.get(name, 0) + 1
-        if soft and (cfg.evict is not None or cfg.preempt is not None):
-            if cfg.evict is not None:
-                ok, detail = await strategies.ollama_evict(cfg.evict, self._http)
-            else:
-                assert cfg.preempt is not None
-                ok, detail = await strategies.pause(cfg.preempt, self.redis_url, requester,
-                                                    requester, reason, self._http)
-            if ok:
-                self.idle[name] = "evicted" if cfg.evict is not None else "paused"
-                self.releasing[name] = Releasing(pids, mb, time.monotonic(), must_exit=False)
-                self._last_stop_at = time.monotonic()
-                self.bus.publish(Event(self.idle[name], name, {"detail": detail}))
-                return detail
-            logger.warning(f"{name}: {detail}; falling back to a stop")
-            detail = f"{detail}; stopped instead"
-        result = await unit.stop(reason)
-        if not result.ok:
-            raise OperationError("stop_failed", f"could not stop {name}: {result.reason}",
-                                 gpu_state=self.gpu_state())
-        self.idle.pop(name, None)
-        self.releasing[name] = Releasing(pids, mb, time.monotonic())
-        self._last_stop_at = time.monotonic()
-        self.unit_pids.pop(name, None)
-        return detail
-
-    async def _start(self, name: str, need_mb: int, lease: Lease) -> float:
-        await lease.check()  # fencing: nobody took the lock since we did
-        waited = await self._await_reclaim(name, need_mb)
-        await lease.check()
-        client = self.leases.get(name)
-        if client is not None:  # a client lease: the VRAM is now theirs
-            client.active, client.acquired_at = True, time.time()
-            return waited
-        if name in self.idle:  # evicted/paused: it reloads its model on its own
-            await self._resume(name)
-            return waited
-        result = await self.units[name].ensure_ready()
-        if not result.ok:
-            # The unit has already stopped what it launched; say where that leaves the GPU.
-            raise OperationError("start_failed", f"{name} did not become ready: {result.reason}",
-                                 gpu_state=self.gpu_state())
-        return waited
-
-    async def _await_reclaim(self, name: str, need_mb: int) -> float:
-        reserve = self.inventory.gpu.reserve_mb
-        pending = frozenset().union(*(r.pids for r in self.releasing.values() if r.must_exit))
-
-        def reclaimed(snap: Snapshot) -> bool:
-            # Only a snapshot taken after the last stop is evidence: an older one may predate
-            # the stopped service's allocation and "show" its memory as free.
-            if snap.taken_at < self._last_stop_at:
-                return False
-            dev = snap.device(self.inventory.gpu.device)
-            if dev is None or dev.lost:
-                return False
-            if dev.processes is not None:
-                gone = not (pending & {p.pid for p in dev.processes})
-            else:
-                gone = not any(psutil.pid_exists(pid) for pid in pending)
-            # Degraded (declared) mode knows no free memory: the planner's budget must do.
-            room = dev.free_mb is None or dev.free_mb - reserve >= need_mb
-            return gone and room
-
-        t0 = time.monotonic()
-        if not pending and reclaimed(self.poller.latest):
-            return 0.0
-        async with self.poller.fast():
-            snap = await self.poller.wait_until(reclaimed, self.reclaim_timeout_s)
-            soft = [n for n, r in self.releasing.items() if not r.must_exit and n in self.idle]
-            if snap is None and soft:
-                # Eviction/pause did not give the memory back: stop them, and say so.
-                for n in soft:
-                    logger.warning(f"{n}: VRAM not back after {self.idle[n]}; stopping it")
-                    await self._stop(n, f"{self.idle[n]} did not free its VRAM", False,
-                                     False, "reclaim")
-                pending = frozenset().union(*(r.pids for r in self.releasing.values()
-                                              if r.must_exit))
-                snap = await self.poller.wait_until(reclaimed, self.reclaim_timeout_s)
-        if snap is None:
-            dev = self.device
-            free = dev.free_mb if dev is not None else None
-            raise OperationError(
-                "reclaim_timeout",
-                f"VRAM for {name} did not come back within {self.reclaim_timeout_s:g}s: "
-                f"need {need_mb} MB + {reserve} MB reserve, {free} MB free; still listed: "
-                f"{sorted(pending & {p.pid for p in (dev.processes or ())}) if dev else '?'}",
-                gpu_state=self.gpu_state())
-        self._prune_releasing(snap.device(self.inventory.gpu.device))
-        return time.monotonic() - t0
-
-    def _owner(self, request: Request) -> str:
-        """Who the GPU goes to, as the pause protocol names it (`gpu_owner`, `gpu_state`)."""
-        if isinstance(request, StartService):
-            lease = self.leases.get(request.name)
-            return lease.requester if lease is not None else request.name
-        if isinstance(request, PreparePhase):
-            return f"phase {request.phase}"
-        return "gpu-manager"
-
-    def gpu_state(self) -> dict[str, str]:
-        return {n: self.idle.get(n, u.state.value) for n, u in self.units.items()}
-
-    async def _resume(self, name: str) -> None:
-        cfg = self.inventory.services[name]
-        kind = self.idle.pop(name, None)
-        if kind == "paused" and cfg.preempt is not None:
-            ok, detail = await strategies.resume(cfg.preempt, self.redis_url, name, self._http)
+        kind = self.ledger.wake(name)
+        if kind == IdleKind.PAUSED and cfg.preempt is not None:
+            try:
+                async with asyncio.timeout(15):
+                    ok, detail = await strategies.resume(cfg.preempt, self.redis_url, name,
+                                                         self.http)
+            except TimeoutError:
+                ok, detail = False, "resume: no answer within 15s"
             self.bus.publish(Event("resumed", name, {"ok": ok, "detail": detail}))
             if not ok:
                 logger.warning(f"{name}: {detail}")
 
     async def resume_idle(self) -> None:
         """Give the GPU back to paused services that fit again (after a release)."""
-        paused = [n for n, kind in self.idle.items() if kind == "paused"]
+        paused = [n for n, kind in self.ledger.view().idle.items() if kind == IdleKind.PAUSED]
         if not paused or self._serial.locked():
             return
         async with self._serial:
             for name in paused:
+                if name not in self.inventory.services:
+                    continue
                 result = plan(self.planner_inventory(), self.observed(), StartService(name))
                 if isinstance(result, Plan) and not result.stops:
-                    await self._resume(name)
+                    await self.resume(name)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self.http.aclose()
+
+    # -- the inventory, swapped through its owners --------------------------------------------
+    async def apply_inventory(self, new: Inventory, make: UnitFactory) -> ReloadResult:
+        """Swap in a new inventory under the same serialisation as transitions: removed
+        services are stopped through their units (a failed stop keeps the unit, still
+        counted, and says so), changed ones are reconfigured through their inbox, added
+        ones are built by the same factory as at start-up."""
+        res = ReloadResult()
+        async with self._serial:
+            old = self.inventory
+            for name in [n for n in self.units if n not in new.services]:
+                unit = self.units[name]
+                stopped = await unit.stop("removed from the inventory")
+                if not stopped.ok:
+                    res.kept[name] = stopped.reason
+                    logger.error(f"{name}: removed from the inventory but its stop failed "
+                                 f"({stopped.reason}); still counted, retried at the next "
+                                 "reload")
+                    continue
+                del self.units[name]
+                await unit.close()
+                self.ledger.forget(name)
+                res.removed.append(name)
+            for name, cfg in new.services.items():
+                if name not in self.units:
+                    unit = make.unit(name, cfg)
+                    unit.start_loop()
+                    self.units[name] = unit
+                    res.added.append(name)
+                elif cfg != old.services.get(name):
+                    unit = self.units[name]
+                    await unit.reconfigure(cfg, make.driver(name, cfg))
+                    res.changed.append(name)
+                    if unit.driver.running() and cfg.on_change == "restart":
+                        res.restart.append(name)
+            self.inventory = new
+            self.pinv = PlannerInventory.from_inventory(new)
+        return res
 
     # -- restart gate -------------------------------------------------------------------------
     async def restart_gate(self, name: str) -> bool:
@@ -401,12 +337,19 @@ class Orchestrator:
         nobody holds the GPU lock; a restart never preempts."""
         if self._serial.locked():
             # A transition is in flight (it may be waiting on this very unit): do not queue
-            # behind it from inside the unit's own loop; decline and say so.
+            # behind it from inside the unit's own loop; decline (the unit tries again later).
             return False
         async with self._serial:
-            info = await self.lock.info()
+            try:
+                async with asyncio.timeout(LOCK_IO_S):
+                    info = await self.lock.info()
+            except TimeoutError:
+                return False
             if info.holder is not None and not self.keeper.holders:
                 return False  # someone outside the daemon (legacy code) owns the GPU
+            if name not in self.inventory.services:
+                return False
             await self.refresh_pids()
             result = plan(self.planner_inventory(), self.observed(), StartService(name))
             return isinstance(result, Plan) and not result.stops
+

@@ -10,7 +10,6 @@ TTL unless renewed, so a crashed client cannot hold the GPU forever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,9 @@ from loguru import logger
 from gpu_manager.aio import wait_event
 from gpu_manager.config import LeaseConfig
 from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
-from gpu_manager.orchestrator.core import ClientLease, Orchestrator
+from gpu_manager.orchestrator.core import Orchestrator
+from gpu_manager.orchestrator.executor import lock_call
+from gpu_manager.orchestrator.ledger import ClientLease, lease_name
 from gpu_manager.orchestrator.operations import Operation, OperationError
 from gpu_manager.planner import Plan, StartService
 from gpu_manager.units import Event
@@ -50,27 +51,17 @@ class LeaseManager:
         self._queue: list[_Waiter] = []
         self._seq = itertools.count()
         self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> list[ClientLease]:
-        return [lease for lease in self.orch.leases.values() if lease.active]
+        return self.orch.ledger.view().active_leases
 
     def get(self, session_id: str) -> ClientLease | None:
-        lease = self.orch.leases.get(f"lease:{session_id}")
+        lease = self.orch.ledger.lease(lease_name(session_id))
         return lease if lease is not None and lease.active else None
 
     def scale(self, client_priority: int) -> int:
         return self.cfg.immediate_priority if client_priority == 1 else self.cfg.background_priority
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._expire_loop(), name="lease-expiry")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def _notify(self) -> None:
         self._changed.set()
@@ -82,15 +73,17 @@ class LeaseManager:
         t0 = time.monotonic()
         existing = self.get(session_id)
         if existing is not None:  # a retry of a request that already succeeded: idempotent
-            self.renew(session_id)
-            return AcquireResult(existing, None, 0)
+            return AcquireResult(self.renew(session_id) or existing, None, 0)
+        if self.orch.ledger.lease(lease_name(session_id)) is not None:
+            return AcquireResult(None, f"session {session_id!r} is already being acquired",
+                                 0, "invalid")
         budget = self.orch.observed().total_mb - self.orch.inventory.gpu.reserve_mb
         mb = vram_mb if vram_mb is not None else self.cfg.default_vram_mb
         mb = budget if mb is None else mb
         ttl = min(ttl_s or (self.cfg.legacy_ttl_s if legacy else self.cfg.default_ttl_s),
                   self.cfg.max_ttl_s)
         lease = ClientLease(session_id, requester, self.scale(client_priority), client_priority,
-                            mb, ttl, 0.0, legacy, dict(metadata or {}))
+                            mb, ttl, legacy, dict(metadata or {}))
         waiter = _Waiter((-lease.priority, next(self._seq)), session_id)
         self._queue.append(waiter)
         self._queue.sort()
@@ -100,12 +93,11 @@ class LeaseManager:
             while True:
                 if self._queue[0] is waiter:
                     outcome = await self._try(lease)
-                    if outcome is None:
-                        lease.expires = time.monotonic() + lease.ttl_s
+                    if isinstance(outcome, ClientLease):
                         self.orch.bus.publish(Event("lease", None, {
                             "session_id": session_id, "requester": requester,
                             "status": "acquired", "vram_mb": mb}))
-                        return AcquireResult(lease, None, int((time.monotonic() - t0) * 1000))
+                        return AcquireResult(outcome, None, self._ms(t0))
                     code, last = outcome
                     if code == "unavailable":
                         return AcquireResult(None, last, self._ms(t0), "unavailable")
@@ -123,10 +115,10 @@ class LeaseManager:
     def _ms(t0: float) -> int:
         return int((time.monotonic() - t0) * 1000)
 
-    async def _try(self, lease: ClientLease) -> tuple[str, str] | None:
-        """Grant `lease` now if a plan allows it; else (code, why not)."""
+    async def _try(self, lease: ClientLease) -> ClientLease | tuple[str, str]:
+        """Grant `lease` now if a plan allows it (the active lease); else (code, why not)."""
         orch = self.orch
-        orch.leases[lease.name] = lease  # pending: the planner sees its size and priority
+        orch.ledger.add_pending(lease)  # the planner sees its size and priority
         held = False
         try:
             plan = await orch.dry_run(StartService(lease.name))
@@ -134,7 +126,7 @@ class LeaseManager:
                 return "refused", plan.message
             # The daemon owns the GPU lock for as long as the lease is held, so legacy code
             # taking gpu_mutex sees the GPU as owned; taken before the transition, kept after.
-            await orch.keeper.hold(lease.name)
+            await lock_call("acquire", orch.keeper.hold(lease.name))
             held = True
             await orch.execute(Operation(StartService(lease.name)))
         except OperationError as exc:
@@ -144,24 +136,29 @@ class LeaseManager:
         except (LockUnavailable, LockLost) as exc:
             return "unavailable", str(exc)
         finally:
-            if not lease.active:
-                orch.leases.pop(lease.name, None)
+            granted = orch.ledger.lease(lease.name)
+            if granted is None or not granted.active:
+                orch.ledger.drop_pending(lease.name)
                 if held:
-                    await orch.keeper.drop(lease.name)
-        return None
+                    await self._drop_lock(lease.name)
+        if granted is None or not granted.active:  # the plan ran, yet no activation
+            return "refused", "the lease was not activated"
+        return granted
+
+    async def _drop_lock(self, name: str) -> None:
+        try:
+            await lock_call("release", self.orch.keeper.drop(name))
+        except Exception as exc:  # Redis gone: the key expires by its TTL
+            logger.opt(exception=exc).error(f"could not release the GPU lock for {name}: {exc}")
 
     def renew(self, session_id: str) -> ClientLease | None:
-        lease = self.get(session_id)
-        if lease is not None:
-            lease.expires = time.monotonic() + lease.ttl_s
-        return lease
+        return self.orch.ledger.renew(lease_name(session_id))
 
     async def release(self, session_id: str, why: str = "released") -> ClientLease | None:
-        lease = self.orch.leases.pop(f"lease:{session_id}", None)
-        if lease is None or not lease.active:
+        lease = self.orch.ledger.release(lease_name(session_id))
+        if lease is None:
             return None
-        lease.active = False
-        await self.orch.keeper.drop(lease.name)
+        await self._drop_lock(lease.name)
         self.orch.bus.publish(Event("lease", None, {"session_id": session_id,
                                                     "requester": lease.requester,
                                                     "status": why}))
@@ -169,11 +166,11 @@ class LeaseManager:
         await self.orch.resume_idle()
         return lease
 
-    async def _expire_loop(self) -> None:
+    async def expire_loop(self) -> None:
+        """Run by the daemon's supervisor: take back leases whose TTL ran out."""
         while True:
             await asyncio.sleep(0.25)
-            now = time.monotonic()
-            for lease in [x for x in self.orch.leases.values() if x.active and x.expires < now]:
+            for lease in self.orch.ledger.expired(time.monotonic()):
                 logger.warning(f"lease {lease.session_id} of {lease.requester} expired after "
                                f"{lease.ttl_s:g}s without renewal; taking the GPU back")
                 await self.release(lease.session_id, "expired")

@@ -112,7 +112,12 @@ class Poller:
             self._wake.clear()
             await wait_event(self._wake, interval)
             due = time.monotonic() - self._last_processes >= self.process_interval_s
-            await self._poll(processes=self.fast_mode or due)
+            try:
+                await self._poll(processes=self.fast_mode or due)
+            except Exception as exc:  # the poller outlives its own bugs: stale data shows
+                self.errors += 1
+                logger.opt(exception=exc).error("GPU poller iteration failed: {}", exc)
+                await asyncio.sleep(interval)
 
     async def _poll(self, processes: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -122,10 +127,14 @@ class Poller:
         except Exception as exc:  # a probe must not kill the poller
             self.errors += 1
             logger.opt(exception=exc).error("GPU probe failed: {}", exc)
+            # The data is as old as the last good sample: keep its timestamps, so no reader
+            # takes it for evidence newer than it is (reclaim counts only snapshots taken
+            # after the last stop); only the error is new. With no good sample yet there
+            # are no devices, which readers already treat as unknown.
             prev = self._latest
-            now = time.monotonic()
-            snap = Snapshot(self.probe.source, now, time.time(),
-                            prev.devices if prev else (), error=f"probe failed: {exc}")
+            snap = (dataclasses.replace(prev, error=f"probe failed: {exc}") if prev is not None
+                    else Snapshot(self.probe.source, time.monotonic(), time.time(), (),
+                                  error=f"probe failed: {exc}"))
         self.last_poll_s = time.perf_counter() - t0
         self.polls += 1
         if processes:

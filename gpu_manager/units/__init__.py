@@ -11,8 +11,10 @@ from gpu_manager.units.drivers.base import Driver, DriverError, ExitInfo
 from gpu_manager.units.drivers.native import NativeDriver
 from gpu_manager.units.events import Event, EventBus
 from gpu_manager.units.health import HealthChecker
-from gpu_manager.units.states import HOLDS_GPU, RUNNING, ServiceState
-from gpu_manager.units.unit import RestartPolicy, Unit, UnitResult
+from gpu_manager.units.restart import RestartPolicy
+from gpu_manager.units.result import UnitResult
+from gpu_manager.units.states import HOLDS_GPU, RUNNING, TRANSIENT, IdleKind, ServiceState
+from gpu_manager.units.unit import Unit
 
 
 def make_driver(
@@ -40,6 +42,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "HOLDS_GPU",
     "RUNNING",
+    "TRANSIENT",
     "DockerDriver",
     "DockerEngine",
     "Driver",
@@ -48,6 +51,7 @@ __all__ = [
     "EventBus",
     "ExitInfo",
     "HealthChecker",
+    "IdleKind",
     "NativeDriver",
     "RestartPolicy",
     "ServiceState",

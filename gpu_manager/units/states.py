@@ -1,4 +1,11 @@
-"""Service states and their groups; no dependencies (the supervisor `states.py` habit)."""
+"""Service states, their groups and the allowed transitions; no dependencies (the supervisor
+`states.py` habit, and llama-swap's `isValidTransition`).
+
+A transition not in `TRANSITIONS` is a bug in the owner loop, not something to tolerate: the
+unit refuses it (raises `InvalidTransition`), the owner loop logs it with its traceback and
+moves the unit to a state that is always reachable (`failed`), so the bug shows instead of
+leaving a unit in a state that nothing will ever move it out of.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +21,40 @@ class ServiceState(StrEnum):
     FAILED = "failed"
 
 
+S = ServiceState
+
 # States in which the service may hold VRAM: the planner counts these as running.
-HOLDS_GPU = frozenset({ServiceState.STARTING, ServiceState.READY, ServiceState.UNHEALTHY,
-                       ServiceState.STOPPING})
+HOLDS_GPU = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.STOPPING})
 # States with a live process/container the unit is responsible for.
-RUNNING = frozenset({ServiceState.STARTING, ServiceState.READY, ServiceState.UNHEALTHY})
+RUNNING = frozenset({S.STARTING, S.READY, S.UNHEALTHY})
+# States a unit may only pass through: each has a deadline (start or stop timeout).
+TRANSIENT = frozenset({S.STARTING, S.STOPPING})
+
+TRANSITIONS: dict[ServiceState, frozenset[ServiceState]] = {
+    # stopped -> stopping: a stop of something still running although the unit thought not
+    # (a leftover of an adoption); stopped -> failed: the restart limit was hit.
+    S.STOPPED: frozenset({S.STARTING, S.STOPPING, S.FAILED}),
+    # starting -> stopped: it exited cleanly before it was ever healthy.
+    S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING, S.STOPPED}),
+    S.READY: frozenset({S.UNHEALTHY, S.STOPPING, S.STOPPED, S.FAILED}),
+    S.UNHEALTHY: frozenset({S.READY, S.STOPPING, S.STOPPED, S.FAILED}),
+    S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
+    S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED}),
+}
+
+
+class InvalidTransition(RuntimeError):
+    def __init__(self, service: str, old: ServiceState, new: ServiceState) -> None:
+        super().__init__(f"{service}: {old.value} -> {new.value} is not an allowed transition")
+        self.old, self.new = old, new
+
+
+def allowed(old: ServiceState, new: ServiceState) -> bool:
+    return new in TRANSITIONS[old]
+
+
+class IdleKind(StrEnum):
+    """A unit whose process runs but holds (almost) no VRAM, and why."""
+
+    EVICTED = "evicted"  # its models were unloaded (Ollama keep_alive: 0)
+    PAUSED = "paused"  # it offloaded on request (the cooperative pause protocol)

@@ -1,0 +1,246 @@
+"""Run one plan: stop -> wait for reclaim by evidence -> start -> wait ready, each bounded.
+
+Bounds, all derived from the inventory and settings: a unit answers a stop within its stop
+timeout plus the kill grace, a start within its start timeout (plus the stops around it); a
+preemption strategy within its own timeouts; the reclaim wait within `reclaim_timeout_s`;
+lock calls within `LOCK_IO_S`. The caller (`Orchestrator.execute`) adds an overall deadline
+as a backstop and always drops the GPU lock, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from loguru import logger
+
+from gpu_manager.lock import Lease, LockUnavailable
+from gpu_manager.orchestrator.ledger import Releasing
+from gpu_manager.orchestrator.operations import Operation, OperationError
+from gpu_manager.planner import Plan, PreparePhase, Refusal, StopAll, StopService
+from gpu_manager.probe import Snapshot
+from gpu_manager.units import Event, IdleKind, strategies
+
+if TYPE_CHECKING:
+    from gpu_manager.orchestrator.core import Orchestrator
+
+LOCK_IO_S = 5.0  # one call to the lock backend (Redis: 2 s socket timeout, plus slack)
+PIDS_TIMEOUT_S = 5.0
+STRATEGY_MARGIN_S = 2.0
+
+
+def strategy_bound(orch: Orchestrator, name: str) -> float:
+    cfg = orch.inventory.services[name]
+    if cfg.evict is not None:
+        return cfg.evict.timeout_s * 4 + STRATEGY_MARGIN_S  # /api/ps, then one unload each
+    if cfg.preempt is not None:
+        return cfg.preempt.ack_timeout_s + cfg.preempt.freed_timeout_s + 5 + STRATEGY_MARGIN_S
+    return 0.0
+
+
+def plan_bound(orch: Orchestrator, plan: Plan) -> float:
+    """The longest a plan may take when every step uses its whole deadline."""
+    total = LOCK_IO_S * 4 + 5.0
+    for step in plan.steps:
+        unit = orch.units.get(step.service)
+        if step.action == "stop" and unit is not None:
+            total += unit.stop_bound_s + strategy_bound(orch, step.service) + PIDS_TIMEOUT_S
+        elif step.action == "start":
+            # a reclaim wait, a second one after soft releases fell back to stops, the start
+            total += 2 * orch.reclaim_timeout_s + (unit.start_bound_s if unit else 0.0)
+    return total
+
+
+async def lock_call(what: str, aw: Awaitable[Any]) -> None:
+    """A call to the lock backend under LOCK_IO_S; expiry is LockUnavailable."""
+    try:
+        async with asyncio.timeout(LOCK_IO_S):
+            await aw
+    except TimeoutError as exc:
+        raise LockUnavailable(f"the lock backend did not answer {what} within "
+                              f"{LOCK_IO_S:g}s") from exc
+
+
+class Executor:
+    def __init__(self, orch: Orchestrator) -> None:
+        self.orch = orch
+
+    async def run(self, op: Operation, lease: Lease, result: Plan) -> None:
+        orch = self.orch
+        for record, step in zip(op.steps, result.steps, strict=True):
+            if lease.is_lost():  # the renewal task saw it go: abort before the next step
+                await lock_call("check", lease.check())
+            record.status, record.started_at = "running", time.time()
+            orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
+            t0 = time.monotonic()
+            try:
+                if step.action == "stop":
+                    # A stop the user asked for is a stop; one the plan needs for room may
+                    # use the service's gentler strategy (evict, pause).
+                    soft = not isinstance(op.request, StopService | StopAll)
+                    record.detail = await self.stop(step.service, step.reason, step.preemption,
+                                                    soft, orch.owner(op.request))
+                else:
+                    record.reclaim_wait_s, record.detail = await self.start(
+                        step.service, step.mb, lease)
+            except BaseException as exc:
+                record.status = "failed"
+                record.detail = str(exc) or type(exc).__name__
+                raise
+            finally:
+                record.duration_s = time.monotonic() - t0
+            record.status = "done"
+            logger.bind(service=step.service, op=op.id, action=step.action,
+                        reason=step.reason, duration_s=record.duration_s,
+                        preemption=step.preemption).info(
+                f"{step.action} {step.service} done in {record.duration_s:.3f}s "
+                f"({step.reason})" + (f"; {record.detail}" if record.detail else ""))
+            orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
+        if isinstance(op.request, PreparePhase):
+            orch.set_phase(op.request.phase)
+        if result.steps:
+            # One fresh poll, so /gpu/status read right after this answer shows the result.
+            await orch.poller.next_snapshot(timeout=2)
+            await orch.refresh_pids()
+
+    async def stop(self, name: str, reason: str, preemption: bool, soft: bool,
+                   requester: str) -> str | None:
+        """Free `name`'s VRAM: evict or pause it when configured and allowed, else stop it."""
+        orch = self.orch
+        unit = orch.units[name]
+        cfg = orch.inventory.services[name]
+        pids, pid_error = await orch.read_pids(name)
+        mb = max(cfg.vram_mb, orch.measured(name) or 0)
+        notes: list[str] = []
+        if pid_error is not None:
+            notes.append(f"pid list unavailable ({pid_error}): reclaim judged by free memory "
+                         "alone")
+        if preemption:
+            orch.count_preemption(name)
+        if soft and (cfg.evict is not None or cfg.preempt is not None):
+            ok, detail = await self.release_softly(name, reason, requester)
+            if ok:
+                kind = IdleKind.EVICTED if cfg.evict is not None else IdleKind.PAUSED
+                orch.ledger.mark_idle(name, kind)
+                orch.ledger.released(name, Releasing(pids, mb, time.monotonic(),
+                                                     must_exit=False,
+                                                     pids_known=pid_error is None))
+                orch.bus.publish(Event(kind.value, name, {"detail": detail}))
+                return "; ".join([detail, *notes])
+            logger.warning(f"{name}: {detail}; falling back to a stop")
+            notes.insert(0, f"{detail}; stopped instead")
+        result = await unit.stop(reason)
+        if not result.ok:
+            raise OperationError("stop_failed", f"could not stop {name}: {result.reason}",
+                                 gpu_state=orch.gpu_state())
+        orch.ledger.released(name, Releasing(pids, mb, time.monotonic(),
+                                             pids_known=pid_error is None))
+        return "; ".join(notes) or None
+
+    async def release_softly(self, name: str, reason: str, requester: str) -> tuple[bool, str]:
+        orch = self.orch
+        cfg = orch.inventory.services[name]
+        bound = strategy_bound(orch, name)
+        try:
+            async with asyncio.timeout(bound):
+                if cfg.evict is not None:
+                    return await strategies.ollama_evict(cfg.evict, orch.http)
+                assert cfg.preempt is not None
+                return await strategies.pause(cfg.preempt, orch.redis_url, requester,
+                                              requester, reason, orch.http)
+        except TimeoutError:
+            return False, f"no answer from {name}'s release within {bound:g}s"
+        except Exception as exc:  # a strategy must never take the transition down with it
+            logger.opt(exception=exc).error(f"{name}: release strategy failed: {exc}")
+            return False, f"release strategy failed: {type(exc).__name__}: {exc}"
+
+    async def start(self, name: str, need_mb: int, lease: Lease) -> tuple[float, str | None]:
+        orch = self.orch
+        await lock_call("check", lease.check())  # fencing: nobody took the lock since we did
+        waited, note = await self.await_reclaim(name, need_mb)
+        await lock_call("check", lease.check())
+        if orch.ledger.lease(name) is not None:  # a client lease: the VRAM is now theirs
+            orch.ledger.activate(name)
+            return waited, note
+        if orch.ledger.idle_kind(name) is not None:  # evicted/paused: it reloads on its own
+            await orch.resume(name)
+            return waited, note
+        result = await orch.units[name].ensure_ready()
+        if not result.ok:
+            # The unit has already stopped what it launched; say where that leaves the GPU.
+            raise OperationError("start_failed", f"{name} did not become ready: {result.reason}",
+                                 gpu_state=orch.gpu_state())
+        return waited, note
+
+    async def await_reclaim(self, name: str, need_mb: int) -> tuple[float, str | None]:
+        orch = self.orch
+        gpu = orch.inventory.gpu
+        books = orch.ledger.view()
+        pending = frozenset().union(*(r.pids for r in books.releasing.values()
+                                      if r.must_exit and r.pids_known))
+        blind = [n for n, r in books.releasing.items() if not r.pids_known]
+        last_stop = books.last_stop_at
+
+        def reclaimed(snap: Snapshot) -> bool:
+            # Only a snapshot taken after the last stop is evidence: an older one may predate
+            # the stopped service's allocation and "show" its memory as free.
+            if snap.taken_at < last_stop:
+                return False
+            dev = snap.device(gpu.device)
+            if dev is None or dev.lost:
+                return False
+            if dev.processes is not None:
+                gone = not (pending & {p.pid for p in dev.processes})
+            else:
+                gone = not any(psutil.pid_exists(pid) for pid in pending)
+            # Degraded (declared) mode knows no free memory: the planner's budget must do.
+            room = dev.free_mb is None or dev.free_mb - gpu.reserve_mb >= need_mb
+            return gone and room
+
+        note = (f"judged by free memory alone for {', '.join(blind)} (pid list unavailable)"
+                if blind else None)
+        t0 = time.monotonic()
+        if not pending and reclaimed(orch.poller.latest):
+            return 0.0, note
+        async with orch.poller.fast():
+            snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
+            soft = [n for n, r in orch.ledger.view().releasing.items()
+                    if not r.must_exit and orch.ledger.idle_kind(n) is not None]
+            if snap is None and soft:
+                # Eviction/pause did not give the memory back: stop them, and say so.
+                for n in soft:
+                    kind = orch.ledger.idle_kind(n)
+                    logger.warning(f"{n}: VRAM not back after {kind}; stopping it")
+                    await self.stop(n, f"{kind} did not free its VRAM", False, False, "reclaim")
+                books = orch.ledger.view()
+                pending = frozenset().union(*(r.pids for r in books.releasing.values()
+                                              if r.must_exit and r.pids_known))
+                last_stop = books.last_stop_at
+                snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
+        if snap is None:
+            dev = orch.device
+            free = dev.free_mb if dev is not None else None
+            listed = sorted(pending & {p.pid for p in (dev.processes or ())}) if dev else "?"
+            probe = orch.poller.latest.error
+            raise OperationError(
+                "reclaim_timeout",
+                f"VRAM for {name} did not come back within {orch.reclaim_timeout_s:g}s: "
+                f"need {need_mb} MB + {gpu.reserve_mb} MB reserve, {free} MB free; still "
+                f"listed: {listed}" + (f"; the probe fails: {probe}" if probe else ""),
+                gpu_state=orch.gpu_state())
+        orch.prune(snap)
+        orch.ledger.settle_soft([n for n, r in orch.ledger.view().releasing.items()
+                                 if not r.pids_known or not r.must_exit])
+        return time.monotonic() - t0, note
+
+
+def refusal_error(result: Refusal) -> OperationError:
+    extra = {} if result.code != "insufficient_vram" else {
+        "short_mb": result.short_mb,
+        "blockers": [{"name": b.name, "mb": b.mb, "reason": b.reason} for b in result.blockers]}
+    return OperationError(result.code, result.message, **extra)
+
+
