@@ -19,10 +19,10 @@ from typing import Any
 from loguru import logger
 
 from gpu_manager.aio import Supervisor, wait_event
+from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import DockerService, Inventory, ServiceConfig, load_inventory
 from gpu_manager.lock import GpuLock, LockInfo, make_lock
 from gpu_manager.orchestrator import Orchestrator
-from gpu_manager.orchestrator.executor import LOCK_IO_S
 from gpu_manager.orchestrator.leases import LeaseManager
 from gpu_manager.orchestrator.operations import interrupted
 from gpu_manager.paths import SIM_DIR_ENV, sim_dir
@@ -41,12 +41,13 @@ from gpu_manager.units.drivers.native import OWNER_ENV, find_launched, kill_grou
 
 LOCK_INFO_EVERY_S = 0.25
 PIDS_EVERY_S = 1.0
-STOP_STEP_S = 5.0  # each step of the daemon's own shutdown
 
 
 class Daemon:
-    def __init__(self, settings: Settings, inventory: Inventory | None = None) -> None:
+    def __init__(self, settings: Settings, inventory: Inventory | None = None,
+                 bounds: Bounds = DEFAULT) -> None:
         self.settings = settings
+        self.bounds = bounds
         self._inventory = inventory or load_inventory(settings.config_dir)
         self.started_at = time.time()
         self.bus = EventBus()
@@ -83,7 +84,8 @@ class Daemon:
 
     def unit(self, name: str, cfg: ServiceConfig) -> Unit:
         return Unit(name, cfg, self.driver(name, cfg), self.health, self.bus,
-                    on_record=self.store.set_unit, restart_gate=self.orchestrator.restart_gate)
+                    on_record=self.store.set_unit, restart_gate=self.orchestrator.restart_gate,
+                    bounds=self.bounds)
 
     async def start(self) -> None:
         t0 = time.monotonic()
@@ -93,14 +95,14 @@ class Daemon:
         probe = await asyncio.to_thread(make_probe, inv.gpu, self.sim_dir)
         if isinstance(probe, DeclaredProbe):
             self.probe_error = probe.reason
-        self.poller = make_poller(inv.gpu, probe)
+        self.poller = make_poller(inv.gpu, probe, self.bounds.probe_sample_s)
         await self.poller.start()
         self.lock = make_lock(s.redis_url, s.lock_key, s.lock_ttl_ms)
         self.unit_env = {SIM_DIR_ENV: str(self.sim_dir), OWNER_ENV: self.owner}
         self.orchestrator = Orchestrator(
             inv, self.units, self.poller, self.lock, self.bus, self.store,
             lock_wait_s=s.lock_wait_s, reclaim_timeout_s=s.reclaim_timeout_s,
-            on_lock_change=self._lock_dirty.set,
+            on_lock_change=self._lock_dirty.set, bounds=self.bounds,
         )
         self.orchestrator.redis_url = s.redis_url
         for name, cfg in inv.services.items():
@@ -165,7 +167,7 @@ class Daemon:
 
     async def stop(self) -> None:
         self.accepting = False
-        await self._quietly("background tasks", self.supervisor.close(STOP_STEP_S))
+        await self._quietly("background tasks", self.supervisor.close(self.bounds.shutdown_step_s))
         await self._quietly("units", asyncio.gather(*(u.close() for u in self.units.values())))
         await self._quietly("config watch", self.reloader.close())
         # leases do not survive the daemon; the lock goes whatever happened above
@@ -178,14 +180,14 @@ class Daemon:
             await self._quietly("Docker client", asyncio.to_thread(self._docker.close))
         logger.info("daemon stopped; managed services keep running unless stopped above")
 
-    @staticmethod
-    async def _quietly(what: str, aw: Awaitable[Any]) -> None:
+    async def _quietly(self, what: str, aw: Awaitable[Any]) -> None:
         """One shutdown step: bounded, and its failure is logged, never raised."""
+        bound = self.bounds.shutdown_step_s
         try:
-            async with asyncio.timeout(STOP_STEP_S):
+            async with asyncio.timeout(bound):
                 await aw
         except TimeoutError:
-            logger.error(f"shutdown: {what} did not finish within {STOP_STEP_S:g}s; going on")
+            logger.error(f"shutdown: {what} did not finish within {bound:g}s; going on")
         except Exception as exc:
             logger.opt(exception=exc).error(f"shutdown: {what} failed: {exc}; going on")
 
@@ -200,11 +202,11 @@ class Daemon:
     async def refresh_lock_info(self) -> None:
         """Read the lock's holder and TTL now (requests otherwise read the cached copy)."""
         try:
-            async with asyncio.timeout(LOCK_IO_S):
+            async with asyncio.timeout(self.bounds.lock_io_s):
                 self.lock_info = await self.lock.info()
         except TimeoutError:
             self.lock_info = LockInfo(self.lock.backend, None, None, ok=False,
-                                      error=f"no answer within {LOCK_IO_S:g}s")
+                                      error=f"no answer within {self.bounds.lock_io_s:g}s")
         self.lock_checked_at = time.time()
 
     async def _refresh_lock_info(self) -> None:

@@ -20,12 +20,11 @@ import httpx
 import psutil
 from loguru import logger
 
+from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import Inventory, ServiceConfig
 from gpu_manager.lock import GpuLock, LockHeld, LockLost, LockUnavailable
 from gpu_manager.lock.keeper import LockKeeper
 from gpu_manager.orchestrator.executor import (
-    LOCK_IO_S,
-    PIDS_TIMEOUT_S,
     Executor,
     lock_call,
     plan_bound,
@@ -75,8 +74,10 @@ class Orchestrator:
         self, inventory: Inventory, units: dict[str, Unit], poller: Poller, lock: GpuLock,
         bus: EventBus, store: StateStore, *, lock_wait_s: float = 0.0,
         reclaim_timeout_s: float = 30.0, on_lock_change: Callable[[], None] | None = None,
+        bounds: Bounds = DEFAULT,
     ) -> None:
         self.inventory = inventory
+        self.bounds = bounds
         self.pinv = PlannerInventory.from_inventory(inventory)
         self.units = units  # written only by apply_inventory (under _serial)
         self.poller = poller
@@ -108,10 +109,10 @@ class Orchestrator:
         """The unit's pids now, bounded; on failure the last known ones and the error."""
         unit = self.units[name]
         try:
-            async with asyncio.timeout(PIDS_TIMEOUT_S):
+            async with asyncio.timeout(self.bounds.pids_s):
                 return frozenset(await unit.driver.pids()), None
         except TimeoutError:
-            error = f"no answer within {PIDS_TIMEOUT_S:g}s"
+            error = f"no answer within {self.bounds.pids_s:g}s"
         except Exception as exc:  # DriverError from an unreachable engine, or a bug
             error = f"{type(exc).__name__}: {exc}"
         logger.warning(f"{name}: cannot read its pids: {error}")
@@ -234,19 +235,19 @@ class Orchestrator:
         return op
 
     async def _execute(self, op: Operation) -> None:
+        bound = self.lock_wait_s + self.bounds.lock_io_s
         try:
-            async with asyncio.timeout(self.lock_wait_s + LOCK_IO_S):
+            async with asyncio.timeout(bound):
                 lease = await self.keeper.hold(op.label, self.lock_wait_s)
         except TimeoutError as exc:
-            raise LockUnavailable(f"the lock backend did not answer within "
-                                  f"{self.lock_wait_s + LOCK_IO_S:g}s") from exc
+            raise LockUnavailable(f"the lock backend did not answer within {bound:g}s") from exc
         try:
             await self.refresh_pids()
             result = plan(self.planner_inventory(), self.observed(), op.request)
             if isinstance(result, Refusal):
                 raise refusal_error(result)
             op.set_plan(result)
-            bound = plan_bound(self, result)
+            bound = op.deadline_s = plan_bound(self, result)
             try:
                 async with asyncio.timeout(bound):
                     await self.executor.run(op, lease, result)
@@ -259,7 +260,7 @@ class Orchestrator:
 
     async def _drop_lock(self, label: str) -> None:
         try:
-            await lock_call("release", self.keeper.drop(label))
+            await lock_call("release", self.keeper.drop(label), self.bounds.lock_io_s)
         except Exception as exc:  # Redis gone: the key expires by its TTL
             logger.opt(exception=exc).error(f"could not release the GPU lock ({label}): {exc}")
 
@@ -268,11 +269,11 @@ class Orchestrator:
         kind = self.ledger.wake(name)
         if kind == IdleKind.PAUSED and cfg.preempt is not None:
             try:
-                async with asyncio.timeout(15):
+                async with asyncio.timeout(self.bounds.resume_s):
                     ok, detail = await strategies.resume(cfg.preempt, self.redis_url, name,
                                                          self.http)
             except TimeoutError:
-                ok, detail = False, "resume: no answer within 15s"
+                ok, detail = False, f"resume: no answer within {self.bounds.resume_s:g}s"
             self.bus.publish(Event("resumed", name, {"ok": ok, "detail": detail}))
             if not ok:
                 logger.warning(f"{name}: {detail}")
@@ -341,7 +342,7 @@ class Orchestrator:
             return False
         async with self._serial:
             try:
-                async with asyncio.timeout(LOCK_IO_S):
+                async with asyncio.timeout(self.bounds.lock_io_s):
                     info = await self.lock.info()
             except TimeoutError:
                 return False

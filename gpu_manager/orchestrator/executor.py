@@ -3,8 +3,9 @@
 Bounds, all derived from the inventory and settings: a unit answers a stop within its stop
 timeout plus the kill grace, a start within its start timeout (plus the stops around it); a
 preemption strategy within its own timeouts; the reclaim wait within `reclaim_timeout_s`;
-lock calls within `LOCK_IO_S`. The caller (`Orchestrator.execute`) adds an overall deadline
-as a backstop and always drops the GPU lock, whatever happened.
+lock calls within `bounds.lock_io_s` (all margins: gpu_manager/bounds.py). The caller
+(`Orchestrator.execute`) adds an overall deadline as a backstop and always drops the GPU
+lock, whatever happened.
 """
 
 from __future__ import annotations
@@ -27,41 +28,39 @@ from gpu_manager.units import Event, IdleKind, strategies
 if TYPE_CHECKING:
     from gpu_manager.orchestrator.core import Orchestrator
 
-LOCK_IO_S = 5.0  # one call to the lock backend (Redis: 2 s socket timeout, plus slack)
-PIDS_TIMEOUT_S = 5.0
-STRATEGY_MARGIN_S = 2.0
-
 
 def strategy_bound(orch: Orchestrator, name: str) -> float:
     cfg = orch.inventory.services[name]
     if cfg.evict is not None:
-        return cfg.evict.timeout_s * 4 + STRATEGY_MARGIN_S  # /api/ps, then one unload each
+        return cfg.evict.timeout_s * 4 + orch.bounds.strategy_margin_s  # /api/ps + unloads
     if cfg.preempt is not None:
-        return cfg.preempt.ack_timeout_s + cfg.preempt.freed_timeout_s + 5 + STRATEGY_MARGIN_S
+        return (cfg.preempt.ack_timeout_s + cfg.preempt.freed_timeout_s + 5
+                + orch.bounds.strategy_margin_s)
     return 0.0
 
 
 def plan_bound(orch: Orchestrator, plan: Plan) -> float:
     """The longest a plan may take when every step uses its whole deadline."""
-    total = LOCK_IO_S * 4 + 5.0
+    b = orch.bounds
+    total = b.lock_io_s * 4 + b.pids_s + 2.0 + 2.0  # lock checks, pid refresh, a fresh poll
     for step in plan.steps:
         unit = orch.units.get(step.service)
         if step.action == "stop" and unit is not None:
-            total += unit.stop_bound_s + strategy_bound(orch, step.service) + PIDS_TIMEOUT_S
+            total += unit.stop_bound_s + strategy_bound(orch, step.service) + b.pids_s
         elif step.action == "start":
             # a reclaim wait, a second one after soft releases fell back to stops, the start
             total += 2 * orch.reclaim_timeout_s + (unit.start_bound_s if unit else 0.0)
     return total
 
 
-async def lock_call(what: str, aw: Awaitable[Any]) -> None:
-    """A call to the lock backend under LOCK_IO_S; expiry is LockUnavailable."""
+async def lock_call(what: str, aw: Awaitable[Any], bound: float) -> None:
+    """A call to the lock backend under `bound`; expiry is LockUnavailable."""
     try:
-        async with asyncio.timeout(LOCK_IO_S):
+        async with asyncio.timeout(bound):
             await aw
     except TimeoutError as exc:
         raise LockUnavailable(f"the lock backend did not answer {what} within "
-                              f"{LOCK_IO_S:g}s") from exc
+                              f"{bound:g}s") from exc
 
 
 class Executor:
@@ -72,7 +71,7 @@ class Executor:
         orch = self.orch
         for record, step in zip(op.steps, result.steps, strict=True):
             if lease.is_lost():  # the renewal task saw it go: abort before the next step
-                await lock_call("check", lease.check())
+                await lock_call("check", lease.check(), orch.bounds.lock_io_s)
             record.status, record.started_at = "running", time.time()
             orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
             t0 = time.monotonic()
@@ -159,9 +158,10 @@ class Executor:
 
     async def start(self, name: str, need_mb: int, lease: Lease) -> tuple[float, str | None]:
         orch = self.orch
-        await lock_call("check", lease.check())  # fencing: nobody took the lock since we did
+        # fencing: nobody took the lock since we did
+        await lock_call("check", lease.check(), orch.bounds.lock_io_s)
         waited, note = await self.await_reclaim(name, need_mb)
-        await lock_call("check", lease.check())
+        await lock_call("check", lease.check(), orch.bounds.lock_io_s)
         if orch.ledger.lease(name) is not None:  # a client lease: the VRAM is now theirs
             orch.ledger.activate(name)
             return waited, note

@@ -126,7 +126,7 @@ class LeaseManager:
                 return "refused", plan.message
             # The daemon owns the GPU lock for as long as the lease is held, so legacy code
             # taking gpu_mutex sees the GPU as owned; taken before the transition, kept after.
-            await lock_call("acquire", orch.keeper.hold(lease.name))
+            await lock_call("acquire", orch.keeper.hold(lease.name), orch.bounds.lock_io_s)
             held = True
             await orch.execute(Operation(StartService(lease.name)))
         except OperationError as exc:
@@ -147,7 +147,7 @@ class LeaseManager:
 
     async def _drop_lock(self, name: str) -> None:
         try:
-            await lock_call("release", self.orch.keeper.drop(name))
+            await lock_call("release", self.orch.keeper.drop(name), self.orch.bounds.lock_io_s)
         except Exception as exc:  # Redis gone: the key expires by its TTL
             logger.opt(exception=exc).error(f"could not release the GPU lock for {name}: {exc}")
 

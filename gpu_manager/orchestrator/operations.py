@@ -53,6 +53,8 @@ class Operation:
     steps: list[StepRecord] = field(default_factory=list)
     error: dict[str, Any] | None = None
     dry_run: bool = False
+    # The plan's overall deadline: the sum of its steps' own deadlines.
+    deadline_s: float | None = None
 
     @property
     def done(self) -> bool:
@@ -83,7 +85,7 @@ class Operation:
             "id": self.id, "request": request_dict(self.request), "status": self.status,
             "dry_run": self.dry_run, "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
-            "duration_s": total, "budget_mb": self.budget_mb,
+            "duration_s": total, "deadline_s": self.deadline_s, "budget_mb": self.budget_mb,
             "used_before_mb": self.used_before_mb, "used_after_mb": self.used_after_mb,
             "steps": [vars(s) for s in self.steps], "error": self.error,
         }

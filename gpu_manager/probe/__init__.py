@@ -40,10 +40,11 @@ def make_probe(gpu: GpuConfig, sim_dir: Path) -> GpuProbe:
     return probe
 
 
-def make_poller(gpu: GpuConfig, probe: GpuProbe) -> Poller:
+def make_poller(gpu: GpuConfig, probe: GpuProbe, sample_timeout_s: float = 5.0) -> Poller:
     return Poller(
         probe, interval_s=gpu.poll_interval_s, process_interval_s=gpu.process_poll_interval_s,
         fast_interval_s=gpu.fast_poll_interval_s, reserve_mb=gpu.reserve_mb, device=gpu.device,
+        sample_timeout_s=sample_timeout_s,
     )
 
 

@@ -25,8 +25,13 @@ class Poller:
     def __init__(
         self, probe: GpuProbe, *, interval_s: float = 1.0, process_interval_s: float = 2.0,
         fast_interval_s: float = 0.1, reserve_mb: int = 0, device: int = 0,
+        sample_timeout_s: float = 5.0,
     ) -> None:
         self.probe = probe
+        self.sample_timeout_s = sample_timeout_s
+        # A sample still running on the probe thread (hung in the driver): waited on again
+        # instead of queueing another behind it.
+        self._inflight: asyncio.Future[Snapshot] | None = None
         self.interval_s = interval_s
         self.process_interval_s = process_interval_s
         self.fast_interval_s = fast_interval_s
@@ -123,7 +128,16 @@ class Poller:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            snap = await loop.run_in_executor(self._executor, self.probe.sample, processes)
+            if self._inflight is None or self._inflight.done():
+                self._inflight = loop.run_in_executor(self._executor, self.probe.sample,
+                                                      processes)
+            try:
+                async with asyncio.timeout(self.sample_timeout_s):
+                    snap = await asyncio.shield(self._inflight)
+            except TimeoutError as exc:
+                # The thread cannot be interrupted; the next poll waits on the same sample.
+                raise TimeoutError(f"no answer from the driver within "
+                                   f"{self.sample_timeout_s:g}s") from exc
         except Exception as exc:  # a probe must not kill the poller
             self.errors += 1
             logger.opt(exception=exc).error("GPU probe failed: {}", exc)

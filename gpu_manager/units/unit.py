@@ -26,6 +26,7 @@ from typing import Any
 from loguru import logger
 
 from gpu_manager.aio import guarded, settle
+from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import ServiceConfig
 from gpu_manager.units.drivers.base import Driver, DriverError, ExitInfo
 from gpu_manager.units.events import Event, EventBus
@@ -38,11 +39,6 @@ S = ServiceState
 RecordSink = Callable[[str, dict[str, Any] | None], None]
 RestartGate = Callable[[str], Awaitable[bool]]
 
-# After SIGKILL a driver waits up to 5 s for the processes to go; a stop may take this long
-# beyond the service's stop timeout before it counts as hung.
-KILL_GRACE_S = 6.0
-ANSWER_MARGIN_S = 2.0  # slack on a caller's wait, over the unit's own deadlines
-ADOPT_TIMEOUT_S = 10.0
 
 
 class Unit:
@@ -50,8 +46,10 @@ class Unit:
         self, name: str, cfg: ServiceConfig, driver: Driver, health: HealthChecker,
         bus: EventBus, *, on_record: RecordSink | None = None,
         restart_gate: RestartGate | None = None, policy: RestartPolicy | None = None,
+        bounds: Bounds = DEFAULT,
     ) -> None:
         self.name = name
+        self.bounds = bounds
         self.cfg = cfg
         self.driver = driver
         self._health = health
@@ -84,7 +82,7 @@ class Unit:
 
     @property
     def stop_bound_s(self) -> float:
-        return self.cfg.stop_timeout_s + KILL_GRACE_S
+        return self.cfg.stop_timeout_s + self.bounds.kill_grace_s
 
     @property
     def start_sequence_bound_s(self) -> float:
@@ -105,12 +103,12 @@ class Unit:
         return await self._ask(self.stop_bound_s, "stop", reason)
 
     async def adopt(self, record: dict[str, Any]) -> bool:
-        result = await self._ask(ADOPT_TIMEOUT_S, "adopt", record)
+        result = await self._ask(self.bounds.unit_call_s, "adopt", record)
         return result.ok
 
     async def reconfigure(self, cfg: ServiceConfig, driver: Driver) -> UnitResult:
         """Take a changed definition: now when nothing runs, else at the next launch."""
-        return await self._ask(ADOPT_TIMEOUT_S, "reconfigure", cfg, driver)
+        return await self._ask(self.bounds.unit_call_s, "reconfigure", cfg, driver)
 
     async def close(self) -> None:
         """Stop owning the service without stopping it (daemon shutdown / restart)."""
@@ -132,20 +130,21 @@ class Unit:
         if self.state not in TRANSIENT:
             return False
         bound = self.start_bound_s if self.state == S.STARTING else self.stop_bound_s
-        return (now or time.monotonic()) - self.since_mono > bound + ANSWER_MARGIN_S
+        return (now or time.monotonic()) - self.since_mono > bound + self.bounds.answer_margin_s
 
     async def _ask(self, bound: float, *msg: Any) -> UnitResult:
         self.start_loop()
         fut: asyncio.Future[UnitResult] = asyncio.get_running_loop().create_future()
         self._inbox.put_nowait((msg[0], fut, *msg[1:]))
         try:
-            async with asyncio.timeout(bound + ANSWER_MARGIN_S):
+            async with asyncio.timeout(bound + self.bounds.answer_margin_s):
                 return await asyncio.shield(fut)
         except TimeoutError:
             logger.error(f"{self.name}: no answer to {msg[0]} within {bound:g}s "
                          f"(state {self.state.value}: {self.reason})")
+            waited = bound + self.bounds.answer_margin_s
             return UnitResult(False, self.state, f"{self.name} did not answer {msg[0]} within "
-                              f"{bound + ANSWER_MARGIN_S:g}s (state {self.state.value})", bound)
+                              f"{waited:g}s (state {self.state.value})", waited)
 
     # -- the owner loop -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -303,7 +302,7 @@ class Unit:
 
     async def _on_adopt(self, fut: asyncio.Future[UnitResult], record: dict[str, Any]) -> None:
         if not await self._driver(f"adopting {self.name}", self.driver.adopt(record),
-                                  ADOPT_TIMEOUT_S):
+                                  self.bounds.unit_call_s):
             fut.set_result(UnitResult(False, self.state, "nothing to adopt", 0.0))
             self._record()
             return
@@ -375,7 +374,11 @@ class Unit:
         assert health is not None
         while True:
             await asyncio.sleep(health.interval_s)
-            ok, detail = await self._health.check(health)
+            try:  # the checker bounds itself; this bounds any checker
+                async with asyncio.timeout(health.timeout_s + self.bounds.answer_margin_s):
+                    ok, detail = await self._health.check(health)
+            except TimeoutError:
+                ok, detail = False, f"no answer within {health.timeout_s:g}s"
             self._post("health", gen, ok, detail)
 
     async def _on_crashed(self, key: str, gen: int, exc: Exception) -> None:
@@ -430,7 +433,7 @@ class Unit:
         with contextlib.suppress(DriverError):
             await self._driver(f"stopping what {self.name} left",
                                self.driver.stop(min(self.cfg.stop_timeout_s, 5.0)),
-                               min(self.cfg.stop_timeout_s, 5.0) + KILL_GRACE_S)
+                               min(self.cfg.stop_timeout_s, 5.0) + self.bounds.kill_grace_s)
         why = f"{info.describe()} while {was.value}"
         self._set(S.STOPPED if info.clean else S.FAILED, why)
         self._record()
