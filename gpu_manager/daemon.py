@@ -21,6 +21,7 @@ from gpu_manager.orchestrator.leases import LeaseManager
 from gpu_manager.orchestrator.operations import interrupted
 from gpu_manager.paths import SIM_DIR_ENV, sim_dir
 from gpu_manager.probe import DeclaredProbe, Poller, make_poller, make_probe
+from gpu_manager.redact import redact_value
 from gpu_manager.reload import Reloader
 from gpu_manager.settings import Settings
 from gpu_manager.state_store import StateStore
@@ -204,4 +205,5 @@ class Daemon:
             "config": {"ok": self.reloader.error is None, "error": self.reloader.error,
                        "reloads": self.reloader.reloads},
         }
-        return probe_ok and lock_ok and self.accepting, detail
+        # every error string here may quote a URL (the lock's, one from services.yaml)
+        return probe_ok and lock_ok and self.accepting, redact_value(detail)

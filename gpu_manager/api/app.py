@@ -17,6 +17,7 @@ from gpu_manager import __version__
 from gpu_manager.aio import within
 from gpu_manager.api import errors, leases, metrics
 from gpu_manager.api.errors import ApiError
+from gpu_manager.api.security import Policy, SecurityMiddleware
 from gpu_manager.api.status import status as build_status
 from gpu_manager.config import Inventory
 from gpu_manager.daemon import Daemon
@@ -58,6 +59,8 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
                   description="Coordinates GPU-hungry services on one GPU host.")
     app.state.daemon = daemon
     errors.install(app)
+    # Host, Origin and content-type checks before any route (see security.py for why).
+    app.add_middleware(SecurityMiddleware, policy=Policy.from_settings(settings))
     token = settings.token_value()
 
     async def authorized(authorization: Annotated[str | None, Header()] = None,
