@@ -160,9 +160,9 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
     async def reload() -> JSONResponse:
         """Re-read services.yaml and phases.yaml (as SIGHUP does)."""
         ok, detail = await daemon.reloader.reload()
-        body = {"success": ok, "detail": detail} if ok else {"error": "invalid_config",
-                                                               "detail": detail}
-        return JSONResponse(body, status_code=200 if ok else 422)
+        if not ok:  # an ApiError: the issues may quote a URL from the files, redacted there
+            return ApiError("invalid_config", detail, status=422).response()
+        return JSONResponse({"success": True, "detail": detail})
 
     @app.get("/gpu/operations", tags=["gpu"])
     async def operations(limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:
