@@ -4,6 +4,8 @@ reading errors can and cannot get from a daemon on loopback. Mostly against the 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -236,6 +238,31 @@ async def test_a_500_says_internal_error_and_an_id_found_in_the_log() -> None:
     int(body["error_id"], 16)
     [record] = [x for x in records if x["extra"].get("error_id") == body["error_id"]]
     assert body["error_id"] in record["message"] and record["exception"] is not None
+
+
+LOG_A_SECRET = """
+import logging, sys, pathlib
+from loguru import logger
+from gpu_manager.logs import setup
+setup(pathlib.Path(sys.argv[1]))
+try:
+    raise RuntimeError("at redis://:s3cret@h/0")
+except RuntimeError as exc:
+    logger.opt(exception=exc).error("failed: redis://u:s3cret@h")
+    logging.getLogger("uvicorn.error").error("Exception in ASGI application", exc_info=exc)
+logger.complete()
+"""
+
+
+def test_log_lines_and_tracebacks_are_redacted(tmp_path: Path) -> None:
+    # a process of its own: setup() reconfigures loguru and the standard library for good
+    res = subprocess.run([sys.executable, "-c", LOG_A_SECRET, str(tmp_path)], timeout=60,
+                         capture_output=True, text=True, check=True)
+    logged = (tmp_path / "logs" / "gpu-manager.jsonl").read_text()
+    for text in (res.stderr, logged):
+        assert "s3cret" not in text
+        assert 'RuntimeError: at redis://***@h/0' in text  # the traceback is still there
+    assert "failed: redis://***@h" in logged and "Exception in ASGI application" in res.stderr
 
 
 @pytest.mark.parametrize(("text", "want"), [
