@@ -27,6 +27,7 @@ from gpu_manager.orchestrator.leases import LeaseManager
 from gpu_manager.orchestrator.operations import interrupted
 from gpu_manager.paths import SIM_DIR_ENV, sim_dir
 from gpu_manager.probe import DeclaredProbe, Poller, make_poller, make_probe
+from gpu_manager.redact import redact_value
 from gpu_manager.reload import Reloader
 from gpu_manager.settings import Settings
 from gpu_manager.state_store import StateStore
@@ -238,4 +239,6 @@ class Daemon:
                        "reloads": self.reloader.reloads},
             "tasks": {"ok": self.supervisor.ok, "problems": self.supervisor.problems()},
         }
-        return probe_ok and lock_ok and self.accepting and self.supervisor.ok, detail
+        # every error string here may quote a URL (the lock's, one from services.yaml)
+        return (probe_ok and lock_ok and self.accepting and self.supervisor.ok,
+                redact_value(detail))

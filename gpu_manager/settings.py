@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gpu_manager.config import default_config_dir
 from gpu_manager.paths import state_dir
@@ -20,6 +20,13 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     # With a token, every mutating endpoint needs `Authorization: Bearer <token>`.
     token: SecretStr | None = None
+    # Comma-separated. Host names (or host:port) a loopback-bound daemon also answers to;
+    # others are refused, so a DNS-rebinding page cannot reach it. On another bind: if set,
+    # the only names (besides loopback ones) it answers to.
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    # Comma-separated. Browser origins (scheme://host[:port]) besides the daemon's own that
+    # may call mutating endpoints; `*` allows any and must be given explicitly.
+    allowed_origins: Annotated[tuple[str, ...], NoDecode] = ()
     config_dir: Path = Field(default_factory=default_config_dir)
     state_dir: Path = Field(default_factory=state_dir)
     # Without a Redis URL the GPU lock is in-process.
@@ -35,6 +42,13 @@ class Settings(BaseSettings):
     on_shutdown: Literal["leave", "stop"] = "leave"
     # On SIGTERM: how long operations in flight may go on before they are cancelled.
     shutdown_timeout_s: float = Field(default=20.0, ge=0, le=600)
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(x.strip() for x in v.split(",") if x.strip())
+        return v
 
     @property
     def loopback(self) -> bool:

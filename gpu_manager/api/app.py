@@ -18,6 +18,7 @@ from gpu_manager import __version__
 from gpu_manager.aio import settle, within
 from gpu_manager.api import errors, leases, metrics
 from gpu_manager.api.errors import ApiError
+from gpu_manager.api.security import Policy, SecurityMiddleware
 from gpu_manager.api.status import status as build_status
 from gpu_manager.config import Inventory
 from gpu_manager.daemon import Daemon
@@ -66,6 +67,8 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
                   description="Coordinates GPU-hungry services on one GPU host.")
     app.state.daemon = daemon
     errors.install(app)
+    # Host, Origin and content-type checks before any route (see security.py for why).
+    app.add_middleware(SecurityMiddleware, policy=Policy.from_settings(settings))
     token = settings.token_value()
 
     async def authorized(authorization: Annotated[str | None, Header()] = None,
@@ -165,9 +168,9 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
     async def reload() -> JSONResponse:
         """Re-read services.yaml and phases.yaml (as SIGHUP does)."""
         ok, detail = await daemon.reloader.reload()
-        body = {"success": ok, "detail": detail} if ok else {"error": "invalid_config",
-                                                               "detail": detail}
-        return JSONResponse(body, status_code=200 if ok else 422)
+        if not ok:  # an ApiError: the issues may quote a URL from the files, redacted there
+            return ApiError("invalid_config", detail, status=422).response()
+        return JSONResponse({"success": True, "detail": detail})
 
     @app.get("/gpu/operations", tags=["gpu"])
     async def operations(limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:

@@ -1,7 +1,12 @@
-"""Every error the API returns is JSON `{"error": code, "detail": ...}`, never a bare 500."""
+"""Every error the API returns is JSON `{"error": code, "detail": ...}`, never a bare 500.
+
+What a client sees is redacted (no credentials of any URL) and a 500 tells nothing about the
+exception: it gives an `error_id` to find the traceback in the daemon's log.
+"""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
 from gpu_manager.orchestrator import OperationError
+from gpu_manager.redact import redact_value
 
 STATUS = {
     "unknown_service": 404, "unknown_phase": 404, "unknown_operation": 404,
@@ -19,6 +25,7 @@ STATUS = {
     "start_failed": 502, "stop_failed": 502, "reclaim_timeout": 504,
     "lock_held": 423, "lock_unavailable": 503, "lock_lost": 503, "probe_unavailable": 503,
     "unauthorized": 401, "shutting_down": 503, "invalid_request": 422,
+    "forbidden_host": 403, "cross_origin": 403, "unsupported_media_type": 415,
 }
 
 
@@ -33,8 +40,9 @@ class ApiError(Exception):
         self.extra = extra
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.code, "detail": self.detail, **self.extra},
-                            status_code=self.status, headers=self.headers)
+        # Redacted here, the one way out: details carry lock and driver messages with URLs.
+        body = redact_value({"error": self.code, "detail": self.detail, **self.extra})
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def from_exception(exc: Exception, **extra: Any) -> ApiError:
@@ -68,6 +76,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.opt(exception=exc).error(f"unhandled error on {request.url.path}: {exc}")
-        return JSONResponse({"error": "internal", "detail": f"{type(exc).__name__}: {exc}"},
-                            status_code=500)
+        # The exception's text may name paths, URLs or internals: it goes to the log only,
+        # under an id the caller can quote.
+        error_id = uuid.uuid4().hex[:12]
+        logger.bind(error_id=error_id).opt(exception=exc).error(
+            f"internal error {error_id} on {request.method} {request.url.path}: "
+            f"{type(exc).__name__}: {exc}")
+        return JSONResponse({"error": "internal", "detail": "internal error",
+                             "error_id": error_id}, status_code=500)

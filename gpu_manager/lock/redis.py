@@ -18,6 +18,7 @@ from loguru import logger
 from redis.exceptions import RedisError
 
 from gpu_manager.lock.base import LockHeld, LockInfo, LockLost, LockUnavailable
+from gpu_manager.redact import redact_url
 
 # KEYS[1] lock key; ARGV[1] our value. Delete only if it is still ours.
 RELEASE = """
@@ -92,7 +93,7 @@ class RedisLease:
             ok = await lock._check(keys=[lock.key, lock.fencing_key],
                                    args=[self.value, self.fencing])
         except RedisError as exc:
-            raise LockUnavailable(f"Redis unreachable: {exc}") from exc
+            raise LockUnavailable(f"Redis unreachable: {redact_url(str(exc))}") from exc
         if not ok:
             self._mark_lost("the lock is no longer ours (expired or taken over)")
             raise LockLost(self.lost_reason)
@@ -114,6 +115,8 @@ class RedisLock:
 
     def __init__(self, url: str, key: str = "gpu_mutex", ttl_ms: int = 30_000) -> None:
         self.url = url
+        # for messages: they reach clients, /ready and the log; the password must not
+        self.safe_url = redact_url(url)
         self.key = key
         self.fencing_key = f"{key}:fencing"
         self.ttl_ms = ttl_ms
@@ -139,7 +142,8 @@ class RedisLock:
                     raise LockHeld(str(current), int(ttl) if ttl >= 0 else None)
                 await asyncio.sleep(POLL_S)
         except RedisError as exc:
-            raise LockUnavailable(f"Redis unreachable at {self.url}: {exc}") from exc
+            raise LockUnavailable(
+                f"Redis unreachable at {self.safe_url}: {redact_url(str(exc))}") from exc
 
     async def info(self) -> LockInfo:
         try:
@@ -148,7 +152,7 @@ class RedisLock:
                 pipe.pttl(self.key)
                 holder, ttl = await pipe.execute()
         except RedisError as exc:
-            return LockInfo(self.backend, None, None, ok=False, error=str(exc))
+            return LockInfo(self.backend, None, None, ok=False, error=redact_url(str(exc)))
         ttl_ms = int(ttl) if holder is not None and int(ttl) >= 0 else None
         by_daemon = holder is not None and str(holder).startswith("gpu-manager:")
         return LockInfo(self.backend, holder, ttl_ms, by_daemon=by_daemon)
@@ -157,7 +161,8 @@ class RedisLock:
         try:
             return bool(await self.client.delete(self.key))
         except RedisError as exc:
-            raise LockUnavailable(f"Redis unreachable at {self.url}: {exc}") from exc
+            raise LockUnavailable(
+                f"Redis unreachable at {self.safe_url}: {redact_url(str(exc))}") from exc
 
     async def close(self) -> None:
         await self.client.aclose()

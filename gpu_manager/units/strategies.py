@@ -14,6 +14,7 @@ import httpx
 
 from gpu_manager.aio import within
 from gpu_manager.config import OllamaEvict, PauseConfig
+from gpu_manager.redact import redact_url
 
 STALE_S = 30.0  # the pause protocol ignores acknowledgements older than this
 
@@ -30,7 +31,7 @@ async def ollama_evict(cfg: OllamaEvict, client: httpx.AsyncClient) -> tuple[boo
                                   json={"model": model, "keep_alive": 0})
             r.raise_for_status()
     except (httpx.HTTPError, ValueError, AttributeError) as exc:
-        return False, f"Ollama eviction failed: {type(exc).__name__}: {exc}"
+        return False, redact_url(f"Ollama eviction failed: {type(exc).__name__}: {exc}")
     return True, f"unloaded {', '.join(map(str, models)) or 'no models'}"
 
 
@@ -66,7 +67,8 @@ async def redis_pause(cfg: PauseConfig, url: str, task_id: str, new_owner: str,
         await r.publish(cfg.owner_channel, new_owner)
         return True, f"paused over Redis in {time.time() - t0:.2f}s"
     except RedisError as exc:
-        return False, f"pause over Redis failed: {exc}"
+        # these details reach the operation log and clients: no password from the URL
+        return False, f"pause over Redis ({redact_url(url)}) failed: {redact_url(str(exc))}"
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await r.aclose()
@@ -100,7 +102,7 @@ async def redis_resume(cfg: PauseConfig, url: str, task_id: str) -> tuple[bool, 
         await r.publish(cfg.owner_channel, cfg.owner_name)
         return True, "resumed over Redis"
     except RedisError as exc:
-        return False, f"resume over Redis failed: {exc}"
+        return False, f"resume over Redis ({redact_url(url)}) failed: {redact_url(str(exc))}"
     finally:
         await r.aclose()
 
@@ -113,10 +115,10 @@ async def http_call(url: str | None, task_id: str, reason: str, client: httpx.As
         resp = await client.post(url, json={"task_id": task_id, "reason": reason},
                                  timeout=timeout)
     except httpx.HTTPError as exc:
-        return False, f"POST {url} failed: {type(exc).__name__}: {exc}"
+        return False, redact_url(f"POST {url} failed: {type(exc).__name__}: {exc}")
     if not 200 <= resp.status_code < 300:
-        return False, f"POST {url} answered {resp.status_code}"
-    return True, f"POST {url}: {resp.status_code}"
+        return False, f"POST {redact_url(url)} answered {resp.status_code}"
+    return True, f"POST {redact_url(url)}: {resp.status_code}"
 
 
 async def pause(cfg: PauseConfig, redis_url: str | None, task_id: str, new_owner: str,

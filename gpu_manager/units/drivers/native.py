@@ -33,6 +33,7 @@ from loguru import logger
 
 from gpu_manager.aio import within
 from gpu_manager.config import NativeService
+from gpu_manager.paths import SIM_DIR_ENV
 from gpu_manager.units.drivers.base import DriverError, ExitInfo, ExitWatch
 
 MARKER_ENV = "GPU_MANAGER_UNIT"
@@ -40,6 +41,23 @@ MARKER_ENV = "GPU_MANAGER_UNIT"
 # launched but had not yet recorded when it died.
 OWNER_ENV = "GPU_MANAGER_OWNER"
 PYTHON_TOKEN = "{python}"  # in a command: the daemon's own interpreter
+# The daemon's own variables a child gets: adoption reads the first two back from /proc, and
+# the simulated GPU's stand-ins find their registry by the third.
+PASSED_ENV = frozenset({MARKER_ENV, OWNER_ENV, SIM_DIR_ENV})
+
+
+def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a service inherits: the daemon's, minus its `GPU_MANAGER_*` settings.
+
+    Those hold secrets (the API token, a Redis URL with its password) that a managed service,
+    often third-party code listening on the network, has no business holding. The few the
+    project passes on purpose (PASSED_ENV) are set by the driver itself; a service that needs
+    anything else gets it from its own `env:` in services.yaml. Settings are read whatever the
+    case of the name (pydantic-settings), so the filter ignores case too.
+    """
+    source = os.environ if environ is None else environ
+    return {k: v for k, v in source.items()
+            if not k.upper().startswith("GPU_MANAGER_") or k in PASSED_ENV}
 
 
 def _same_process(pid: int, create_time: float) -> psutil.Process | None:
@@ -150,7 +168,7 @@ class NativeDriver(ExitWatch):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         rotate_log(self.log_path, self.log_max_bytes, self.log_backups)
         token = f"{self.name}:{uuid.uuid4().hex}"
-        env = {**os.environ, **self.extra_env, **self.cfg.env, MARKER_ENV: token}
+        env = {**child_env(), **self.extra_env, **self.cfg.env, MARKER_ENV: token}
         # A local file opened for append: no I/O wait worth a thread.
         with open(self.log_path, "ab") as log:  # noqa: ASYNC230
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
