@@ -31,6 +31,7 @@ from gpu_manager.units import (
     make_driver,
 )
 from gpu_manager.units.drivers.native import OWNER_ENV, find_launched, kill_group
+from gpu_manager.units.logrotate import LogRotator, native_logs
 
 LOCK_INFO_EVERY_S = 0.25
 PIDS_EVERY_S = 1.0
@@ -90,6 +91,10 @@ class Daemon:
         self.leases.start()
         self.reloader = Reloader(self)
         self.reloader.start()
+        # Native services' logs roll over by size while they run (bounded disk use).
+        self.logrotate = LogRotator(lambda: native_logs(self.units), s.child_log_max_bytes,
+                                    s.child_log_backups, every_s=s.child_log_check_s)
+        self.logrotate.start()
         self._tasks = [asyncio.create_task(self._refresh_lock_info(), name="lock-info"),
                        asyncio.create_task(self._refresh_pids(), name="unit-pids")]
         await self.refresh_lock_info()
@@ -155,6 +160,8 @@ class Daemon:
         await self.health.aclose()
         if self._docker is not None:
             self._docker.close()
+        await self.logrotate.close()
+        await self.store.aclose()  # the last state is on disk before we exit
         logger.info("daemon stopped; managed services keep running unless stopped above")
 
     def docker_engine(self) -> Any:
