@@ -1,9 +1,10 @@
-"""Bounded resources: the operation log keeps what is in flight, state saves coalesce off the
-event loop and stay whole on disk."""
+"""Bounded resources: child logs roll over while the child runs, the operation log keeps what
+is in flight, state saves coalesce off the event loop and stay whole on disk."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -11,6 +12,58 @@ from pathlib import Path
 from gpu_manager.orchestrator.operations import Operation, OperationLog
 from gpu_manager.planner import StartService
 from gpu_manager.state_store import StateStore
+from gpu_manager.units import NativeDriver, ServiceState
+from gpu_manager.units.logrotate import LogRotator
+from tests.support.env import until
+from tests.support.units import harness
+
+# Prints numbered 100-byte lines as fast as it can (a breather every 10): <1 MB/s of log.
+CHATTY = ["{python}", "-u", "-c",
+          "import itertools, time\n"
+          "for i in itertools.count():\n"
+          "    print(f'line {i:09d} ' + 'x' * 84)\n"
+          "    if i % 10 == 0: time.sleep(0.001)\n"]
+
+
+# -- child logs -------------------------------------------------------------------------------
+def _numbers(path: Path) -> list[int]:
+    return [int(m) for m in re.findall(rb"^line (\d{9}) ", path.read_bytes(), re.M)]
+
+
+async def test_running_childs_log_rolls_over_and_child_keeps_writing(tmp_path: Path) -> None:
+    max_bytes, backups = 64 * 1024, 3
+    async with harness(tmp_path) as h:
+        unit = h.native("chatty", CHATTY)
+        assert (await unit.ensure_ready()).ok
+        driver = unit.driver
+        assert isinstance(driver, NativeDriver)
+        log = driver.log_path
+        rotator = LogRotator(lambda: [log], max_bytes, backups, every_s=0.05)
+        rotator.start()
+        try:
+            await until(lambda: rotator.rotations >= 8, 30, "8 rollovers of the running log")
+            sizes = {p.name: p.stat().st_size for p in log.parent.iterdir()}
+            last_before = _numbers(log.with_name("chatty.log.1"))[-1]
+            # The child keeps writing into the same (truncated) file, at its new end.
+            await until(lambda: bool(_numbers(log)) and _numbers(log)[-1] > last_before + 1000,
+                        10, "new lines in the live log after a rollover")
+        finally:
+            await rotator.close()
+        assert driver.running() and unit.state == ServiceState.READY
+        names = sorted(p.name for p in log.parent.iterdir())
+        assert names == ["chatty.log", "chatty.log.1", "chatty.log.2", "chatty.log.3"], names
+        # O_APPEND: after a truncate the child writes at offset 0, so no hole of NULs.
+        head = log.read_bytes()[:4096]
+        # (-u: print's text and its newline are two writes; a truncate may fall between.)
+        assert b"\0" not in head and head.lstrip(b"\n").startswith(b"line "), head[:40]
+        # Each file holds about one check interval past the limit at most.
+        total = sum(sizes.values())
+        print(f"{rotator.rotations} rollovers; sizes {sizes}; total {total} bytes")
+        assert all(size < 4 * max_bytes for size in sizes.values()), sizes
+        assert total < (backups + 1) * 4 * max_bytes
+        # The backups are consecutive: .2 ends where .1 begins, give or take a lost line or two.
+        n2, n1 = _numbers(log.with_name("chatty.log.2")), _numbers(log.with_name("chatty.log.1"))
+        assert 0 <= n1[0] - n2[-1] <= 50, (n2[-1], n1[0])
 
 
 # -- operation log ----------------------------------------------------------------------------
