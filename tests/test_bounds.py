@@ -14,7 +14,8 @@ from gpu_manager.planner import StartService
 from gpu_manager.state_store import StateStore
 from gpu_manager.units import NativeDriver, ServiceState
 from gpu_manager.units.logrotate import LogRotator
-from tests.support.env import until
+from tests.support.daemon import DaemonProc
+from tests.support.env import until, wait_for
 from tests.support.units import harness
 
 # Prints numbered 100-byte lines as fast as it can (a breather every 10): <1 MB/s of log.
@@ -64,6 +65,42 @@ async def test_running_childs_log_rolls_over_and_child_keeps_writing(tmp_path: P
         # The backups are consecutive: .2 ends where .1 begins, give or take a lost line or two.
         n2, n1 = _numbers(log.with_name("chatty.log.2")), _numbers(log.with_name("chatty.log.1"))
         assert 0 <= n1[0] - n2[-1] <= 50, (n2[-1], n1[0])
+
+
+# -- the wait=false queue --------------------------------------------------------------------
+def test_wait_false_queue_is_capped_with_429(tmp_path: Path) -> None:
+    # comfyui takes 3 s to come up: the operations behind it stay queued meanwhile.
+    d = DaemonProc(tmp_path, env={"GPU_MANAGER_MAX_PENDING_OPERATIONS": "2"},
+                   replace={'"--startup-s", "1.5"': '"--startup-s", "3"'}).start()
+    try:
+        nowait = {"wait": "false"}
+        first = d.post("/gpu/service/comfyui/start", params=nowait)
+        second = d.post("/gpu/service/comfyui/stop", params=nowait)
+        assert (first.status_code, second.status_code) == (202, 202)
+        third = d.post("/gpu/service/vidi/start", params=nowait)
+        assert third.status_code == 429, third.text
+        body = third.json()
+        assert body["error"] == "too_many_operations"
+        assert (body["queued"], body["limit"]) == (2, 2) and "2 operations" in body["detail"]
+        assert int(third.headers["Retry-After"]) > 0
+        # a waiting request counts against the same cap
+        assert d.post("/gpu/service/vidi/start").status_code == 429
+        ids = [first.json()["operation_id"], second.json()["operation_id"]]
+        assert [d.get(f"/gpu/operations/{i}").json()["status"] for i in ids] == [
+            "running", "queued"]
+
+        def finished() -> bool:
+            return all(d.get(f"/gpu/operations/{i}").json()["status"] == "succeeded"
+                       for i in ids)
+
+        wait_for(finished, 30, "the two queued operations to finish")
+        again = d.post("/gpu/service/vidi/start", params=nowait)
+        assert again.status_code == 202, again.text
+        op_id = again.json()["operation_id"]
+        wait_for(lambda: d.get(f"/gpu/operations/{op_id}").json()["status"] == "succeeded",
+                 30, "the accepted operation")
+    finally:
+        d.close()
 
 
 # -- operation log ----------------------------------------------------------------------------

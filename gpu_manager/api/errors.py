@@ -19,6 +19,7 @@ STATUS = {
     "start_failed": 502, "stop_failed": 502, "reclaim_timeout": 504,
     "lock_held": 423, "lock_unavailable": 503, "lock_lost": 503, "probe_unavailable": 503,
     "unauthorized": 401, "shutting_down": 503, "invalid_request": 422,
+    "too_many_operations": 429,
 }
 
 
