@@ -39,6 +39,7 @@ from gpu_manager.units import (
     make_driver,
 )
 from gpu_manager.units.drivers.native import OWNER_ENV, find_launched, kill_group
+from gpu_manager.units.logrotate import LogRotator, native_logs
 
 LOCK_INFO_EVERY_S = 0.25
 PIDS_EVERY_S = 1.0
@@ -56,7 +57,6 @@ class Daemon:
         self.sim_dir = sim_dir(settings.state_dir)
         self.lock_info = LockInfo("unknown", None, None, ok=False, error="not checked yet")
         self.lock_checked_at = 0.0
-        self._tasks: list[asyncio.Task[None]] = []
         self._lock_dirty = asyncio.Event()
         self.poller: Poller
         self.lock: GpuLock
@@ -115,11 +115,15 @@ class Daemon:
         self.leases = LeaseManager(self.orchestrator, inv.leases)
         self.reloader = Reloader(self)
         self.reloader.start()
+        # Native services' logs roll over by size while they run (bounded disk use).
+        self.logrotate = LogRotator(lambda: native_logs(self.units), s.child_log_max_bytes,
+                                    s.child_log_backups, every_s=s.child_log_check_s)
         sup = self.supervisor
         sup.spawn("lock-info", self._refresh_lock_info)
         sup.spawn("unit-pids", self._refresh_pids)
         sup.spawn("lease-expiry", self.leases.expire_loop)
         sup.spawn("config-watch", self.reloader.watch)
+        sup.spawn("child-log-rotation", self.logrotate.run)
         await self.refresh_lock_info()
         self.start_s = time.monotonic() - t0  # the rebuild after a restart: adoption included
         logger.info(f"view rebuilt in {self.start_s:.3f}s; "
@@ -179,6 +183,8 @@ class Daemon:
         await self._quietly("health checker", self.health.aclose())
         if self._docker is not None:
             await self._quietly("Docker client", asyncio.to_thread(self._docker.close))
+        # the last state is on disk before we exit
+        await self._quietly("state file", self.store.aclose(self.bounds.shutdown_step_s))
         logger.info("daemon stopped; managed services keep running unless stopped above")
 
     async def _quietly(self, what: str, aw: Awaitable[Any]) -> None:

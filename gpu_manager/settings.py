@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     # After stopping services, how long to wait for their VRAM to come back.
     reclaim_timeout_s: float = Field(default=30.0, gt=0)
     log_level: str = "INFO"
+    # Operations queued or running at once through the API (`wait=false` ones pile up):
+    # beyond this a request answers 429 with the queue length.
+    max_pending_operations: int = Field(default=64, ge=1)
+    # Native services' logs roll over past this size, checked while they run, keeping
+    # `child_log_backups` old files (name.log.1 ... name.log.N).
+    child_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    child_log_backups: int = Field(default=3, ge=1)
+    child_log_check_s: float = Field(default=5.0, gt=0)
     # On SIGTERM/SIGINT: leave managed services running for the next daemon to adopt, or stop.
     on_shutdown: Literal["leave", "stop"] = "leave"
     # On SIGTERM: how long operations in flight may go on before they are cancelled.

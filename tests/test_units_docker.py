@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from gpu_manager.units import DockerDriver, DockerEngine, ServiceState
+from gpu_manager.units import DockerDriver, DockerEngine, DriverError, ServiceState
 from gpu_manager.units.drivers.docker import LABEL
-from tests.support.env import TEST_LABEL, free_port
+from tests.support.env import TEST_LABEL, free_port, until
 from tests.support.units import Harness, harness
 
 pytestmark = pytest.mark.docker
@@ -162,3 +162,88 @@ async def test_existing_container_without_image_is_started(
     unit = h.docker("prebuilt", container=name, stop_timeout_s=1)
     assert (await unit.ensure_ready()).ok
     assert docker_client.containers.get(name).status == "running"
+
+
+@pytest.mark.parametrize("path", ["replay", "recheck"])
+async def test_death_while_the_event_stream_is_down_is_noticed_after_reconnect(
+    h: Harness, names: list[str], busybox_image: str, docker_client: Any, path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Either way alone notices it: the stream resumed from the last event (dockerd replays
+    the gap), and the re-inspection of every watched container after a reconnect."""
+    if path == "replay":
+        monkeypatch.setattr(h.engine, "_recheck", lambda client: None)
+    name = fresh(names)
+    unit = h.docker("gap", container=name, image=busybox_image,
+                    command=["sleep", "600"], network_mode="none")
+    assert (await unit.ensure_ready()).ok
+    driver, engine = unit.driver, h.engine
+    assert isinstance(driver, DockerDriver) and engine.connected
+    # Break the stream and hold the pump before its reconnect: a real gap.
+    engine.resume.clear()
+    engine._stream.close()
+    await until(lambda: not engine.connected, 5, "the event stream to go down")
+    await asyncio.to_thread(docker_client.api.kill, name)
+
+    def dead() -> bool:
+        return not docker_client.api.inspect_container(name)["State"]["Running"]
+
+    await until(dead, 10, "dockerd to see the container dead")
+    assert driver.running(), "the death was seen without the stream: no gap was made"
+    t0 = time.monotonic()
+    engine.resume.set()
+    info = await asyncio.wait_for(driver.wait_exit(), 15)
+    print(f"death in the gap noticed {time.monotonic() - t0:.3f}s after the pump was let go "
+          f"({info.detail})")
+    assert info.code == 137 and engine.reconnects == 1
+    assert info.detail == {"replay": "container died",
+                           "recheck": "died while the Docker event stream was down"}[path]
+    await h.wait_state(unit, S.FAILED, 5)
+    await until(lambda: engine.connected, 10, "the event stream to be back")
+    # The resumed stream still reports deaths as they happen.
+    second = h.docker("after", container=fresh(names), image=busybox_image,
+                      command=["sleep", "600"], network_mode="none")
+    assert (await second.ensure_ready()).ok
+    assert isinstance(second.driver, DockerDriver)
+    await asyncio.to_thread(docker_client.api.kill, names[-1])
+    assert (await asyncio.wait_for(second.driver.wait_exit(), 5)).code == 137
+
+
+async def test_engine_refusing_the_start_fails_the_unit_with_its_reason(
+    h: Harness, names: list[str], busybox_image: str
+) -> None:
+    unit = h.docker("nocmd", container=fresh(names), image=busybox_image,
+                    command=["no-such-command"], network_mode="none", stop_timeout_s=1)
+    result = await asyncio.wait_for(unit.ensure_ready(), 30)
+    assert not result.ok and unit.state == S.FAILED
+    assert result.reason.startswith(f"cannot start container {names[-1]!r}: "), result.reason
+    assert "executable file not found" in result.reason, result.reason
+    # The same from the driver: a DriverError carrying the engine's explanation.
+    driver = DockerDriver("nocmd2", unit.cfg, h.engine)  # type: ignore[arg-type]
+    driver.container_name = names[-1]
+    with pytest.raises(DriverError, match="executable file not found"):
+        await driver.start()
+
+
+async def test_engine_errors_are_driver_errors_and_pids_never_hide_them(
+    h: Harness, names: list[str], busybox_image: str
+) -> None:
+    name = fresh(names)
+    unit = h.docker("top", container=name, image=busybox_image,
+                    command=["sleep", "600"], network_mode="none", stop_timeout_s=1)
+    assert (await unit.ensure_ready()).ok
+    driver = unit.driver
+    assert isinstance(driver, DockerDriver)
+    assert len(await driver.pids()) == 1
+    # An engine APIError (here: no such container) is a DriverError naming what it was about.
+    with pytest.raises(DriverError, match=r"Docker engine error on 'ghost': .*No such container"):
+        await h.engine.call(lambda c: c.api.inspect_container("gmt-ghost-0"), about="ghost")
+    # The engine goes away while the container runs: pids() says so, never [].
+    offline = DockerEngine(base_url="unix:///nonexistent/docker.sock")
+    driver.engine = offline
+    try:
+        with pytest.raises(DriverError, match="Docker engine unreachable"):
+            await driver.pids()
+    finally:
+        driver.engine = h.engine
+        offline.close()

@@ -31,6 +31,7 @@ from gpu_manager.settings import Settings
 DryRun = Annotated[bool, Query(description="Return the plan without acting.")]
 Wait = Annotated[bool, Query(description="false: answer 202 at once with an operation id.")]
 SSE_PING_S = 15.0
+RETRY_AFTER_S = 2  # for a 429: transitions take seconds, a retry sooner would just bounce
 
 
 def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAPI:
@@ -98,6 +99,14 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
             if isinstance(result, Refusal):
                 raise ApiError(result.code, result.message, plan=plan_dict(result))
             return {"success": True, "dry_run": True, **shape, "plan": plan_dict(result)}
+        # Every operation the API made is in `background` until it is done, waited for or
+        # not: cap them, so `wait=false` requests cannot queue without bound.
+        pending, limit = len(background), settings.max_pending_operations
+        if pending >= limit:
+            raise ApiError("too_many_operations",
+                           f"{pending} operations are queued or running (the limit is {limit}); "
+                           "retry once some have finished", queued=pending, limit=limit,
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
         op = orch.ops.add(Operation(req))
         task = asyncio.create_task(orch.execute(op), name=f"op-{op.id}")
         background.add(task)

@@ -26,6 +26,7 @@ STATUS = {
     "lock_held": 423, "lock_unavailable": 503, "lock_lost": 503, "probe_unavailable": 503,
     "unauthorized": 401, "shutting_down": 503, "invalid_request": 422,
     "forbidden_host": 403, "cross_origin": 403, "unsupported_media_type": 415,
+    "too_many_operations": 429,
 }
 
 

@@ -113,7 +113,12 @@ def interrupted(data: dict[str, Any]) -> Operation:
 
 
 class OperationLog:
-    """The last `keep` operations, by id."""
+    """The last `keep` operations, by id; an operation still in flight is never dropped.
+
+    Eviction takes the oldest *finished* operations: a client polling the operation it queued
+    with `wait=false` must find it until it is done. When everything kept is in flight the log
+    grows past `keep`; the API's cap on pending operations bounds how far.
+    """
 
     def __init__(self, keep: int = 200) -> None:
         self._ops: OrderedDict[str, Operation] = OrderedDict()
@@ -121,9 +126,19 @@ class OperationLog:
 
     def add(self, op: Operation) -> Operation:
         self._ops[op.id] = op
-        while len(self._ops) > self._keep:
-            self._ops.popitem(last=False)
+        self._evict()
         return op
+
+    def _evict(self) -> None:
+        excess = len(self._ops) - self._keep
+        if excess <= 0:
+            return
+        # Oldest first; in-flight ones are skipped, not counted.
+        for op_id in [i for i, o in self._ops.items() if o.done][:excess]:
+            del self._ops[op_id]
+
+    def __len__(self) -> int:
+        return len(self._ops)
 
     def get(self, op_id: str) -> Operation | None:
         return self._ops.get(op_id)

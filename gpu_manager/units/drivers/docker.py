@@ -27,17 +27,37 @@ from gpu_manager.units.drivers.base import DriverError, ExitInfo, ExitWatch
 LABEL = "gpu-manager.service"
 
 
+# An SDK call gets the engine timeout (per HTTP request) plus this before we stop waiting.
+CALL_MARGIN_S = 5.0
+BACKOFF_MAX_S = 10.0
+
+
+def _since(ns: int) -> str:
+    """A nanosecond timestamp as the Docker API's `since` ("seconds.nanoseconds")."""
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
 class DockerEngine:
     def __init__(self, base_url: str | None = None, timeout: float = 60) -> None:
         self.base_url = base_url
         self.timeout = timeout
         self._client: Any = None
         self._lock = threading.Lock()
-        self._watchers: dict[str, list[asyncio.Future[ExitInfo]]] = {}
+        # container id -> (when the watch began, in ns, its future)
+        self._watchers: dict[str, list[tuple[int, asyncio.Future[ExitInfo]]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stream: Any = None
         self._closed = False
+        # Where the event stream resumes after a break: just past the last event seen, else
+        # the `since` it was opened with. Events in the gap are replayed by dockerd.
+        self._since_ns: int | None = None
+        self.connected = False  # the event stream is open (tests wait on it)
+        self.reconnects = 0
+        # Cleared only by tests: holds the pump between a break and its reconnect, so the
+        # gap in which a death must still be noticed is long enough to act in.
+        self.resume = threading.Event()
+        self.resume.set()
 
     def _connect(self) -> Any:
         with self._lock:
@@ -51,70 +71,129 @@ class DockerEngine:
                 self._client = client
             return self._client
 
-    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run a blocking SDK call in a thread; map 'engine unreachable' to a DriverError."""
+    async def call(self, fn: Any, *args: Any, about: str | None = None,
+                   deadline_s: float | None = None, **kwargs: Any) -> Any:
+        """Run a blocking SDK call in a thread, within `deadline_s` (default: the engine
+        timeout plus a margin). Every engine failure becomes a DriverError naming `about`
+        (a container) and saying what the engine said."""
         def run() -> Any:
             client = self._connect()
             return fn(client, *args, **kwargs)
 
+        limit = deadline_s if deadline_s is not None else self.timeout + CALL_MARGIN_S
+        on = f" on {about!r}" if about else ""
         try:
-            return await asyncio.to_thread(run)
+            # The thread cannot be cancelled: at the deadline we stop waiting and it finishes
+            # (or times out in requests) on its own; its result is dropped.
+            async with asyncio.timeout(limit):
+                return await asyncio.to_thread(run)
         except DriverError:
             raise
-        except Exception as exc:
-            if isinstance(exc, requests.exceptions.ConnectionError):
-                raise DriverError(f"Docker engine unreachable: {exc}") from exc
-            raise
+        except TimeoutError as exc:
+            raise DriverError(f"Docker engine did not answer within {limit:g}s{on}") from exc
+        except requests.exceptions.ConnectionError as exc:
+            raise DriverError(f"Docker engine unreachable{on}: {exc}") from exc
+        except requests.exceptions.Timeout as exc:  # ReadTimeout: one request's own limit
+            raise DriverError(f"Docker engine timed out{on}: {exc}") from exc
+        except docker.errors.APIError as exc:
+            raise DriverError(f"Docker engine error{on}: {exc.explanation or exc}") from exc
+        except docker.errors.DockerException as exc:
+            raise DriverError(f"Docker error{on}: {exc}") from exc
 
     # -- die events ---------------------------------------------------------------------------
     async def watch(self, container_id: str) -> asyncio.Future[ExitInfo]:
         """A future resolved when `container_id` dies (checked against its state at once)."""
         self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[ExitInfo] = self._loop.create_future()
-        self._watchers.setdefault(container_id, []).append(fut)
+        self._watchers.setdefault(container_id, []).append((time.time_ns(), fut))
         if self._thread is None or not self._thread.is_alive():
             await asyncio.to_thread(self._connect)
             self._thread = threading.Thread(target=self._pump, name="docker-events", daemon=True)
             self._thread.start()
         # It may have died before the stream saw it.
-        state = await self.call(lambda c: c.api.inspect_container(container_id)["State"])
+        state = await self.call(lambda c: c.api.inspect_container(container_id)["State"],
+                                about=container_id)
         if not state.get("Running"):
             self._resolve(container_id, ExitInfo(int(state.get("ExitCode", 0)),
                                                  detail="not running"))
         return fut
 
-    def _resolve(self, container_id: str, info: ExitInfo) -> None:
-        for fut in self._watchers.pop(container_id, []):
-            if not fut.done():
+    def _resolve(self, container_id: str, info: ExitInfo, at_ns: int | None = None) -> None:
+        """Resolve the watches of `container_id`; with `at_ns` (an event's time) only those
+        that began before it: a replayed death from before a restart is not this run's."""
+        kept = []
+        for began, fut in self._watchers.pop(container_id, []):
+            if at_ns is not None and began > at_ns:
+                kept.append((began, fut))
+            elif not fut.done():
                 fut.set_result(info)
+        if kept:
+            self._watchers.setdefault(container_id, []).extend(kept)
 
     def _pump(self) -> None:
         backoff = 0.5
         while not self._closed:
             try:
                 client = self._connect()
+                if self._since_ns is None:
+                    self._since_ns = time.time_ns() - 1_000_000_000
                 self._stream = client.events(
                     decode=True, filters={"type": "container", "event": ["die"]},
-                    since=int(time.time()) - 1)
+                    since=_since(self._since_ns))
+                self.connected = True
+                if self.reconnects:
+                    self._recheck(client)  # belt and braces: dockerd keeps few old events
                 backoff = 0.5
                 for ev in self._stream:
-                    cid = ev.get("id") or ev.get("Actor", {}).get("ID")
-                    code = ev.get("Actor", {}).get("Attributes", {}).get("exitCode")
-                    info = ExitInfo(int(code) if code is not None else None,
-                                    detail="container died")
-                    if self._loop is not None and cid in self._watchers:
-                        self._loop.call_soon_threadsafe(self._resolve, cid, info)
+                    self._on_event(ev)
+                reason = "it ended"
             except Exception as exc:
-                if self._closed:
-                    return
-                logger.warning(f"Docker event stream broke ({exc}); reconnecting in {backoff:g}s")
-                time.sleep(backoff)  # a plain thread, off the event loop
-                backoff = min(backoff * 2, 10)
-                with self._lock:
-                    self._client = None
+                reason = str(exc)
+            self.connected = False
+            if self._closed:
+                return
+            logger.warning(f"Docker event stream broke ({reason}); reconnecting in {backoff:g}s")
+            time.sleep(backoff)  # a plain thread, off the event loop
+            self.resume.wait()
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            self.reconnects += 1
+            with self._lock:
+                old, self._client = self._client, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    old.close()
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        at_ns = int(ev.get("timeNano") or int(ev.get("time", 0)) * 1_000_000_000)
+        if at_ns:
+            # dockerd's `since` is inclusive: resume one ns later, or this event comes again.
+            self._since_ns = at_ns + 1
+        cid = ev.get("id") or ev.get("Actor", {}).get("ID")
+        code = ev.get("Actor", {}).get("Attributes", {}).get("exitCode")
+        info = ExitInfo(int(code) if code is not None else None, detail="container died")
+        if self._loop is not None and cid in self._watchers:
+            self._loop.call_soon_threadsafe(self._resolve, cid, info, at_ns or None)
+
+    def _recheck(self, client: Any) -> None:
+        """After a reconnect: inspect every watched container; one that is no longer running
+        died in the gap (the replay from `since` should say so too; this does not depend on
+        how many events dockerd kept)."""
+        for cid in list(self._watchers):
+            checked = time.time_ns()  # a watch begun after this inspect is not judged by it
+            try:
+                state = client.api.inspect_container(cid)["State"]
+            except docker.errors.NotFound:
+                state = {"Running": False, "ExitCode": None}
+            if state.get("Running") or self._loop is None:
+                continue
+            code = state.get("ExitCode")
+            info = ExitInfo(int(code) if code is not None else None,
+                            detail="died while the Docker event stream was down")
+            self._loop.call_soon_threadsafe(self._resolve, cid, info, checked)
 
     def close(self) -> None:
         self._closed = True
+        self.resume.set()
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 self._stream.close()
@@ -179,7 +258,10 @@ class DockerDriver(ExitWatch):
                                       f"{exc.explanation}") from exc
             return str(container.id)
 
-        self.container_id = await self.engine.call(launch)
+        # A pull may be part of it: as long as the start may take, plus one engine timeout.
+        self.container_id = await self.engine.call(
+            launch, about=self.container_name,
+            deadline_s=self.cfg.start_timeout_s + self.engine.timeout)
         self._exit = await self.engine.watch(self.container_id)
 
     # -- observe ------------------------------------------------------------------------------
@@ -189,19 +271,30 @@ class DockerDriver(ExitWatch):
         return {"kind": "docker", "id": self.container_id, "container": self.container_name}
 
     async def pids(self) -> list[int]:
+        """The container's processes (host pids); [] when it is not running.
+
+        Raises DriverError when the engine cannot say (unreachable, timed out, an engine
+        error): an empty list would read as "nothing holds GPU memory any more", and the
+        reclaim wait relies on this evidence; the caller decides how to do without it.
+        """
         if self.container_id is None or not self.running():
             return []
         cid = self.container_id
+        errors = docker.errors
 
         def top(client: Any) -> list[int]:
-            out = client.api.top(cid)
+            try:
+                out = client.api.top(cid)
+            except errors.NotFound:
+                return []  # removed: nothing runs
+            except errors.APIError as exc:
+                if exc.status_code == 409:  # "is not running": it died just now
+                    return []
+                raise
             col = out["Titles"].index("PID")
             return [int(row[col]) for row in out["Processes"] or []]
 
-        try:
-            result: list[int] = await self.engine.call(top)
-        except Exception:
-            return []
+        result: list[int] = await self.engine.call(top, about=self.container_name)
         return result
 
     # -- stop ---------------------------------------------------------------------------------
@@ -222,7 +315,9 @@ class DockerDriver(ExitWatch):
             except errors.NotFound:
                 return "gone"
 
-        await self.engine.call(stop)
+        # docker-py lets the stop request itself run `timeout` past the engine timeout
+        await self.engine.call(stop, about=self.container_name,
+                               deadline_s=timeout + 2 * self.engine.timeout + CALL_MARGIN_S)
         if self._exit is None:
             return ExitInfo(None, detail="was not running")
         with contextlib.suppress(TimeoutError):
@@ -243,7 +338,7 @@ class DockerDriver(ExitWatch):
             except errors.NotFound:
                 return None
 
-        info = await self.engine.call(inspect)
+        info = await self.engine.call(inspect, about=self.container_name)
         if info is None or not info["State"].get("Running"):
             return False
         if info.get("Name", "").lstrip("/") != self.container_name:
