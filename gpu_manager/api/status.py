@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from gpu_manager.daemon import Daemon
-from gpu_manager.units import HOLDS_GPU
 
 
 def vram(daemon: Daemon) -> dict[str, Any]:
@@ -19,7 +18,7 @@ def vram(daemon: Daemon) -> dict[str, Any]:
     if free is not None:
         available = max(0, free - gpu.reserve_mb)
     elif total is not None:  # degraded: what the declared budgets leave
-        held = sum(u.cfg.vram_mb for u in list(daemon.units.values()) if u.state in HOLDS_GPU)
+        held = sum(u.cfg.vram_mb for u in list(daemon.units.values()) if u.holds_gpu)
         available = max(0, total - gpu.reserve_mb - held)
     else:
         available = None
@@ -60,7 +59,7 @@ def services(daemon: Daemon) -> dict[str, Any]:
             "phases": inv.phases_of(name),
             "type": cfg.type,
             "preemptible": cfg.preemptible,
-            "measured_mb": orch.measured(name) if unit.state in HOLDS_GPU else None,
+            "measured_mb": orch.measured(name) if unit.holds_gpu else None,
             "pids": list(books.unit_pids.get(name, ())),
             "pids_error": books.pid_errors.get(name),
             "idle": books.idle[name].value if name in books.idle else None,

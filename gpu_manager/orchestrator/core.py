@@ -45,7 +45,7 @@ from gpu_manager.planner import (
 )
 from gpu_manager.probe import DeviceSnapshot, Poller, Snapshot
 from gpu_manager.state_store import StateStore
-from gpu_manager.units import HOLDS_GPU, Driver, Event, EventBus, IdleKind, Unit, strategies
+from gpu_manager.units import Driver, Event, EventBus, IdleKind, Unit, strategies
 
 REFUSAL_CODES = frozenset({"unknown_service", "unknown_phase", "insufficient_vram",
                            "needed_by_phase"})
@@ -119,7 +119,7 @@ class Orchestrator:
         return frozenset(self.ledger.view().unit_pids.get(name, ())), error
 
     async def refresh_pids(self) -> None:
-        units = [(n, u) for n, u in list(self.units.items()) if u.state in HOLDS_GPU]
+        units = [(n, u) for n, u in list(self.units.items()) if u.holds_gpu]
         results = await asyncio.gather(*(self.read_pids(n) for n, _ in units))
         fresh = {n: tuple(sorted(p)) for (n, _), (p, err) in zip(units, results, strict=True)
                  if err is None}
@@ -156,7 +156,7 @@ class Orchestrator:
         dev = self.device
         books = self.ledger.view()
         running = {n: self.measured(n) for n, u in list(self.units.items())
-                   if u.state in HOLDS_GPU and n not in books.idle}
+                   if u.holds_gpu and n not in books.idle}
         running.update({n: None for n, lease in books.leases.items() if lease.active})
         total = dev.total_mb if dev is not None and dev.total_mb is not None else gpu.total_mb
         foreign = 0

@@ -33,7 +33,14 @@ from gpu_manager.units.events import Event, EventBus
 from gpu_manager.units.health import HealthChecker
 from gpu_manager.units.restart import RestartPolicy, Restarts
 from gpu_manager.units.result import UnitResult
-from gpu_manager.units.states import RUNNING, TRANSIENT, InvalidTransition, ServiceState, allowed
+from gpu_manager.units.states import (
+    HOLDS_GPU,
+    RUNNING,
+    TRANSIENT,
+    InvalidTransition,
+    ServiceState,
+    allowed,
+)
 
 S = ServiceState
 RecordSink = Callable[[str, dict[str, Any] | None], None]
@@ -89,7 +96,8 @@ class Unit:
         """The start sequence's backstop: its own health deadline is start_timeout_s, and the
         last check may run its full timeout past that."""
         health = self.cfg.health
-        return self.cfg.start_timeout_s + (health.timeout_s + 2.0 if health else 1.0)
+        margin = self.bounds.answer_margin_s
+        return self.cfg.start_timeout_s + (health.timeout_s + margin if health else margin)
 
     @property
     def start_bound_s(self) -> float:
@@ -124,6 +132,13 @@ class Unit:
             "last_exit": self.last_exit.describe() if self.last_exit else None,
             "faults": self.faults,
         }
+
+    @property
+    def holds_gpu(self) -> bool:
+        """May hold VRAM: a state that says so, or a process that lives on although the unit
+        gave up on it (a stop that failed): the planner must count it, and a stop must
+        still reach it."""
+        return self.state in HOLDS_GPU or self.driver.running()
 
     def overdue(self, now: float | None = None) -> bool:
         """In a transient state for longer than its deadline allows (an invariant breach)."""
