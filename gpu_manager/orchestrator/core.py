@@ -164,7 +164,9 @@ class Orchestrator:
             managed = sum(mb or 0 for mb in running.values())
             releasing = sum(r.mb for r in books.releasing.values())
             foreign = max(0, dev.used_mb - managed - releasing)
-        return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase)
+        idle = frozenset(n for n in books.idle if n in self.units and self.units[n].holds_gpu)
+        return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase,
+                             idle)
 
     def planner_inventory(self) -> PlannerInventory:
         leases = self.ledger.view().leases
@@ -264,19 +266,28 @@ class Orchestrator:
         except Exception as exc:  # Redis gone: the key expires by its TTL
             logger.opt(exception=exc).error(f"could not release the GPU lock ({label}): {exc}")
 
-    async def resume(self, name: str) -> None:
+    async def resume(self, name: str) -> tuple[bool, str]:
+        """Give an evicted or paused service its VRAM back (it reloads on its own; a paused
+        one is told to resume). Never raises: (ok, what happened); on failure the books
+        still show it idle."""
         cfg = self.inventory.services[name]
         kind = self.ledger.wake(name)
-        if kind == IdleKind.PAUSED and cfg.preempt is not None:
-            try:
-                async with asyncio.timeout(self.bounds.resume_s):
-                    ok, detail = await strategies.resume(cfg.preempt, self.redis_url, name,
-                                                         self.http)
-            except TimeoutError:
-                ok, detail = False, f"resume: no answer within {self.bounds.resume_s:g}s"
-            self.bus.publish(Event("resumed", name, {"ok": ok, "detail": detail}))
-            if not ok:
-                logger.warning(f"{name}: {detail}")
+        if kind != IdleKind.PAUSED or cfg.preempt is None:
+            return True, f"{kind.value if kind else 'idle'}: reloads on first use"
+        try:
+            async with asyncio.timeout(self.bounds.resume_s):
+                ok, detail = await strategies.resume(cfg.preempt, self.redis_url, name,
+                                                     self.http)
+        except TimeoutError:
+            ok, detail = False, f"resume: no answer within {self.bounds.resume_s:g}s"
+        except Exception as exc:  # a strategy must never take the transition down with it
+            logger.opt(exception=exc).error(f"{name}: resume failed: {exc}")
+            ok, detail = False, f"resume failed: {type(exc).__name__}: {exc}"
+        self.bus.publish(Event("resumed", name, {"ok": ok, "detail": detail}))
+        if not ok:
+            logger.warning(f"{name}: {detail}")
+            self.ledger.mark_idle(name, kind)
+        return ok, detail
 
     async def resume_idle(self) -> None:
         """Give the GPU back to paused services that fit again (after a release)."""

@@ -165,9 +165,19 @@ class Executor:
         if orch.ledger.lease(name) is not None:  # a client lease: the VRAM is now theirs
             orch.ledger.activate(name)
             return waited, note
-        if orch.ledger.idle_kind(name) is not None:  # evicted/paused: it reloads on its own
-            await orch.resume(name)
-            return waited, note
+        if orch.ledger.idle_kind(name) is not None:  # evicted/paused: wake it
+            ok, detail = await orch.resume(name)
+            if ok:
+                return waited, note
+            # It did not wake: its state is unknown, so stop it and start it cold (the VRAM
+            # is already reserved for it), and say so.
+            note = "; ".join(x for x in (note, f"{detail}; restarted instead") if x)
+            stopped = await orch.units[name].stop(f"resume failed: {detail}")
+            if not stopped.ok:
+                raise OperationError("start_failed", f"{name} did not resume ({detail}) and "
+                                     f"could not be stopped: {stopped.reason}",
+                                     gpu_state=orch.gpu_state())
+            orch.ledger.released(name, Releasing(frozenset(), 0, time.monotonic()))
         result = await orch.units[name].ensure_ready()
         if not result.ok:
             # The unit has already stopped what it launched; say where that leaves the GPU.

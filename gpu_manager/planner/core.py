@@ -44,14 +44,17 @@ def plan(inv: PlannerInventory, state: ObservedState, request: Request) -> Plan 
         case PreparePhase():
             return _plan_phase(inv, state, request)
         case StopAll():
-            victims = [n for n in state.running
+            victims = [n for n in (*state.running, *sorted(state.idle - set(state.running)))
                        if n in inv.services and inv.services[n].stoppable]
             steps = [_stop(inv, state, n, "release all") for n in _stop_order(inv, state, victims)]
             return _finish(inv, state, request, steps)
 
 
 def usage_mb(inv: PlannerInventory, state: ObservedState, name: str) -> int:
-    """MB a running service is counted for: the larger of declared and measured."""
+    """MB a running service is counted for: the larger of declared and measured (an idle
+    one: what it still holds, usually nothing)."""
+    if name in state.idle and name not in state.running:
+        return 0
     measured = state.running.get(name)
     spec = inv.services.get(name)
     declared = spec.vram_mb if spec is not None else 0
@@ -216,7 +219,7 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
 def _plan_stop(inv: PlannerInventory, state: ObservedState, req: StopService) -> Plan | Refusal:
     if req.name not in inv.services or not inv.services[req.name].stoppable:
         return _unknown_service(inv, req, req.name)
-    if req.name not in state.running:
+    if req.name not in state.running and req.name not in state.idle:
         return _finish(inv, state, req, [])
     phase = inv.phases.get(state.current_phase) if state.current_phase is not None else None
     if phase is not None and req.name in phase.services and not req.force:

@@ -61,6 +61,9 @@ class ObservedState:
     # VRAM used by processes the daemon does not manage (a desktop, an unmanaged job).
     foreign_mb: int = 0
     current_phase: int | None = None
+    # Services whose process runs but holds (almost) no VRAM: evicted or paused. Not in
+    # `running` (nothing to free by preempting them), but a stop still has to reach them.
+    idle: frozenset[str] = frozenset()
 
     @property
     def budget_mb(self) -> int:
