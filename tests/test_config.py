@@ -134,6 +134,19 @@ def test_yaml_no_means_restart_no_and_bad_signal(cfg: Path) -> None:
     ]
 
 
+def test_health_url_the_client_cannot_call_is_refused_at_its_line(cfg: Path) -> None:
+    # These pass `^https?://` but the HTTP client chokes on them at the first check.
+    line = edit(cfg / "services.yaml", "http://127.0.0.1:18099/health",
+                "http://127.0.0.1:99999/health")
+    assert errors(cfg) == [
+        f"services.yaml:{line}: services.vidi.health.url: invalid URL "
+        "'http://127.0.0.1:99999/health': Port out of range 0-65535"]
+    edit(cfg / "services.yaml", "http://127.0.0.1:99999/health", "http:///health")
+    (err,) = errors(cfg)
+    assert err.startswith(f"services.yaml:{line}: services.vidi.health.url: invalid URL")
+    assert "needs http:// or https:// and a host" in err
+
+
 def test_simulated_backend_needs_total(cfg: Path) -> None:
     gpu_line = edit(cfg / "services.yaml", "gpu:\n", "gpu:\n")
     edit(cfg / "services.yaml", "  total_mb: 24576 ", "  #total_mb: 24576 ")

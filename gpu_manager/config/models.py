@@ -10,8 +10,10 @@ from __future__ import annotations
 import shlex
 import signal
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +29,25 @@ ServiceName = Annotated[
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _http_url(v: str) -> str:
+    """An http(s) URL the daemon can call: a host, and a port in range. The regex alone let
+    `http://127.0.0.1:99999/health` through, and the HTTP client only choked on it at the
+    first health check."""
+    try:
+        parts = urlsplit(v)
+        port = parts.port  # raises ValueError when out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {v!r}: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {v!r}: needs http:// or https:// and a host")
+    if port == 0:
+        raise ValueError(f"invalid URL {v!r}: port 0")
+    return v
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 class GpuConfig(_Strict):
@@ -62,7 +83,7 @@ class GpuConfig(_Strict):
 
 
 class HealthConfig(_Strict):
-    url: str = Field(pattern=r"^https?://")
+    url: HttpUrl = Field(pattern=r"^https?://")
     timeout_s: float = Field(default=5.0, gt=0, le=60)
     interval_s: float = Field(default=10.0, gt=0, le=3600)
     # None means any 2xx is healthy.
@@ -77,7 +98,7 @@ class OllamaEvict(_Strict):
     """Free VRAM by unloading Ollama's models (`keep_alive: 0`) instead of stopping it."""
 
     strategy: Literal["ollama"]
-    url: str = Field(default="http://127.0.0.1:11434", pattern=r"^https?://")
+    url: HttpUrl = Field(default="http://127.0.0.1:11434", pattern=r"^https?://")
     timeout_s: float = Field(default=10.0, gt=0, le=300)
 
 
@@ -100,8 +121,8 @@ class PauseConfig(_Strict):
     owner_channel: str = "gpu_owner"
     state_key: str = "gpu_state"
     owner_name: str = "transcription"
-    pause_url: str | None = Field(default=None, pattern=r"^https?://")
-    resume_url: str | None = Field(default=None, pattern=r"^https?://")
+    pause_url: HttpUrl | None = Field(default=None, pattern=r"^https?://")
+    resume_url: HttpUrl | None = Field(default=None, pattern=r"^https?://")
     ack_timeout_s: float = Field(default=10.0, gt=0, le=600)
     freed_timeout_s: float = Field(default=60.0, gt=0, le=600)
 

@@ -259,6 +259,10 @@ class Orchestrator:
                     "of its steps' deadlines)", gpu_state=self.gpu_state()) from exc
         finally:
             await self._drop_lock(op.label)
+            try:  # so status read right after the answer shows the pids as they are now
+                await self.refresh_pids()
+            except Exception as exc:
+                logger.opt(exception=exc).error(f"pid refresh after {op.label} failed: {exc}")
 
     async def _drop_lock(self, label: str) -> None:
         try:
