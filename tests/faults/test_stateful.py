@@ -25,6 +25,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -270,5 +271,6 @@ Coordinator.TestCase.settings = settings(
     max_examples=int(os.environ.get("STATEFUL_EXAMPLES", "30")), stateful_step_count=20,
     deadline=None, derandomize=not os.environ.get("STATEFUL_RANDOM"),
     suppress_health_check=list(HealthCheck), print_blob=True)
-TestCoordinator = Coordinator.TestCase
+# its own per-test limit: the suite-wide 120 s is sized for single tests, not a machine run
+TestCoordinator = pytest.mark.timeout(400)(Coordinator.TestCase)
 
