@@ -32,13 +32,20 @@ class Bounds:
     probe_sample_s: float = 5.0
     # Each step of the daemon's own shutdown.
     shutdown_step_s: float = 5.0
+    # Starting the probe (nvmlInit can take seconds on a card without persistence mode) and
+    # scanning /proc for what a previous daemon launched, at start-up.
+    startup_step_s: float = 30.0
+    # After the bounded shutdown, a thread still stuck in a driver call (NVML, Docker, a
+    # /proc read of a process in uninterruptible sleep) would keep the interpreter from
+    # exiting; past this the process exits anyway.
+    exit_watchdog_s: float = 10.0
 
     @classmethod
     def fast(cls) -> Bounds:
         """Tight margins for tests that inject hangs."""
         return cls(kill_grace_s=0.3, answer_margin_s=0.3, unit_call_s=1.0, lock_io_s=0.5,
                    pids_s=0.3, strategy_margin_s=0.2, resume_s=0.5, probe_sample_s=0.5,
-                   shutdown_step_s=1.0)
+                   shutdown_step_s=1.0, startup_step_s=2.0, exit_watchdog_s=2.0)
 
 
 DEFAULT = Bounds()

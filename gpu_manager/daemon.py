@@ -12,6 +12,8 @@ the next still runs, so the GPU lock is always released and every client closed.
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -93,7 +95,13 @@ class Daemon:
         s, inv = self.settings, self.inventory
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.store.load()
-        probe = await asyncio.to_thread(make_probe, inv.gpu, self.sim_dir)
+        try:
+            async with asyncio.timeout(self.bounds.startup_step_s):
+                probe = await asyncio.to_thread(make_probe, inv.gpu, self.sim_dir)
+        except TimeoutError:
+            why = f"the GPU driver did not initialise within {self.bounds.startup_step_s:g}s"
+            logger.error(f"!!! {why}: running DEGRADED on declared budgets !!!")
+            probe = DeclaredProbe(inv.gpu.total_mb, inv.gpu.device, why)
         if isinstance(probe, DeclaredProbe):
             self.probe_error = probe.reason
         self.poller = make_poller(inv.gpu, probe, self.bounds.probe_sample_s)
@@ -142,7 +150,13 @@ class Daemon:
             self.store.set_operation(op_id, None)
             logger.warning(f"operation {op_id} ({data.get('request')}) was interrupted by a "
                            "daemon stop; its services are re-adopted below")
-        launched = await asyncio.to_thread(find_launched, self.owner)
+        try:
+            async with asyncio.timeout(self.bounds.startup_step_s):
+                launched = await asyncio.to_thread(find_launched, self.owner)
+        except TimeoutError:
+            logger.error("scanning for processes a previous daemon launched took over "
+                         f"{self.bounds.startup_step_s:g}s; adopting from the record only")
+            launched = {}
         for name in sorted(set(self.store.units) - set(self.units)):
             logger.warning(f"state names {name!r}, no longer in the inventory; left alone")
         for name, unit in self.units.items():
@@ -151,19 +165,24 @@ class Daemon:
             if isinstance(unit.cfg, DockerService):
                 candidates.append({"kind": "docker", "id": unit.cfg.container.lstrip("/")})
             adopted: dict[str, Any] | None = None
+            unknown = False
             for record in candidates:
-                try:
-                    if await unit.adopt(record):
-                        adopted = record
-                        break
-                except Exception as exc:  # e.g. the Docker engine is down
-                    logger.error(f"{name}: cannot check whether it still runs: {exc}")
+                found = await unit.adopt(record)
+                if found is None:  # e.g. the Docker engine is down: keep what we know
+                    logger.error(f"{name}: cannot check whether it still runs; its record "
+                                 "is kept for the next start")
+                    unknown = True
+                    break
+                if found:
+                    adopted = record
                     break
             if adopted is not None:
                 logger.info(f"{name}: adopted {adopted}")
-            elif name in self.store.units:
+            elif name in self.store.units and not unknown:
                 logger.info(f"{name}: recorded as running but gone; marking stopped")
                 self.store.set_unit(name, None)
+            if unknown:
+                continue  # no second copy is killed on a guess
             token = adopted.get("token") if adopted else None
             for stray in launched.get(name, []):
                 if stray["token"] != token:
@@ -171,7 +190,7 @@ class Daemon:
                     await asyncio.to_thread(kill_group, stray)
 
     async def stop(self) -> None:
-        self.accepting = False
+        self.accepting = self.orchestrator.accepting = False
         await self._quietly("background tasks", self.supervisor.close(self.bounds.shutdown_step_s))
         await self._quietly("units", asyncio.gather(*(u.close() for u in self.units.values())))
         await self._quietly("config watch", self.reloader.close())
@@ -186,6 +205,7 @@ class Daemon:
         # the last state is on disk before we exit
         await self._quietly("state file", self.store.aclose(self.bounds.shutdown_step_s))
         logger.info("daemon stopped; managed services keep running unless stopped above")
+
 
     async def _quietly(self, what: str, aw: Awaitable[Any]) -> None:
         """One shutdown step: bounded, and its failure is logged, never raised."""
@@ -248,3 +268,19 @@ class Daemon:
         # every error string here may quote a URL (the lock's, one from services.yaml)
         return (probe_ok and lock_ok and self.accepting and self.supervisor.ok,
                 redact_value(detail))
+
+
+def arm_exit_watchdog(seconds: float) -> None:
+    """Exit the process `seconds` from now unless it has exited by then: after the bounded
+    shutdown a thread stuck in a driver call (which no one can cancel) would otherwise keep
+    the interpreter waiting for it forever."""
+    def fire() -> None:
+        stuck = [t.name for t in threading.enumerate()
+                 if t is not threading.current_thread() and not t.daemon]
+        logger.error(f"shutdown: threads still busy {seconds:g}s after the daemon stopped "
+                     f"({', '.join(stuck) or 'none'}); exiting now")
+        os._exit(0)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()

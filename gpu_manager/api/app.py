@@ -21,7 +21,7 @@ from gpu_manager.api.errors import ApiError
 from gpu_manager.api.security import Policy, SecurityMiddleware
 from gpu_manager.api.status import status as build_status
 from gpu_manager.config import Inventory
-from gpu_manager.daemon import Daemon
+from gpu_manager.daemon import Daemon, arm_exit_watchdog
 from gpu_manager.orchestrator import Operation
 from gpu_manager.planner import PreparePhase, Refusal, StartService, StopAll, StopService
 from gpu_manager.planner.model import Request as PlanRequest
@@ -34,7 +34,10 @@ SSE_PING_S = 15.0
 RETRY_AFTER_S = 2  # for a 429: transitions take seconds, a retry sooner would just bounce
 
 
-def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAPI:
+def create_app(settings: Settings, inventory: Inventory | None = None, *,
+               exit_watchdog: bool = False) -> FastAPI:
+    """`exit_watchdog`: the serving process (not an in-process test) exits at the latest
+    `bounds.exit_watchdog_s` after the daemon stopped, even if a driver thread hangs."""
     daemon = Daemon(settings, inventory)
     registry = metrics.make_registry(daemon)
     background: set[asyncio.Task[Any]] = set()
@@ -45,7 +48,7 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
         yield
         # Graceful shutdown: refuse new mutations, let the transition in flight finish
         # (bounded), optionally stop the services, release the GPU lock.
-        daemon.accepting = False
+        daemon.accepting = daemon.orchestrator.accepting = False
         logger.info(f"graceful shutdown: finishing {len(background)} operation(s) in flight, "
                     f"then {'stopping' if settings.on_shutdown == 'stop' else 'leaving'} "
                     "the managed services")
@@ -63,6 +66,8 @@ def create_app(settings: Settings, inventory: Inventory | None = None) -> FastAP
             except Exception as exc:
                 logger.error(f"graceful shutdown: stopping the services failed: {exc}")
         await daemon.stop()
+        if exit_watchdog:
+            arm_exit_watchdog(daemon.bounds.exit_watchdog_s)
 
     app = FastAPI(title="gpu-manager", version=__version__, lifespan=lifespan,
                   description="Coordinates GPU-hungry services on one GPU host.")

@@ -42,7 +42,7 @@ def serve(
     # The web stack and drivers load only to serve, so client verbs start fast.
     from gpu_manager.api.app import create_app  # noqa: PLC0415
 
-    app_ = create_app(settings, inventory)
+    app_ = create_app(settings, inventory, exit_watchdog=True)
     import uvicorn  # noqa: PLC0415
 
     # Bounded graceful shutdown: open requests get this long to finish; then the lifespan

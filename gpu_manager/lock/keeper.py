@@ -37,8 +37,11 @@ class LockKeeper:
             return self._lease
 
     async def drop(self, label: str) -> None:
+        # Discarded before waiting for the mutex: a drop whose caller gives up while another
+        # holder's slow acquire has the mutex must still stop counting this holder, or the
+        # lock would be kept (and renewed) for good.
+        self._holders.discard(label)
         async with self._mutex:
-            self._holders.discard(label)
             if not self._holders and self._lease is not None:
                 lease, self._lease = self._lease, None
                 await lease.release()

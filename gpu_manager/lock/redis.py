@@ -66,7 +66,11 @@ class RedisLease:
             await asyncio.sleep(interval)
             try:
                 ok = await lock._extend(keys=[lock.key], args=[self.value, lock.ttl_ms])
-            except RedisError as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # RedisError, or anything else: never die silently
+                if not isinstance(exc, RedisError):
+                    logger.opt(exception=exc).error(f"GPU lock renewal: unexpected {exc!r}")
                 if time.monotonic() >= self._expires:
                     self._mark_lost(f"could not renew before the TTL ran out: {exc}")
                     return

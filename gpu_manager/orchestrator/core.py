@@ -45,7 +45,34 @@ from gpu_manager.planner import (
 )
 from gpu_manager.probe import DeviceSnapshot, Poller, Snapshot
 from gpu_manager.state_store import StateStore
-from gpu_manager.units import Driver, Event, EventBus, IdleKind, Unit, strategies
+from gpu_manager.units import (
+    Driver,
+    Event,
+    EventBus,
+    IdleKind,
+    ServiceState,
+    Unit,
+    strategies,
+)
+
+
+class _Held:
+    """Release an already acquired asyncio.Lock on exit (acquire happened outside)."""
+
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self.lock = lock
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def _retrieve(fut: asyncio.Future[list[int]]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # seen by whoever awaited it, or by nobody: never "never retrieved"
+
 
 REFUSAL_CODES = frozenset({"unknown_service", "unknown_phase", "insufficient_vram",
                            "needed_by_phase"})
@@ -95,6 +122,9 @@ class Orchestrator:
         self.keeper = LockKeeper(lock, on_lock_change)
         self.preemptions: dict[str, int] = {}
         self.executor = Executor(self)
+        self._pid_reads: dict[tuple[str, int], asyncio.Future[list[int]]] = {}
+        # False from the start of shutdown: no restarts, no new leases.
+        self.accepting = True
 
     # -- observation --------------------------------------------------------------------------
     @property
@@ -106,11 +136,22 @@ class Orchestrator:
         return self._serial.locked()
 
     async def read_pids(self, name: str) -> tuple[frozenset[int], str | None]:
-        """The unit's pids now, bounded; on failure the last known ones and the error."""
-        unit = self.units[name]
+        """The unit's pids now, bounded; on failure the last known ones and the error.
+
+        A read still running (a /proc walk stuck on a process in the driver, a `docker top`
+        the engine never answers) is waited on again rather than joined by another: the
+        threads behind these reads are never piled up."""
+        unit = self.units.get(name)
+        if unit is None:
+            return frozenset(), "no such unit (removed)"
+        key = (name, id(unit.driver))
+        read = self._pid_reads.get(key)
+        if read is None or read.done():
+            read = self._pid_reads[key] = asyncio.ensure_future(unit.driver.pids())
+            read.add_done_callback(_retrieve)
         try:
             async with asyncio.timeout(self.bounds.pids_s):
-                return frozenset(await unit.driver.pids()), None
+                return frozenset(await asyncio.shield(read)), None
         except TimeoutError:
             error = f"no answer within {self.bounds.pids_s:g}s"
         except Exception as exc:  # DriverError from an unreachable engine, or a bug
@@ -127,7 +168,10 @@ class Orchestrator:
                   if err is not None}
         self.ledger.set_pids(fresh, errors)
         self.prune(self.poller.latest)
-        for name, kind in self.ledger.view().idle.items():
+        books = self.ledger.view()
+        for name, kind in books.idle.items():
+            if name in books.releasing:
+                continue  # its release is still being confirmed: any reading may predate it
             unit = self.units.get(name)
             mb = self.measured(name)
             if kind == IdleKind.EVICTED and unit is not None and mb is not None \
@@ -155,8 +199,14 @@ class Orchestrator:
         gpu = self.inventory.gpu
         dev = self.device
         books = self.ledger.view()
-        running = {n: self.measured(n) for n, u in list(self.units.items())
-                   if u.holds_gpu and n not in books.idle}
+        running: dict[str, int | None] = {
+            n: self.measured(n) for n, u in list(self.units.items())
+            if u.holds_gpu and n not in books.idle}
+        for name, mb in list(running.items()):
+            if mb is None and name not in self.inventory.services:
+                # removed by a reload but still running: the planner has no declared size
+                # for it, so give it its last one (degraded mode measures nothing)
+                running[name] = self.units[name].cfg.vram_mb
         running.update({n: None for n, lease in books.leases.items() if lease.active})
         total = dev.total_mb if dev is not None and dev.total_mb is not None else gpu.total_mb
         foreign = 0
@@ -165,8 +215,10 @@ class Orchestrator:
             releasing = sum(r.mb for r in books.releasing.values())
             foreign = max(0, dev.used_mb - managed - releasing)
         idle = frozenset(n for n in books.idle if n in self.units and self.units[n].holds_gpu)
+        unready = frozenset(n for n in running if n in self.units
+                            and self.units[n].state == ServiceState.FAILED)
         return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase,
-                             idle)
+                             idle, unready)
 
     def planner_inventory(self) -> PlannerInventory:
         leases = self.ledger.view().leases
@@ -209,7 +261,12 @@ class Orchestrator:
         """Run `op` to its end; raises OperationError (or a lock error) when it fails."""
         self.ops.add(op)
         self.bus.publish(Event("operation", None, {"id": op.id, "status": "queued"}))
-        async with self._serial:
+        try:
+            await self._serial.acquire()
+        except asyncio.CancelledError:  # cancelled while queued (shutdown): it ends here
+            op.finish("failed", {"error": "cancelled", "detail": "cancelled while queued"})
+            raise
+        async with _Held(self._serial):
             op.status, op.started_at = "running", time.time()
             self.store.set_operation(op.id, op.as_dict())
             t0 = time.monotonic()
@@ -296,15 +353,30 @@ class Orchestrator:
     async def resume_idle(self) -> None:
         """Give the GPU back to paused services that fit again (after a release)."""
         paused = [n for n, kind in self.ledger.view().idle.items() if kind == IdleKind.PAUSED]
-        if not paused or self._serial.locked():
+        if not paused or not await self._try_serial():
             return
-        async with self._serial:
+        try:
             for name in paused:
                 if name not in self.inventory.services:
                     continue
                 result = plan(self.planner_inventory(), self.observed(), StartService(name))
                 if isinstance(result, Plan) and not result.stops:
                     await self.resume(name)
+        finally:
+            self._serial.release()
+
+    async def _try_serial(self) -> bool:
+        """Take the transition lock only if nobody holds or waits for it. `locked()` alone is
+        not enough: between a release and the next waiter's wake-up it reads False while
+        `acquire()` would still queue behind that waiter, maybe for a whole transition."""
+        if self._serial.locked():
+            return False
+        try:
+            async with asyncio.timeout(0):  # the uncontended path takes it without waiting
+                await self._serial.acquire()
+        except TimeoutError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -339,7 +411,11 @@ class Orchestrator:
                     res.added.append(name)
                 elif cfg != old.services.get(name):
                     unit = self.units[name]
-                    await unit.reconfigure(cfg, make.driver(name, cfg))
+                    done = await unit.reconfigure(cfg, make.driver(name, cfg))
+                    if not done.ok:
+                        logger.error(f"{name}: its new definition was not taken: {done.reason}")
+                        res.kept[name] = f"changed, but not applied: {done.reason}"
+                        continue
                     res.changed.append(name)
                     if unit.driver.running() and cfg.on_change == "restart":
                         res.restart.append(name)
@@ -351,11 +427,11 @@ class Orchestrator:
     async def restart_gate(self, name: str) -> bool:
         """May a crashed unit restart itself? Only when it fits without stopping anything and
         nobody holds the GPU lock; a restart never preempts."""
-        if self._serial.locked():
-            # A transition is in flight (it may be waiting on this very unit): do not queue
-            # behind it from inside the unit's own loop; decline (the unit tries again later).
+        if not self.accepting or not await self._try_serial():
+            # Shutting down, or a transition is in flight (it may be waiting on this very
+            # unit): never queue behind it; decline, the unit tries again later.
             return False
-        async with self._serial:
+        try:
             try:
                 async with asyncio.timeout(self.bounds.lock_io_s):
                     info = await self.lock.info()
@@ -368,4 +444,6 @@ class Orchestrator:
             await self.refresh_pids()
             result = plan(self.planner_inventory(), self.observed(), StartService(name))
             return isinstance(result, Plan) and not result.stops
+        finally:
+            self._serial.release()
 

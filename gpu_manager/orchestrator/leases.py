@@ -74,7 +74,11 @@ class LeaseManager:
         existing = self.get(session_id)
         if existing is not None:  # a retry of a request that already succeeded: idempotent
             return AcquireResult(self.renew(session_id) or existing, None, 0)
-        if self.orch.ledger.lease(lease_name(session_id)) is not None:
+        if not self.orch.accepting:
+            return AcquireResult(None, "the daemon is shutting down", 0, "unavailable")
+        if self.orch.ledger.lease(lease_name(session_id)) is not None or any(
+                w.session_id == session_id for w in self._queue):
+            # a retry while the first request still waits: one acquire per session at once
             return AcquireResult(None, f"session {session_id!r} is already being acquired",
                                  0, "invalid")
         budget = self.orch.observed().total_mb - self.orch.inventory.gpu.reserve_mb
@@ -118,7 +122,11 @@ class LeaseManager:
     async def _try(self, lease: ClientLease) -> ClientLease | tuple[str, str]:
         """Grant `lease` now if a plan allows it (the active lease); else (code, why not)."""
         orch = self.orch
-        orch.ledger.add_pending(lease)  # the planner sees its size and priority
+        if not orch.ledger.add_pending(lease):  # the planner sees its size and priority
+            existing = orch.ledger.lease(lease.name)
+            if existing is not None and existing.active:
+                return existing
+            return "refused", f"session {lease.session_id!r} is already being acquired"
         held = False
         try:
             plan = await orch.dry_run(StartService(lease.name))
@@ -130,20 +138,22 @@ class LeaseManager:
             held = True
             await orch.execute(Operation(StartService(lease.name)))
         except OperationError as exc:
-            return "refused", exc.detail
+            why: tuple[str, str] = ("refused", exc.detail)
         except LockHeld as exc:
-            return "refused", str(exc)
+            why = ("refused", str(exc))
         except (LockUnavailable, LockLost) as exc:
-            return "unavailable", str(exc)
+            why = ("unavailable", str(exc))
+        else:
+            why = ("refused", "the lease was not activated")
         finally:
             granted = orch.ledger.lease(lease.name)
             if granted is None or not granted.active:
                 orch.ledger.drop_pending(lease.name)
                 if held:
                     await self._drop_lock(lease.name)
-        if granted is None or not granted.active:  # the plan ran, yet no activation
-            return "refused", "the lease was not activated"
-        return granted
+        # Activated, even if something after the activation failed (the fresh poll, the
+        # pid refresh): the VRAM is the client's and it must hear so, not "refused".
+        return granted if granted is not None and granted.active else why
 
     async def _drop_lock(self, name: str) -> None:
         try:

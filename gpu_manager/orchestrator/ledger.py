@@ -164,10 +164,14 @@ class Ledger:
                 self._changed()
 
     # -- client leases ------------------------------------------------------------------------
-    def add_pending(self, lease: ClientLease) -> None:
-        """A lease being tried: the planner sees its size and priority, no one counts it yet."""
+    def add_pending(self, lease: ClientLease) -> bool:
+        """A lease being tried: the planner sees its size and priority, no one counts it yet.
+        False (and nothing changes) when that session already has a lease or a try."""
+        if lease.name in self._leases:
+            return False
         self._leases[lease.name] = dataclasses.replace(lease, active=False)
         self._changed()
+        return True
 
     def activate(self, name: str) -> ClientLease | None:
         """The VRAM is the client's now: active, acquired and expiring, all in one step."""

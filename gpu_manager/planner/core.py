@@ -33,6 +33,8 @@ from gpu_manager.planner.model import (
 )
 
 FOREIGN = "(foreign)"
+# Why a failed service whose process lingers is stopped before it is started again.
+AGAIN = "failed, and its process is still running: stop it, then start it again"
 
 
 def plan(inv: PlannerInventory, state: ObservedState, request: Request) -> Plan | Refusal:
@@ -197,8 +199,11 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
     spec = inv.services.get(req.name)
     if spec is None:
         return _unknown_service(inv, req, req.name)
-    if req.name in state.running:
+    if req.name in state.running and req.name not in state.unready:
         return _finish(inv, state, req, [])
+    if req.name in state.running:  # failed, with a process left: stop it, start it again
+        return _finish(inv, state, req, [_stop(inv, state, req.name, AGAIN),
+                                         Step("start", req.name, spec.vram_mb, "requested")])
     free = state.budget_mb - used_mb(inv, state)
     shortfall = spec.vram_mb - free
     cands, blockers = _candidates(inv, state, state.running, below=spec.priority)
@@ -243,7 +248,9 @@ def _plan_phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) 
     managed = [n for n in state.running if n in inv.services and inv.services[n].stoppable]
     unlisted = [n for n in managed if n not in wanted and n not in keep]
     steps = [_stop(inv, state, n, f"not in {label}") for n in _stop_order(inv, state, unlisted)]
-    to_start = [n for n in phase.services if n not in state.running]
+    again = [n for n in phase.services if n in state.running and n in state.unready]
+    steps += [_stop(inv, state, n, AGAIN) for n in again]
+    to_start = [n for n in phase.services if n not in state.running or n in again]
     need = sum(inv.services[n].vram_mb for n in to_start)
     used = used_mb(inv, state) - sum(s.mb for s in steps)
     shortfall = need - (state.budget_mb - used)

@@ -64,6 +64,10 @@ class ObservedState:
     # Services whose process runs but holds (almost) no VRAM: evicted or paused. Not in
     # `running` (nothing to free by preempting them), but a stop still has to reach them.
     idle: frozenset[str] = frozenset()
+    # Services in `running` (their process holds VRAM) that are not serving: failed, with a
+    # process its stop could not end. A start or a phase that wants one stops it and starts
+    # it again (the start waits for the stop's VRAM, as any start does).
+    unready: frozenset[str] = frozenset()
 
     @property
     def budget_mb(self) -> int:

@@ -100,9 +100,10 @@ class UnitOwner:
     async def stop(self, reason: str = "requested") -> UnitResult:
         return await self._ask(self.stop_bound_s, "stop", reason)
 
-    async def adopt(self, record: dict[str, Any]) -> bool:
+    async def adopt(self, record: dict[str, Any]) -> bool | None:
+        """True: adopted; False: nothing of it runs; None: could not tell (keep the record)."""
         result = await self._ask(self.bounds.unit_call_s, "adopt", record)
-        return result.ok
+        return None if result.unknown else result.ok
 
     async def reconfigure(self, cfg: ServiceConfig, driver: Driver) -> UnitResult:
         """Take a changed definition: now when nothing runs, else at the next launch."""
@@ -149,7 +150,7 @@ class UnitOwner:
                          f"(state {self.state.value}: {self.reason})")
             waited = bound + self.bounds.answer_margin_s
             return UnitResult(False, self.state, f"{self.name} did not answer {msg[0]} within "
-                              f"{waited:g}s (state {self.state.value})", waited)
+                              f"{waited:g}s (state {self.state.value})", waited, unknown=True)
 
     # -- the owner loop -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -165,7 +166,8 @@ class UnitOwner:
                 self._recover(f"internal error handling {kind}: {type(exc).__name__}: {exc}")
                 for a in args:
                     if isinstance(a, asyncio.Future) and not a.done():
-                        a.set_result(UnitResult(False, self.state, f"internal error: {exc}", 0))
+                        a.set_result(UnitResult(False, self.state, f"internal error: {exc}", 0,
+                                                unknown=True))
 
     def _recover(self, why: str) -> None:
         """After a handler failed: never leave the unit in a state nothing will move it out of.

@@ -13,3 +13,6 @@ class UnitResult:
     state: ServiceState
     reason: str
     duration_s: float
+    # The outcome is unknown (the unit did not answer, a driver call failed): not the same
+    # as "no" when the question was "is it still running?".
+    unknown: bool = False

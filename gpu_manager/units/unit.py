@@ -45,8 +45,10 @@ class Unit(UnitOwner):
             return  # joins the start in flight
         self.restarts.reset()  # an explicit request resets the restart limit
         self._cancel("restart")
-        if self.state == S.UNHEALTHY and not await self._do_stop(
-                "restarting an unhealthy service"):
+        lingering = self.state != S.UNHEALTHY and self.driver.running()
+        if (self.state == S.UNHEALTHY or lingering) and not await self._do_stop(
+                "restarting an unhealthy service" if not lingering
+                else "restarting: what the last stop left is still running"):
             self._finish_waiters(False, self.reason)
             return
         await self._begin_start(auto=False)
@@ -89,8 +91,13 @@ class Unit(UnitOwner):
         return True
 
     async def _on_adopt(self, fut: asyncio.Future[UnitResult], record: dict[str, Any]) -> None:
-        if not await self._driver(f"adopting {self.name}", self.driver.adopt(record),
-                                  self.bounds.unit_call_s):
+        try:
+            found = await self._driver(f"adopting {self.name}", self.driver.adopt(record),
+                                       self.bounds.unit_call_s)
+        except DriverError as exc:  # the engine is down, say: we cannot tell
+            fut.set_result(UnitResult(False, self.state, str(exc), 0.0, unknown=True))
+            return
+        if not found:
             fut.set_result(UnitResult(False, self.state, "nothing to adopt", 0.0))
             self._record()
             return
@@ -269,21 +276,24 @@ class Unit(UnitOwner):
         self._spawn("restart", lambda: self._restart_after(delay, gen), gen)
 
     async def _restart_after(self, delay: float, gen: int) -> None:
+        """The restart timer; it also asks the gate, here and not in the owner loop, so the
+        loop keeps answering (a stop, a start) while the gate looks at the GPU."""
         await asyncio.sleep(delay)
-        self._post("restart", gen)
-
-    async def _on_restart(self, gen: int) -> None:
-        if gen != self._gen or self.state not in (S.STOPPED, S.FAILED):
-            return
+        allowed = True
         if self._restart_gate is not None:
             try:
                 async with asyncio.timeout(self.stop_bound_s):
-                    allowed_now = await self._restart_gate(self.name)
+                    allowed = await self._restart_gate(self.name)
             except TimeoutError:
-                allowed_now = False
-            if not allowed_now:
-                self._schedule_restart("restart declined: the GPU budget or lock does not "
-                                       "allow it now")
-                return
+                allowed = False
+        self._post("restart", gen, allowed)
+
+    async def _on_restart(self, gen: int, allowed: bool) -> None:
+        if gen != self._gen or self.state not in (S.STOPPED, S.FAILED):
+            return  # something else happened meanwhile (a start, a stop): that wins
+        if not allowed:
+            self._schedule_restart("restart declined: the GPU budget or lock does not "
+                                   "allow it now")
+            return
         self.restarts.restarted()
         await self._begin_start(auto=True)

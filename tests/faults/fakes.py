@@ -187,6 +187,7 @@ class FakeDriver(ExitWatch):
         self.dead = False  # died without the driver having been told (an event-stream gap)
         self._exit: asyncio.Future[ExitInfo] | None = None
         self.launches = 0
+        self.pid_reads = 0
 
     @property
     def alive(self) -> bool:
@@ -221,6 +222,7 @@ class FakeDriver(ExitWatch):
         return False
 
     async def pids(self) -> list[int]:
+        self.pid_reads += 1
         await self.world.faults.hit(self.name, "pids")
         return [self.pid] if self.alive and self.pid is not None else []
 

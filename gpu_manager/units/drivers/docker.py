@@ -12,6 +12,7 @@ import contextlib
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import docker
@@ -43,6 +44,10 @@ class DockerEngine:
         self.timeout = timeout
         self._client: Any = None
         self._lock = threading.Lock()
+        # Our own threads: an engine that accepts connections but never answers holds each
+        # call's thread for up to `timeout`; they must not starve the loop's default
+        # executor, which native stops, reloads and the state writer need.
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="docker")
         # container id -> (when the watch began, in ns, its future)
         self._watchers: dict[str, list[tuple[int, asyncio.Future[ExitInfo]]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,7 +91,7 @@ class DockerEngine:
             # The thread cannot be cancelled: at the deadline we stop waiting and it finishes
             # (or times out in requests) on its own; its result is dropped.
             async with asyncio.timeout(limit):
-                return await asyncio.to_thread(run)
+                return await asyncio.get_running_loop().run_in_executor(self._pool, run)
         except DriverError:
             raise
         except TimeoutError as exc:
@@ -107,7 +112,7 @@ class DockerEngine:
         fut: asyncio.Future[ExitInfo] = self._loop.create_future()
         self._watchers.setdefault(container_id, []).append((time.time_ns(), fut))
         if self._thread is None or not self._thread.is_alive():
-            await asyncio.to_thread(self._connect)
+            await self.call(lambda c: None, about=container_id)  # connected, within a bound
             self._thread = threading.Thread(target=self._pump, name="docker-events", daemon=True)
             self._thread.start()
         # It may have died before the stream saw it.
@@ -194,6 +199,7 @@ class DockerEngine:
     def close(self) -> None:
         self._closed = True
         self.resume.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 self._stream.close()
@@ -210,9 +216,10 @@ class DockerDriver(ExitWatch):
         self.container_name = cfg.container.lstrip("/")
         self.container_id: str | None = None
         self._exit: asyncio.Future[ExitInfo] | None = None
+        self._cancel_launch: threading.Event | None = None
 
     # -- launch -------------------------------------------------------------------------------
-    def _get_or_create(self, client: Any) -> Any:
+    def _get_or_create(self, client: Any, cancel: threading.Event) -> Any:
         errors = docker.errors
         try:
             return client.containers.get(self.container_name)
@@ -237,6 +244,9 @@ class DockerDriver(ExitWatch):
             except errors.ImageNotFound:
                 logger.info(f"{self.name}: pulling {self.cfg.image}")
                 client.images.pull(self.cfg.image)
+                if cancel.is_set():  # the pull outlived the start: create nothing
+                    raise DriverError(f"start of {self.container_name!r} abandoned during "
+                                      "the image pull") from None
                 return client.containers.create(self.cfg.image, **kwargs)
         except errors.APIError as exc:
             if exc.status_code == 409:
@@ -247,9 +257,16 @@ class DockerDriver(ExitWatch):
 
     async def start(self) -> None:
         errors = docker.errors
+        # The SDK's thread cannot be cancelled: when our caller gives up (the unit's start
+        # deadline, a pull that takes too long), the thread runs on. This flag stops it
+        # before it creates or starts anything, so a start we abandoned never leaves a
+        # running container that no unit tracks. A stop sets it too.
+        cancel = self._cancel_launch = threading.Event()
 
         def launch(client: Any) -> str:
-            container = self._get_or_create(client)
+            container = self._get_or_create(client, cancel)
+            if cancel.is_set():
+                raise DriverError(f"start of {self.container_name!r} abandoned before it ran")
             if container.status != "running":
                 try:
                     container.start()
@@ -258,10 +275,14 @@ class DockerDriver(ExitWatch):
                                       f"{exc.explanation}") from exc
             return str(container.id)
 
-        # A pull may be part of it: as long as the start may take, plus one engine timeout.
-        self.container_id = await self.engine.call(
-            launch, about=self.container_name,
-            deadline_s=self.cfg.start_timeout_s + self.engine.timeout)
+        try:
+            # A pull may be part of it: as long as the start may take, plus one engine timeout.
+            self.container_id = await self.engine.call(
+                launch, about=self.container_name,
+                deadline_s=self.cfg.start_timeout_s + self.engine.timeout)
+        except BaseException:
+            cancel.set()
+            raise
         self._exit = await self.engine.watch(self.container_id)
 
     # -- observe ------------------------------------------------------------------------------
@@ -315,14 +336,22 @@ class DockerDriver(ExitWatch):
             except errors.NotFound:
                 return "gone"
 
+        if self._cancel_launch is not None:
+            self._cancel_launch.set()  # a launch still in its thread must not start it now
         # docker-py lets the stop request itself run `timeout` past the engine timeout
-        await self.engine.call(stop, about=self.container_name,
-                               deadline_s=timeout + 2 * self.engine.timeout + CALL_MARGIN_S)
+        status = await self.engine.call(stop, about=self.container_name,
+                                        deadline_s=timeout + 2 * self.engine.timeout
+                                        + CALL_MARGIN_S)
         if self._exit is None:
             return ExitInfo(None, detail="was not running")
+        # Inspect has shown it stopped: the die event may lag behind (a reconnecting stream),
+        # so give it a moment for the exit code, then settle from what inspect said.
         with contextlib.suppress(TimeoutError):
-            return await within(asyncio.shield(self._exit), 5)
-        return ExitInfo(None, detail="stopped")
+            return await within(asyncio.shield(self._exit), 0.5)
+        info = ExitInfo(None, detail=f"stopped ({status})")
+        if not self._exit.done():
+            self._exit.set_result(info)
+        return info
 
     # -- adoption -----------------------------------------------------------------------------
     async def adopt(self, record: dict[str, Any]) -> bool:
