@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,6 @@ from tests.faults.fakes import BASE_SERVICES, Fault, World, base_config, service
 from tests.support.env import until
 
 S = ServiceState
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    base_config(tmp_path)
-    w = World(tmp_path)
-    await w.start()
-    try:
-        yield w
-    finally:
-        await w.close()
 
 
 async def run(w: World, req: StartService | StopService | PreparePhase,

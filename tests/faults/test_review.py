@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import docker.errors
@@ -19,21 +17,10 @@ from gpu_manager.orchestrator import Operation, OperationError
 from gpu_manager.orchestrator.ledger import ClientLease, Ledger
 from gpu_manager.planner import PreparePhase, StartService, StopService
 from gpu_manager.units import DockerDriver, DockerEngine, IdleKind, ServiceState
-from tests.faults.fakes import Fault, World, base_config
+from tests.faults.fakes import Fault, World
 from tests.support.env import until
 
 S = ServiceState
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    base_config(tmp_path)
-    w = World(tmp_path)
-    await w.start()
-    try:
-        yield w
-    finally:
-        await w.close()
 
 
 async def ok(w: World, req: StartService | StopService | PreparePhase) -> Operation:
