@@ -196,3 +196,75 @@ def test_choose_victims_matches_oracle(items: list[tuple[int, int]], shortfall: 
     assert len(picked) == len(chosen)
     assert sum(c[1] for c in picked) >= shortfall
     assert (max((c[2] for c in picked), default=-1), len(picked)) == best
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.data())
+def test_any_order_the_graph_allows_stays_within_budget(
+        scn: tuple[PlannerInventory, ObservedState], data: st.DataObject) -> None:
+    """The plan is a graph: stops run side by side, a start waits only for the stops it
+    names. Run the steps in any order the graph allows (a start allocates when it begins,
+    a stop frees when it ends): the budget holds after every start."""
+    inv, state = scn
+    requests = [StartService(n) for n in inv.services] + [PreparePhase(n) for n in inv.phases]
+    result = plan(inv, state, data.draw(st.sampled_from([*requests, StopAll()])))
+    if not isinstance(result, Plan):
+        return
+    steps = result.steps
+    for i, step in enumerate(steps):
+        assert all(steps[d].action == "stop" and d != i for d in step.after), step
+        if step.action == "stop":
+            assert step.after == ()  # stops never wait: they run side by side
+    used = result.used_before_mb
+    done: set[int] = set()
+    while len(done) < len(steps):
+        ready = sorted(i for i in range(len(steps)) if i not in done
+                       and set(steps[i].after) <= done)
+        assert ready, "the graph has a cycle"
+        # The adversary: every start the graph lets begin begins before any stop ends (the
+        # worst case for the budget); which one, and which stop ends next, is drawn.
+        starts = [j for j in ready if steps[j].action == "start"]
+        i = data.draw(st.sampled_from(starts or ready))
+        done.add(i)
+        if steps[i].action == "stop":
+            used -= steps[i].mb
+        else:
+            used += steps[i].mb
+            # (a 0 MB start adds nothing: it may begin while foreign growth is still being
+            # paid back by the stops)
+            assert used <= result.budget_mb or steps[i].mb == 0, \
+                f"over budget when {steps[i].service} began"
+    assert used == result.used_after_mb
+
+
+def test_a_start_that_fits_beside_what_runs_waits_for_nothing() -> None:
+    inv = PlannerInventory(
+        {"vidi": ServiceSpec("vidi", 4000, 40), "cosy": ServiceSpec("cosy", 4000, 50),
+         "comfy": ServiceSpec("comfy", 20000, 100)},
+        {2: PhaseSpec(2, "", ("vidi",)), 3: PhaseSpec(3, "", ("cosy",)),
+         5: PhaseSpec(5, "", ("vidi", "cosy"))})
+    state = ObservedState(24576, {"vidi": None}, 1024, 0, 2)
+    p3 = plan(inv, state, PreparePhase(3))
+    assert isinstance(p3, Plan)
+    assert [(s.action, s.service, s.after) for s in p3.steps] == [
+        ("stop", "vidi", ()), ("start", "cosy", ())]  # cosy fits beside vidi
+    p5 = plan(inv, ObservedState(24576, {}, 1024), PreparePhase(5))
+    assert isinstance(p5, Plan) and all(s.after == () for s in p5.steps)  # side by side
+    ac3 = plan(inv, ObservedState(24576, {"cosy": None}, 1024), StartService("comfy"))
+    assert isinstance(ac3, Plan)
+    assert [(s.action, s.service, s.after) for s in ac3.steps] == [
+        ("stop", "cosy", ()), ("start", "comfy", (0,))]  # needs cosy's VRAM
+
+
+def test_a_start_waits_for_the_stops_that_repay_a_deficit() -> None:
+    # 4000 MB in use on a 3000 MB budget (foreign memory grew): x's stop repays the
+    # deficit, y's frees the room b needs; b must wait for both, or it begins at 4000 MB.
+    inv = PlannerInventory(
+        {"x": ServiceSpec("x", 1000, 0), "y": ServiceSpec("y", 3000, 1),
+         "b": ServiceSpec("b", 3000, 5)},
+        {1: PhaseSpec(1, "", ("b",))})
+    state = ObservedState(4000, {"x": None, "y": None}, 0, 1000)
+    result = plan(inv, state, PreparePhase(1))
+    assert isinstance(result, Plan)
+    assert [(s.action, s.service, s.after) for s in result.steps] == [
+        ("stop", "x", ()), ("stop", "y", ()), ("start", "b", (0, 1))]

@@ -20,8 +20,8 @@ from loguru import logger
 
 from gpu_manager.lock import Lease, LockUnavailable
 from gpu_manager.orchestrator.ledger import Releasing
-from gpu_manager.orchestrator.operations import Operation, OperationError
-from gpu_manager.planner import Plan, PreparePhase, Refusal, StopAll, StopService
+from gpu_manager.orchestrator.operations import Operation, OperationError, StepRecord
+from gpu_manager.planner import Plan, PreparePhase, Refusal, Step, StopAll, StopService
 from gpu_manager.probe import Snapshot
 from gpu_manager.units import Event, IdleKind, strategies
 
@@ -64,46 +64,84 @@ async def lock_call(what: str, aw: Awaitable[Any], bound: float) -> None:
 
 
 class Executor:
+    """Runs one plan as the graph the planner drew: every step is a task that waits for the
+    steps it names in `after` (a start for the stops whose VRAM it needs), so independent
+    stops run side by side, the starts of a phase run side by side, and a start that fits
+    beside what still runs begins at once. After a failure nothing new begins; what already
+    runs finishes (each under its own deadline), and the first failure is raised."""
+
     def __init__(self, orch: Orchestrator) -> None:
         self.orch = orch
+        # Starts launched but not yet ready, and the MB each may still allocate: a start
+        # beside them counts these against the free memory it sees.
+        self._claims: dict[str, int] = {}
 
     async def run(self, op: Operation, lease: Lease, result: Plan) -> None:
         orch = self.orch
-        for record, step in zip(op.steps, result.steps, strict=True):
-            if lease.is_lost():  # the renewal task saw it go: abort before the next step
-                await lock_call("check", lease.check(), orch.bounds.lock_io_s)
-            record.status, record.started_at = "running", time.time()
-            orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
-            t0 = time.monotonic()
+        steps = result.steps
+        finished = [asyncio.Event() for _ in steps]
+        failures: list[BaseException] = []
+        self._claims = {}
+
+        async def one(i: int) -> None:
+            step, record = steps[i], op.steps[i]
             try:
-                if step.action == "stop":
-                    # A stop the user asked for is a stop; one the plan needs for room may
-                    # use the service's gentler strategy (evict, pause).
-                    soft = not isinstance(op.request, StopService | StopAll)
-                    record.detail = await self.stop(step.service, step.reason, step.preemption,
-                                                    soft, orch.owner(op.request))
-                else:
-                    record.reclaim_wait_s, record.detail = await self.start(
-                        step.service, step.mb, lease)
+                for d in step.after:
+                    await finished[d].wait()
+                if failures or any(op.steps[d].status != "done" for d in step.after):
+                    record.status = "skipped"
+                    record.detail = "not run: another step of this plan failed"
+                    return
+                await self._step(op, lease, step, record,
+                                 [steps[d].service for d in step.after])
             except BaseException as exc:
-                record.status = "failed"
-                record.detail = str(exc) or type(exc).__name__
+                failures.append(exc)
                 raise
             finally:
-                record.duration_s = time.monotonic() - t0
-            record.status = "done"
-            logger.bind(service=step.service, op=op.id, action=step.action,
-                        reason=step.reason, duration_s=record.duration_s,
-                        preemption=step.preemption).info(
-                f"{step.action} {step.service} done in {record.duration_s:.3f}s "
-                f"({step.reason})" + (f"; {record.detail}" if record.detail else ""))
-            orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
+                finished[i].set()
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(steps))]
+        await asyncio.gather(*tasks, return_exceptions=True)  # cancelled with us, if we are
+        if failures:
+            raise failures[0]
         if isinstance(op.request, PreparePhase):
             orch.set_phase(op.request.phase)
         if result.steps:
             # One fresh poll, so /gpu/status read right after this answer shows the result.
             await orch.poller.next_snapshot(timeout=2)
             await orch.refresh_pids()
+
+    async def _step(self, op: Operation, lease: Lease, step: Step, record: StepRecord,
+                    deps: list[str]) -> None:
+        orch = self.orch
+        if lease.is_lost():  # the renewal task saw it go: abort before the next step
+            await lock_call("check", lease.check(), orch.bounds.lock_io_s)
+        record.status, record.started_at = "running", time.time()
+        orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
+        t0 = time.monotonic()
+        try:
+            if step.action == "stop":
+                # A stop the user asked for is a stop; one the plan needs for room may use
+                # the service's gentler strategy (evict, pause).
+                soft = not isinstance(op.request, StopService | StopAll)
+                record.detail = await self.stop(step.service, step.reason, step.preemption,
+                                                soft, orch.owner(op.request))
+            else:
+                record.reclaim_wait_s, record.detail = await self.start(
+                    step.service, step.mb, lease, deps)
+        except BaseException as exc:
+            record.status = "failed"
+            record.detail = str(exc) or type(exc).__name__
+            raise
+        finally:
+            record.duration_s = time.monotonic() - t0
+        record.status = "done"
+        logger.bind(service=step.service, op=op.id, action=step.action,
+                    reason=step.reason, duration_s=record.duration_s,
+                    preemption=step.preemption).info(
+            f"{step.action} {step.service} done in {record.duration_s:.3f}s "
+            f"({step.reason})" + (f"; {record.detail}" if record.detail else ""))
+        orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
 
     async def stop(self, name: str, reason: str, preemption: bool, soft: bool,
                    requester: str) -> str | None:
@@ -156,12 +194,22 @@ class Executor:
             logger.opt(exception=exc).error(f"{name}: release strategy failed: {exc}")
             return False, f"release strategy failed: {type(exc).__name__}: {exc}"
 
-    async def start(self, name: str, need_mb: int, lease: Lease) -> tuple[float, str | None]:
+    async def start(self, name: str, need_mb: int, lease: Lease,
+                    deps: list[str] | None = None) -> tuple[float, str | None]:
         orch = self.orch
         # fencing: nobody took the lock since we did
         await lock_call("check", lease.check(), orch.bounds.lock_io_s)
-        waited, note = await self.await_reclaim(name, need_mb)
+        waited, note = await self.await_reclaim(name, need_mb, deps or [])
         await lock_call("check", lease.check(), orch.bounds.lock_io_s)
+        self._claims[name] = need_mb
+        try:
+            return await self._launch(name, lease, waited, note)
+        finally:
+            self._claims.pop(name, None)
+
+    async def _launch(self, name: str, lease: Lease, waited: float,
+                      note: str | None) -> tuple[float, str | None]:
+        orch = self.orch
         if orch.ledger.lease(name) is not None:  # a client lease: the VRAM is now theirs
             orch.ledger.activate(name)
             return waited, note
@@ -185,20 +233,36 @@ class Executor:
                                  gpu_state=orch.gpu_state())
         return waited, note
 
-    async def await_reclaim(self, name: str, need_mb: int) -> tuple[float, str | None]:
+    def _claimed(self, but: str) -> int:
+        """MB that starts launched beside this one may still allocate."""
+        return sum(max(0, mb - (self.orch.measured(n) or 0))
+                   for n, mb in self._claims.items() if n != but)
+
+    async def await_reclaim(self, name: str, need_mb: int,
+                            deps: list[str]) -> tuple[float, str | None]:
+        """Wait until the stops `deps` have given their VRAM back (their pids off the GPU's
+        list) and free memory covers `need_mb` beside the claims of starts still launching;
+        releases this start does not depend on are not waited for."""
         orch = self.orch
         gpu = orch.inventory.gpu
-        books = orch.ledger.view()
-        pending = frozenset().union(*(r.pids for r in books.releasing.values()
-                                      if r.must_exit and r.pids_known))
-        blind = [n for n, r in books.releasing.items() if not r.pids_known]
-        last_stop = books.last_stop_at
+
+        def evidence() -> tuple[frozenset[int], list[str], float]:
+            books = orch.ledger.view()
+            rels = {n: books.releasing[n] for n in deps if n in books.releasing}
+            pending = frozenset().union(*(r.pids for r in rels.values()
+                                          if r.must_exit and r.pids_known))
+            blind = [n for n, r in rels.items() if not r.pids_known]
+            return pending, blind, max((r.since for r in rels.values()), default=0.0)
+
+        pending, blind, since = evidence()
 
         def reclaimed(snap: Snapshot) -> bool:
-            # Only a snapshot taken after the last stop is evidence: an older one may predate
-            # the stopped service's allocation and "show" its memory as free.
-            if snap.taken_at < last_stop:
+            # Only a snapshot taken after the stops it waits for is evidence: an older one
+            # may predate a stopped service's allocation and "show" its memory as free.
+            if snap.taken_at < since:
                 return False
+            if snap.error is not None and snap.source != "declared":
+                return False  # the probe fails: its last data may be stale; start nothing on it
             dev = snap.device(gpu.device)
             if dev is None or dev.lost:
                 return False
@@ -207,43 +271,47 @@ class Executor:
             else:
                 gone = not any(psutil.pid_exists(pid) for pid in pending)
             # Degraded (declared) mode knows no free memory: the planner's budget must do.
-            room = dev.free_mb is None or dev.free_mb - gpu.reserve_mb >= need_mb
+            room = (need_mb <= 0 or dev.free_mb is None
+                    or dev.free_mb - gpu.reserve_mb - self._claimed(name) >= need_mb)
             return gone and room
 
         note = (f"judged by free memory alone for {', '.join(blind)} (pid list unavailable)"
                 if blind else None)
         t0 = time.monotonic()
-        if not pending and reclaimed(orch.poller.latest):
+        if reclaimed(orch.poller.latest):
             return 0.0, note
         async with orch.poller.fast():
             snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
-            soft = [n for n, r in orch.ledger.view().releasing.items()
-                    if not r.must_exit and orch.ledger.idle_kind(n) is not None]
+            soft = [n for n in deps if n in orch.ledger.view().releasing
+                    and not orch.ledger.view().releasing[n].must_exit
+                    and orch.ledger.idle_kind(n) is not None]
             if snap is None and soft:
                 # Eviction/pause did not give the memory back: stop them, and say so.
                 for n in soft:
                     kind = orch.ledger.idle_kind(n)
                     logger.warning(f"{n}: VRAM not back after {kind}; stopping it")
                     await self.stop(n, f"{kind} did not free its VRAM", False, False, "reclaim")
-                books = orch.ledger.view()
-                pending = frozenset().union(*(r.pids for r in books.releasing.values()
-                                              if r.must_exit and r.pids_known))
-                last_stop = books.last_stop_at
+                pending, blind, since = evidence()
                 snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
         if snap is None:
             dev = orch.device
             free = dev.free_mb if dev is not None else None
             listed = sorted(pending & {p.pid for p in (dev.processes or ())}) if dev else "?"
             probe = orch.poller.latest.error
+            claimed = self._claimed(name)
             raise OperationError(
                 "reclaim_timeout",
                 f"VRAM for {name} did not come back within {orch.reclaim_timeout_s:g}s: "
-                f"need {need_mb} MB + {gpu.reserve_mb} MB reserve, {free} MB free; still "
-                f"listed: {listed}" + (f"; the probe fails: {probe}" if probe else ""),
+                f"need {need_mb} MB + {gpu.reserve_mb} MB reserve"
+                + (f" + {claimed} MB claimed by starts beside it" if claimed else "")
+                + f", {free} MB free; still listed: {listed}"
+                + (f"; the probe fails: {probe}" if probe else ""),
                 gpu_state=orch.gpu_state())
         orch.prune(snap)
-        orch.ledger.settle_soft([n for n, r in orch.ledger.view().releasing.items()
-                                 if not r.pids_known or not r.must_exit])
+        books = orch.ledger.view()
+        orch.ledger.settle_soft([n for n in deps if n in books.releasing
+                                 and (not books.releasing[n].pids_known
+                                      or not books.releasing[n].must_exit)])
         return time.monotonic() - t0, note
 
 

@@ -31,12 +31,14 @@ class StepRecord:
     mb: int
     reason: str
     preemption: bool
-    status: str = "pending"  # pending, running, done, failed
+    status: str = "pending"  # pending, running, done, failed, skipped
     started_at: float | None = None
     duration_s: float | None = None
     # For starts: how long we waited for VRAM to come back before launching.
     reclaim_wait_s: float | None = None
     detail: str | None = None
+    # The steps (indices) this one waited for; pending, running, done, failed or skipped.
+    after: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -70,8 +72,8 @@ class Operation:
         self.budget_mb = plan.budget_mb
         self.used_before_mb = plan.used_before_mb
         self.used_after_mb = plan.used_after_mb
-        self.steps = [StepRecord(s.action, s.service, s.mb, s.reason, s.preemption)
-                      for s in plan.steps]
+        self.steps = [StepRecord(s.action, s.service, s.mb, s.reason, s.preemption,
+                                 after=list(s.after)) for s in plan.steps]
 
     def finish(self, status: OpStatus, error: dict[str, Any] | None = None) -> None:
         self.status = status

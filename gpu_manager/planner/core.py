@@ -16,6 +16,7 @@ Rules
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 from gpu_manager.planner.model import (
@@ -143,7 +144,56 @@ def _finish(
 ) -> Plan:
     before = used_mb(inv, state)
     after = before + sum(s.mb if s.action == "start" else -s.mb for s in steps)
-    return Plan(request, tuple(steps), state.budget_mb, before, after)
+    return Plan(request, _edges(state.budget_mb - before, steps), state.budget_mb, before,
+                after)
+
+
+def _edges(free: int, steps: Sequence[Step]) -> tuple[Step, ...]:
+    """Say which stops each start waits for, so that any order the graph allows stays
+    within the budget.
+
+    Each start's MB is covered, in plan order, first by the room that is free now, then by
+    the stops' freed MB (a stop's MB may be split between starts): the stops it draws on
+    become its dependencies. A deficit (more in use than the budget, e.g. foreign memory
+    grew) is repaid first, by the first stops; every start that needs any stop's MB waits
+    for those too. Since the covering portions are disjoint, a start never runs on MB that
+    another start, or something still running, counts on.
+    """
+    stops = [(i, s.mb) for i, s in enumerate(steps) if s.action == "stop"]
+    left = dict(stops)
+    owed: set[int] = set()
+    debt = max(0, -free)
+    for i, _ in stops:
+        if debt <= 0:
+            break
+        take = min(left[i], debt)
+        left[i] -= take
+        debt -= take
+        owed.add(i)
+    room = max(0, free)
+    out: list[Step] = []
+    for step in steps:
+        if step.action != "start":
+            out.append(step)
+            continue
+        deps = {i for i, _ in stops if steps[i].service == step.service}  # started again
+        need = step.mb - min(room, step.mb)
+        room -= step.mb - need
+        drew = need > 0
+        for i, _ in stops:
+            if need <= 0:
+                break
+            if left[i] > 0:
+                take = min(left[i], need)
+                left[i] -= take
+                need -= take
+                deps.add(i)
+        if need > 0:  # not covered (a plan the planner would not make): wait for them all
+            deps |= {i for i, _ in stops}
+        if drew:
+            deps |= owed
+        out.append(dataclasses.replace(step, after=tuple(sorted(deps))))
+    return tuple(out)
 
 
 def _unknown_service(inv: PlannerInventory, request: Request, name: str) -> Refusal:

@@ -107,6 +107,10 @@ class Step:
     reason: str
     # True when the stop exists only to make room for a higher-priority start.
     preemption: bool = False
+    # Indices (in Plan.steps) of the steps this one waits for: for a start, the stops whose
+    # VRAM it needs (and its own stop, when it is started again). Everything else runs at
+    # once: the stops side by side, a start that fits beside what still runs right away.
+    after: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         verb = "frees" if self.action == "stop" else "needs"

@@ -411,7 +411,7 @@ BASE_SERVICES = {
 }
 
 PHASES = {1: (["whisper"], []), 2: (["vidi"], []), 3: (["cosyvoice"], ["ollama"]),
-          4: (["comfyui"], [])}
+          4: (["comfyui"], []), 5: (["vidi", "cosyvoice"], [])}  # 5: two starts side by side
 
 
 def base_config(dest: Path, services: dict[str, str] | None = None) -> None:

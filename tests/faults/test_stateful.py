@@ -119,7 +119,7 @@ class Coordinator(RuleBasedStateMachine):
         self.log.append(f"{op.label}: {op.status} {op.error or ''}")
         return op
 
-    @rule(n=st.sampled_from([1, 2, 3, 4, 9]), fault=WITH_FAULT)
+    @rule(n=st.sampled_from([1, 2, 3, 4, 5, 9]), fault=WITH_FAULT)
     def phase(self, n: int, fault: FaultSpec) -> None:
         self.op(PreparePhase(n), fault)
 
