@@ -45,6 +45,7 @@ class Registration:
     device: int = 0
     dead_since: float | None = None  # wall-clock time the death was first seen
     registered_at: float | None = None  # wall-clock time the memory was claimed
+    resized_at: float | None = None  # wall-clock time of the last sleep/wake resize
 
 
 def process_alive(pid: int, create_time: float) -> bool:
@@ -130,26 +131,50 @@ class SimRegistry:
         create_time = psutil.Process(pid).create_time()
         reg = Registration(pid, create_time, mb, name, device, registered_at=time.time())
         with self._locked():
-            gpu = self.gpu()
-            if gpu is not None and int(gpu.get("device", 0)) == device:
-                delay = gpu.get("release_delay_ms", DEFAULT_RELEASE_DELAY_MS) / 1000
-                held = self._active_locked(delay, time.time())
-                used = sum(r.mb for r in held if r.device == device and r.pid != pid)
-                used += self._foreign_locked().get(device, 0)
-                free = int(gpu["total_mb"]) - used
-                if mb > free:
-                    self._oom_locked(reg, free)
-                    raise SimulatedOOM(
-                        f"CUDA out of memory (simulated): {name} (pid {pid}) tried to allocate "
-                        f"{mb} MB on device {device}, {max(free, 0)} MB free of "
-                        f"{gpu['total_mb']} MB"
-                    )
+            self._check_fits_locked(reg)
             _write_atomic(self.procs / f"{pid}.json", asdict(reg))
         return reg
 
-    def _oom_locked(self, reg: Registration, free: int) -> None:
+    def resize(self, pid: int, mb: int) -> Registration:
+        """Change live `pid`'s MB: a decrease counts at once, an increase must fit (see above).
+
+        Raises SimulatedOOM when an increase does not fit (the registration is left as it
+        was), LookupError when `pid` holds no registration.
+        """
+        with self._locked():
+            path = self.procs / f"{pid}.json"
+            try:
+                old = Registration(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                raise LookupError(f"pid {pid} has no registration to resize") from None
+            new = dataclasses.replace(old, mb=mb, resized_at=time.time())
+            if mb > old.mb:
+                self._check_fits_locked(new, resize_from_mb=old.mb)
+            _write_atomic(path, asdict(new))
+        return new
+
+    def _check_fits_locked(self, reg: Registration, **oom_extra: Any) -> None:
+        """Raise SimulatedOOM (and log it) when `reg.mb` does not fit beside everyone else."""
+        gpu = self.gpu()
+        if gpu is None or int(gpu.get("device", 0)) != reg.device:
+            return  # no declared GPU for this device: nothing to refuse against
+        delay = gpu.get("release_delay_ms", DEFAULT_RELEASE_DELAY_MS) / 1000
+        held = self._active_locked(delay, time.time())
+        used = sum(r.mb for r in held if r.device == reg.device and r.pid != reg.pid)
+        used += self._foreign_locked().get(reg.device, 0)
+        free = int(gpu["total_mb"]) - used
+        if reg.mb > free:
+            self._oom_locked(reg, free, **oom_extra)
+            raise SimulatedOOM(
+                f"CUDA out of memory (simulated): {reg.name} (pid {reg.pid}) tried to allocate "
+                f"{reg.mb} MB on device {reg.device}, {max(free, 0)} MB free of "
+                f"{gpu['total_mb']} MB"
+            )
+
+    def _oom_locked(self, reg: Registration, free: int, **extra: Any) -> None:
         with open(self.root / "oom.jsonl", "a") as fh:
-            fh.write(json.dumps({**asdict(reg), "free_mb": free, "time": time.time()}) + "\n")
+            line = {**asdict(reg), **extra, "free_mb": free, "time": time.time()}
+            fh.write(json.dumps(line) + "\n")
 
     def oom_events(self) -> list[dict[str, Any]]:
         try:

@@ -2,6 +2,8 @@
 
     python -m gpu_manager.sim.workload --vram-mb N --port P [--startup-s S] [--stop-s S]
         [--ignore-sigterm] [--crash-after-s S] [--cuda] [--name NAME] [--sim-dir DIR]
+        [--api vllm|sglang|comfyui|ollama|tabbyapi [--sleep-s S] [--wake-s S]
+         [--sleep-vram-mb N] [--weights-mb N] [--model NAME] [--sleep-keeps-memory]]
 
 - Simulated (default): registers its pid and MB with the simulated GPU's registry; the probe
   counts it while this process lives (plus the release delay). If the simulated GPU lacks the
@@ -9,23 +11,38 @@
 - `--cuda`: really allocates N MB on the GPU with torch or cupy, whichever is installed.
 - `GET /health`: 503 until `--startup-s` has passed, then 200 with a small JSON body.
 - SIGTERM/SIGINT: exits (after `--stop-s`, modelling a slow shutdown) unless `--ignore-sigterm`.
+- `--api KIND`: also speaks that server's sleep/wake API (gpu_manager/sim/apis.py): sleeping
+  takes `--sleep-s` and then drops the memory to `--sleep-vram-mb` (default 0: the registration
+  stays, at 0 MB); waking takes it back (refused like a fresh allocation when it does not fit)
+  and takes `--wake-s` (plus `--startup-s` after a vLLM level 2 sleep, which dropped the
+  weights). `--sleep-keeps-memory` is a fault: sleep answers as usual but frees nothing.
+  The API answers 503 until `--startup-s` has passed (a real server is not listening yet).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import signal
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from gpu_manager.paths import sim_dir
+from gpu_manager.sim.apis import KINDS, Api, Reply, Request, make_api, model_parts
+from gpu_manager.sim.memory import (
+    Backend,
+    CudaBackend,
+    DeviceOOM,
+    ModelMemory,
+    SimulatedBackend,
+    allocate_cuda,
+)
 from gpu_manager.sim.registry import SimRegistry, SimulatedOOM
 
 EXIT_OOM = 3
@@ -52,33 +69,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cuda", action="store_true", help="allocate real GPU memory")
     p.add_argument("--sim-dir", type=Path, default=None,
                    help="the simulated GPU's registry [default: $GPU_MANAGER_SIM_DIR]")
+    p.add_argument("--api", choices=KINDS, default=None,
+                   help="also speak this server's sleep/wake HTTP API")
+    p.add_argument("--sleep-s", type=float, default=0.0,
+                   help="seconds a sleep takes before the memory is released")
+    p.add_argument("--wake-s", type=float, default=0.0,
+                   help="seconds a wake takes once the memory is taken back")
+    p.add_argument("--sleep-vram-mb", type=int, default=0,
+                   help="MB still held while asleep (CUDA context, buffers) [default: 0]")
+    p.add_argument("--weights-mb", type=int, default=None,
+                   help="vllm/sglang: MB of the 'weights' tag; the rest of what sleep releases "
+                        "is 'kv_cache' [default: half]")
+    p.add_argument("--model", default=None, help="the served model's name [default: --name]")
+    p.add_argument("--sleep-keeps-memory", action="store_true",
+                   help="fault: sleep answers as usual but releases nothing")
     args = p.parse_args(argv)
     if args.vram_mb < 0:
         p.error("--vram-mb must be >= 0")
+    if not 0 <= args.sleep_vram_mb <= args.vram_mb:
+        p.error("--sleep-vram-mb must be between 0 and --vram-mb")
+    if min(args.sleep_s, args.wake_s) < 0:
+        p.error("--sleep-s and --wake-s must be >= 0")
     return args
-
-
-def allocate_cuda(mb: int, device: int) -> Any:
-    """Hold `mb` MB of real device memory; returns the buffer (keep a reference)."""
-    n = mb * 1024 * 1024
-    # Optional heavy dependencies, looked up at run time: neither is a dependency of ours.
-    try:
-        torch = importlib.import_module("torch")
-    except ImportError:
-        pass
-    else:
-        buf = torch.empty(n, dtype=torch.uint8, device=f"cuda:{device}")
-        buf.fill_(1)  # touch it, so the driver really backs every page
-        torch.cuda.synchronize(device)
-        return buf
-    try:
-        cupy = importlib.import_module("cupy")
-    except ImportError:
-        raise SystemExit("--cuda needs torch or cupy installed") from None
-    with cupy.cuda.Device(device):
-        buf = cupy.ones(n, dtype=cupy.uint8)
-        cupy.cuda.Device(device).synchronize()
-        return buf
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -87,6 +99,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         srv = self.server
         if self.path.split("?")[0] != "/health":
+            if srv.api is not None:
+                self._api("GET")
+                return
             self._reply(404, {"error": "not found"})
             return
         now = time.monotonic()
@@ -103,6 +118,46 @@ class _Handler(BaseHTTPRequestHandler):
             "startup_total_s": srv.ready_at - now + time.clock_gettime(time.CLOCK_BOOTTIME)
             - _process_start_boottime(),
         })
+
+    def do_POST(self) -> None:
+        if self.server.api is None:
+            self.send_error(501, f"Unsupported method ({self.command!r})")  # as before --api
+            return
+        self._api("POST")
+
+    def _api(self, method: str) -> None:
+        srv = self.server
+        assert srv.api is not None
+        url = urllib.parse.urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length > 0 else b""
+        if time.monotonic() < srv.ready_at:
+            self._send(Reply(503, {"error": "starting"}))
+            return
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            self._send(Reply(400, {"error": "the body is not valid JSON"}))
+            return
+        req = Request(method, url.path, urllib.parse.parse_qs(url.query), body)
+        try:
+            reply = srv.api.handle(req)
+        except DeviceOOM as exc:  # any wake path that did not map it itself
+            reply = Reply(500, {"error": str(exc)})
+        self._send(reply)
+
+    def _send(self, reply: Reply) -> None:
+        if reply.raw is not None:
+            data = reply.raw
+        else:
+            data = b"" if reply.body is None else json.dumps(reply.body).encode()
+        self.send_response(reply.code)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in reply.headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
 
     def _reply(self, code: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -129,6 +184,25 @@ class _Server(ThreadingHTTPServer):
     sick_at: float | None
     name: str
     vram_mb: int
+    api: Api | None
+
+
+def _start_api(args: argparse.Namespace) -> Api:
+    """Take the full VRAM, in parts that the API's sleep and wake release and take back."""
+    parts = model_parts(args.api, args.vram_mb - args.sleep_vram_mb, args.weights_mb)
+    backend: Backend
+    if args.cuda:
+        backend = CudaBackend(args.device)
+    else:
+        registry = SimRegistry(args.sim_dir or sim_dir())
+        registry.register(os.getpid(), args.vram_mb, args.name, args.device)
+        backend = SimulatedBackend(registry)
+    memory = ModelMemory(backend, parts, args.sleep_vram_mb, sleep_s=args.sleep_s,
+                         wake_s=args.wake_s, reload_s=args.startup_s,
+                         keeps_memory=args.sleep_keeps_memory)
+    if args.cuda:
+        backend.apply(memory.held())  # the simulated registration above already holds it
+    return make_api(args.api, memory, args.model or args.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
 
     buffer: Any = None
-    if args.cuda:
+    api: Api | None = None
+    if args.api is not None:
+        try:
+            api = _start_api(args)
+        except (DeviceOOM, SimulatedOOM) as exc:
+            print(exc, file=sys.stderr, flush=True)
+            return EXIT_OOM
+    elif args.cuda:
         buffer = allocate_cuda(args.vram_mb, args.device)
     else:
         registry = SimRegistry(args.sim_dir or sim_dir())
@@ -161,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     server.sick_at = None if args.unhealthy_after_s is None else started + args.unhealthy_after_s
     server.name = args.name
     server.vram_mb = args.vram_mb
+    server.api = api
+    if api is not None:
+        api.start()
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
     print(f"{args.name}: pid {os.getpid()} holds {args.vram_mb} MB, health on "
           f"http://{args.host}:{args.port}/health", flush=True)
