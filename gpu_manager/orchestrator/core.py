@@ -379,6 +379,8 @@ class Orchestrator:
         return True
 
     async def aclose(self) -> None:
+        for read in self._pid_reads.values():  # a read still hung in a driver: not awaited
+            read.cancel()
         await self.http.aclose()
 
     # -- the inventory, swapped through its owners --------------------------------------------
