@@ -245,7 +245,7 @@ class Daemon:
     async def _refresh_pids(self) -> None:
         while True:
             await asyncio.sleep(PIDS_EVERY_S)
-            await self.orchestrator.refresh_pids()
+            await self.orchestrator.refresh_pids(prune=not self.orchestrator.busy)
 
     # -- readiness ----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:

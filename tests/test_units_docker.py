@@ -178,7 +178,9 @@ async def test_death_while_the_event_stream_is_down_is_noticed_after_reconnect(
                     command=["sleep", "600"], network_mode="none")
     assert (await unit.ensure_ready()).ok
     driver, engine = unit.driver, h.engine
-    assert isinstance(driver, DockerDriver) and engine.connected
+    assert isinstance(driver, DockerDriver)
+    # the pump thread opens the stream on its own time
+    await until(lambda: engine.connected, 10, "the event stream to be open")
     # Break the stream and hold the pump before its reconnect: a real gap.
     engine.resume.clear()
     engine._stream.close()

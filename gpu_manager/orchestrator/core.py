@@ -159,7 +159,10 @@ class Orchestrator:
         logger.warning(f"{name}: cannot read its pids: {error}")
         return frozenset(self.ledger.view().unit_pids.get(name, ())), error
 
-    async def refresh_pids(self) -> None:
+    async def refresh_pids(self, prune: bool = True) -> None:
+        """Re-read every unit's pids. `prune`: also forget releases the GPU has completed;
+        off while a plan runs, whose starts settle their own evidence (one start must not
+        drop the release another start still waits on)."""
         units = [(n, u) for n, u in list(self.units.items()) if u.holds_gpu]
         results = await asyncio.gather(*(self.read_pids(n) for n, _ in units))
         fresh = {n: tuple(sorted(p)) for (n, _), (p, err) in zip(units, results, strict=True)
@@ -167,7 +170,8 @@ class Orchestrator:
         errors = {n: err for (n, _), (_, err) in zip(units, results, strict=True)
                   if err is not None}
         self.ledger.set_pids(fresh, errors)
-        self.prune(self.poller.latest)
+        if prune:
+            self.prune(self.poller.latest)
         books = self.ledger.view()
         for name, kind in books.idle.items():
             if name in books.releasing:
@@ -178,11 +182,11 @@ class Orchestrator:
                     and mb > unit.cfg.vram_mb // 10:
                 self.ledger.wake(name)  # it loaded a model again on its own: it holds VRAM
 
-    def prune(self, snap: Snapshot) -> None:
+    def prune(self, snap: Snapshot, only: list[str] | None = None) -> None:
         dev = snap.device(self.inventory.gpu.device)
         listed = ({p.pid for p in dev.processes}
                   if dev is not None and dev.processes is not None else None)
-        self.ledger.prune_releasing(listed, psutil.pid_exists, self.reclaim_timeout_s)
+        self.ledger.prune_releasing(listed, psutil.pid_exists, self.reclaim_timeout_s, only)
 
     def measured(self, name: str, snap: Snapshot | None = None) -> int | None:
         dev = (snap or self.poller.latest).device(self.inventory.gpu.device)

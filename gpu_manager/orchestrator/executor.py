@@ -72,16 +72,23 @@ class Executor:
 
     def __init__(self, orch: Orchestrator) -> None:
         self.orch = orch
-        # Starts launched but not yet ready, and the MB each may still allocate: a start
-        # beside them counts these against the free memory it sees.
+        # Starts of this plan that passed their room check, and the MB each was granted: for
+        # the rest of the plan a start beside them counts what they have not yet shown on
+        # the GPU (the planner counts their declared size too). Set in the same synchronous
+        # step as the room check that granted it, so no two starts can both see the same
+        # free memory, whatever the awaits after it (a Redis fencing check yields).
         self._claims: dict[str, int] = {}
+        self._failures: list[BaseException] = []
+        self._began = 0.0
+        self._fallbacks: dict[str, asyncio.Future[None]] = {}
 
     async def run(self, op: Operation, lease: Lease, result: Plan) -> None:
         orch = self.orch
         steps = result.steps
         finished = [asyncio.Event() for _ in steps]
         failures: list[BaseException] = []
-        self._claims = {}
+        self._claims, self._failures, self._fallbacks = {}, failures, {}
+        self._began = time.monotonic()
 
         async def one(i: int) -> None:
             step, record = steps[i], op.steps[i]
@@ -89,12 +96,15 @@ class Executor:
                 for d in step.after:
                     await finished[d].wait()
                 if failures or any(op.steps[d].status != "done" for d in step.after):
-                    record.status = "skipped"
-                    record.detail = "not run: another step of this plan failed"
+                    _skip(record)
                     return
                 await self._step(op, lease, step, record,
                                  [steps[d].service for d in step.after])
+            except _Skipped:
+                _skip(record)
             except BaseException as exc:
+                if record.status == "pending":  # cancelled (the plan's deadline) unbegun
+                    _skip(record)
                 failures.append(exc)
                 raise
             finally:
@@ -199,13 +209,18 @@ class Executor:
         orch = self.orch
         # fencing: nobody took the lock since we did
         await lock_call("check", lease.check(), orch.bounds.lock_io_s)
-        waited, note = await self.await_reclaim(name, need_mb, deps or [])
-        await lock_call("check", lease.check(), orch.bounds.lock_io_s)
-        self._claims[name] = need_mb
+        waited, note = await self.await_reclaim(name, need_mb, deps or [])  # claims on success
+        launched = False
         try:
-            return await self._launch(name, lease, waited, note)
+            await lock_call("check", lease.check(), orch.bounds.lock_io_s)
+            if self._failures:  # a sibling failed while this one waited: begin nothing new
+                raise _Skipped
+            result = await self._launch(name, lease, waited, note)
+            launched = True
+            return result
         finally:
-            self._claims.pop(name, None)
+            if not launched:
+                self._claims.pop(name, None)
 
     async def _launch(self, name: str, lease: Lease, waited: float,
                       note: str | None) -> tuple[float, str | None]:
@@ -233,10 +248,19 @@ class Executor:
                                  gpu_state=orch.gpu_state())
         return waited, note
 
-    def _claimed(self, but: str) -> int:
-        """MB that starts launched beside this one may still allocate."""
-        return sum(max(0, mb - (self.orch.measured(n) or 0))
+    def _claimed(self, but: str, snap: Snapshot) -> int:
+        """MB that starts granted beside this one have not yet shown on the GPU (by what the
+        snapshot attributes to their pids; their pids are refreshed while anyone waits)."""
+        return sum(max(0, mb - (self.orch.measured(n, snap) or 0))
                    for n, mb in self._claims.items() if n != but)
+
+    async def _refresh_claimants(self) -> None:
+        """While a start waits for room, keep the pids of the starts granted beside it
+        current, so their allocations count once, not twice (as used memory and as claim)."""
+        while True:
+            if self._claims:
+                await self.orch.refresh_pids(prune=False)
+            await asyncio.sleep(0.2)
 
     async def await_reclaim(self, name: str, need_mb: int,
                             deps: list[str]) -> tuple[float, str | None]:
@@ -255,6 +279,7 @@ class Executor:
             return pending, blind, max((r.since for r in rels.values()), default=0.0)
 
         pending, blind, since = evidence()
+        since = max(since, self._began)  # room judged on data no older than this plan
 
         def reclaimed(snap: Snapshot) -> bool:
             # Only a snapshot taken after the stops it waits for is evidence: an older one
@@ -272,7 +297,9 @@ class Executor:
                 gone = not any(psutil.pid_exists(pid) for pid in pending)
             # Degraded (declared) mode knows no free memory: the planner's budget must do.
             room = (need_mb <= 0 or dev.free_mb is None
-                    or dev.free_mb - gpu.reserve_mb - self._claimed(name) >= need_mb)
+                    or dev.free_mb - gpu.reserve_mb - self._claimed(name, snap) >= need_mb)
+            if gone and room:
+                self._claims[name] = need_mb  # granted: no await between check and claim
             return gone and room
 
         note = (f"judged by free memory alone for {', '.join(blind)} (pid list unavailable)"
@@ -280,25 +307,28 @@ class Executor:
         t0 = time.monotonic()
         if reclaimed(orch.poller.latest):
             return 0.0, note
-        async with orch.poller.fast():
-            snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
-            soft = [n for n in deps if n in orch.ledger.view().releasing
-                    and not orch.ledger.view().releasing[n].must_exit
-                    and orch.ledger.idle_kind(n) is not None]
-            if snap is None and soft:
-                # Eviction/pause did not give the memory back: stop them, and say so.
-                for n in soft:
-                    kind = orch.ledger.idle_kind(n)
-                    logger.warning(f"{n}: VRAM not back after {kind}; stopping it")
-                    await self.stop(n, f"{kind} did not free its VRAM", False, False, "reclaim")
-                pending, blind, since = evidence()
+        refresher = asyncio.ensure_future(self._refresh_claimants())
+        try:
+            async with orch.poller.fast():
                 snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
+                soft = [n for n in deps if n in orch.ledger.view().releasing
+                        and not orch.ledger.view().releasing[n].must_exit
+                        and orch.ledger.idle_kind(n) is not None]
+                if snap is None and soft and not self._failures:
+                    # Eviction/pause did not give the memory back: stop them, and say so.
+                    for n in soft:
+                        await self._fall_back(n)
+                    pending, blind, since = evidence()
+                    since = max(since, self._began)
+                    snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
+        finally:
+            refresher.cancel()
         if snap is None:
             dev = orch.device
             free = dev.free_mb if dev is not None else None
             listed = sorted(pending & {p.pid for p in (dev.processes or ())}) if dev else "?"
             probe = orch.poller.latest.error
-            claimed = self._claimed(name)
+            claimed = self._claimed(name, orch.poller.latest)
             raise OperationError(
                 "reclaim_timeout",
                 f"VRAM for {name} did not come back within {orch.reclaim_timeout_s:g}s: "
@@ -307,12 +337,35 @@ class Executor:
                 + f", {free} MB free; still listed: {listed}"
                 + (f"; the probe fails: {probe}" if probe else ""),
                 gpu_state=orch.gpu_state())
-        orch.prune(snap)
+        orch.prune(snap, only=deps)  # another start's evidence is not ours to settle
         books = orch.ledger.view()
         orch.ledger.settle_soft([n for n in deps if n in books.releasing
                                  and (not books.releasing[n].pids_known
                                       or not books.releasing[n].must_exit)])
         return time.monotonic() - t0, note
+
+    async def _fall_back(self, name: str) -> None:
+        """Stop a service whose eviction/pause did not free its VRAM, once, however many
+        starts of this plan wait on it."""
+        running = self._fallbacks.get(name)
+        if running is None:
+            kind = self.orch.ledger.idle_kind(name)
+            logger.warning(f"{name}: VRAM not back after {kind}; stopping it")
+            running = self._fallbacks[name] = asyncio.ensure_future(
+                self._stop_quietly(name, f"{kind} did not free its VRAM"))
+        await asyncio.shield(running)
+
+    async def _stop_quietly(self, name: str, reason: str) -> None:
+        await self.stop(name, reason, False, False, "reclaim")
+
+
+class _Skipped(Exception):
+    """A step that did not begin because another step of the plan had failed."""
+
+
+def _skip(record: StepRecord) -> None:
+    record.status = "skipped"
+    record.detail = "not run: another step of this plan failed"
 
 
 def refusal_error(result: Refusal) -> OperationError:

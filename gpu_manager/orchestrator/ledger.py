@@ -145,11 +145,14 @@ class Ledger:
         self._changed()
 
     def prune_releasing(self, listed: set[int] | None, alive: Callable[[int], bool],
-                        timeout_s: float) -> None:
+                        timeout_s: float, only: Iterable[str] | None = None) -> None:
         """Forget releases the GPU has completed. `listed`: pids on the GPU's process list
-        (None when unknown: then only dead pids count as released)."""
+        (None when unknown: then only dead pids count as released). `only`: just these."""
         now = time.monotonic()
+        names = set(only) if only is not None else None
         for name, rel in list(self._releasing.items()):
+            if names is not None and name not in names:
+                continue
             gone = not (rel.pids & (listed or set())) and (
                 listed is not None or not any(alive(pid) for pid in rel.pids))
             if (gone and rel.pids_known) or now - rel.since > timeout_s:

@@ -186,3 +186,35 @@ async def test_an_abandoned_docker_start_never_starts_the_container() -> None:
     assert not client.container.started, "a start we abandoned ran the container"
     assert not driver.running()
     engine.close()
+
+
+class YieldingLease:
+    """The Redis lease's check is a network round trip: it yields to the loop."""
+
+    holder, fencing = "test", 1
+
+    async def check(self) -> None:
+        await asyncio.sleep(0.01)
+
+    def is_lost(self) -> bool:
+        return False
+
+    async def release(self) -> bool:
+        return True
+
+
+async def test_two_starts_never_both_take_the_same_free_memory(world: World) -> None:
+    # The planner thought both fit; then a desktop took 13000 MB: 6000 MB are left above
+    # the reserve, room for one 4000 MB start, not two. The room check and the claim are
+    # one step, so the second start sees the first one's claim despite the yielding check.
+    world.gpu.foreign_mb = 13000
+    await world.poller.next_snapshot(1)
+    ex = world.orch.executor
+    ex._claims, ex._failures, ex._fallbacks, ex._began = {}, [], {}, 0.0
+    results = await asyncio.gather(ex.start("vidi", 4000, YieldingLease()),  # type: ignore[arg-type]
+                                   ex.start("cosyvoice", 4000, YieldingLease()),  # type: ignore[arg-type]
+                                   return_exceptions=True)
+    failed = [r for r in results if isinstance(r, OperationError)]
+    assert len(failed) == 1, results
+    assert failed[0].code == "reclaim_timeout"
+    assert world.gpu.oom == []
