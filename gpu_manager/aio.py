@@ -159,3 +159,21 @@ async def bounded(what: str, timeout: float) -> Any:
             yield
     except TimeoutError as exc:
         raise TimeoutError(f"{what}: no answer within {timeout:g}s") from exc
+
+
+class Held:
+    """Release an already acquired asyncio.Lock on exit (acquire happened outside)."""
+
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self.lock = lock
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # seen by whoever awaited it, or by nobody: never "never retrieved"

@@ -13,15 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import httpx
 import psutil
 from loguru import logger
 
+from gpu_manager.aio import Held, retrieve
 from gpu_manager.bounds import DEFAULT, Bounds
-from gpu_manager.config import Inventory, ServiceConfig
+from gpu_manager.config import Inventory
 from gpu_manager.lock import GpuLock, LockHeld, LockLost, LockUnavailable
 from gpu_manager.lock.keeper import LockKeeper
 from gpu_manager.orchestrator.executor import (
@@ -32,6 +31,7 @@ from gpu_manager.orchestrator.executor import (
 )
 from gpu_manager.orchestrator.ledger import Ledger
 from gpu_manager.orchestrator.operations import Operation, OperationError, OperationLog
+from gpu_manager.orchestrator.reconfig import ReloadResult, UnitFactory, apply_inventory
 from gpu_manager.planner import (
     ObservedState,
     Plan,
@@ -46,7 +46,6 @@ from gpu_manager.planner import (
 from gpu_manager.probe import DeviceSnapshot, Poller, Snapshot
 from gpu_manager.state_store import StateStore
 from gpu_manager.units import (
-    Driver,
     Event,
     EventBus,
     IdleKind,
@@ -55,45 +54,8 @@ from gpu_manager.units import (
     strategies,
 )
 
-
-class _Held:
-    """Release an already acquired asyncio.Lock on exit (acquire happened outside)."""
-
-    def __init__(self, lock: asyncio.Lock) -> None:
-        self.lock = lock
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.lock.release()
-
-
-def _retrieve(fut: asyncio.Future[list[int]]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # seen by whoever awaited it, or by nobody: never "never retrieved"
-
-
 REFUSAL_CODES = frozenset({"unknown_service", "unknown_phase", "insufficient_vram",
                            "needed_by_phase"})
-
-
-class UnitFactory(Protocol):
-    """How the daemon builds units and drivers (one place, for start-up and reloads)."""
-
-    def unit(self, name: str, cfg: ServiceConfig) -> Unit: ...
-
-    def driver(self, name: str, cfg: ServiceConfig) -> Driver: ...
-
-
-@dataclass
-class ReloadResult:
-    added: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
-    restart: list[str] = field(default_factory=list)
-    # removed services whose stop failed: still running, still counted, retried next reload
-    kept: dict[str, str] = field(default_factory=dict)
 
 
 class Orchestrator:
@@ -148,7 +110,7 @@ class Orchestrator:
         read = self._pid_reads.get(key)
         if read is None or read.done():
             read = self._pid_reads[key] = asyncio.ensure_future(unit.driver.pids())
-            read.add_done_callback(_retrieve)
+            read.add_done_callback(retrieve)
         try:
             async with asyncio.timeout(self.bounds.pids_s):
                 return frozenset(await asyncio.shield(read)), None
@@ -270,7 +232,7 @@ class Orchestrator:
         except asyncio.CancelledError:  # cancelled while queued (shutdown): it ends here
             op.finish("failed", {"error": "cancelled", "detail": "cancelled while queued"})
             raise
-        async with _Held(self._serial):
+        async with Held(self._serial):
             op.status, op.started_at = "running", time.time()
             self.store.set_operation(op.id, op.as_dict())
             t0 = time.monotonic()
@@ -389,45 +351,9 @@ class Orchestrator:
 
     # -- the inventory, swapped through its owners --------------------------------------------
     async def apply_inventory(self, new: Inventory, make: UnitFactory) -> ReloadResult:
-        """Swap in a new inventory under the same serialisation as transitions: removed
-        services are stopped through their units (a failed stop keeps the unit, still
-        counted, and says so), changed ones are reconfigured through their inbox, added
-        ones are built by the same factory as at start-up."""
-        res = ReloadResult()
-        async with self._serial:
-            old = self.inventory
-            for name in [n for n in self.units if n not in new.services]:
-                unit = self.units[name]
-                stopped = await unit.stop("removed from the inventory")
-                if not stopped.ok:
-                    res.kept[name] = stopped.reason
-                    logger.error(f"{name}: removed from the inventory but its stop failed "
-                                 f"({stopped.reason}); still counted, retried at the next "
-                                 "reload")
-                    continue
-                del self.units[name]
-                await unit.close()
-                self.ledger.forget(name)
-                res.removed.append(name)
-            for name, cfg in new.services.items():
-                if name not in self.units:
-                    unit = make.unit(name, cfg)
-                    unit.start_loop()
-                    self.units[name] = unit
-                    res.added.append(name)
-                elif cfg != old.services.get(name):
-                    unit = self.units[name]
-                    done = await unit.reconfigure(cfg, make.driver(name, cfg))
-                    if not done.ok:
-                        logger.error(f"{name}: its new definition was not taken: {done.reason}")
-                        res.kept[name] = f"changed, but not applied: {done.reason}"
-                        continue
-                    res.changed.append(name)
-                    if unit.driver.running() and cfg.on_change == "restart":
-                        res.restart.append(name)
-            self.inventory = new
-            self.pinv = PlannerInventory.from_inventory(new)
-        return res
+        """Swap in a new inventory under the same serialisation as transitions (see
+        reconfig.apply_inventory, which takes the transition lock)."""
+        return await apply_inventory(self, new, make)
 
     # -- restart gate -------------------------------------------------------------------------
     async def restart_gate(self, name: str) -> bool:
