@@ -16,7 +16,6 @@ given up on, and `/ready` says so until the daemon restarts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -149,16 +148,6 @@ class Supervisor:
     async def close(self, timeout: float = 5.0) -> None:
         tasks, self._tasks = list(self._tasks.values()), {}
         await settle(tasks, timeout)
-
-
-@contextlib.asynccontextmanager
-async def bounded(what: str, timeout: float) -> Any:
-    """`async with bounded("stop vidi", 5):` raises TimeoutError naming `what` at expiry."""
-    try:
-        async with asyncio.timeout(timeout):
-            yield
-    except TimeoutError as exc:
-        raise TimeoutError(f"{what}: no answer within {timeout:g}s") from exc
 
 
 class Held:

@@ -164,10 +164,6 @@ class StateStore:
                 self._cond.wait(left)
             return True
 
-    async def flush(self, timeout: float = 10.0) -> bool:
-        """`wait_written` off the event loop."""
-        return await asyncio.to_thread(self.wait_written, timeout)
-
     def close(self, timeout: float = 10.0) -> None:
         """Write what is pending and stop the writer (later changes are written inline)."""
         with self._cond:

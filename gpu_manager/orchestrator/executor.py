@@ -80,7 +80,7 @@ class Executor:
         self._claims: dict[str, int] = {}
         self._failures: list[BaseException] = []
         self._began = 0.0
-        self._fallbacks: dict[str, asyncio.Future[None]] = {}
+        self._fallbacks: dict[str, asyncio.Future[str | None]] = {}
 
     async def run(self, op: Operation, lease: Lease, result: Plan) -> None:
         orch = self.orch
@@ -111,7 +111,13 @@ class Executor:
                 finished[i].set()
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(len(steps))]
-        await asyncio.gather(*tasks, return_exceptions=True)  # cancelled with us, if we are
+        # One refresher for the plan (not one per waiting start): it keeps the claimants'
+        # pids current, so their allocations count once, as used memory, not also as claim.
+        refresher = asyncio.ensure_future(self._refresh_claimants())
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)  # cancelled with us
+        finally:
+            refresher.cancel()
         if failures:
             raise failures[0]
         if isinstance(op.request, PreparePhase):
@@ -255,11 +261,15 @@ class Executor:
                    for n, mb in self._claims.items() if n != but)
 
     async def _refresh_claimants(self) -> None:
-        """While a start waits for room, keep the pids of the starts granted beside it
-        current, so their allocations count once, not twice (as used memory and as claim)."""
+        """While the plan runs, keep the pids of the starts granted so far current, so their
+        allocations count once (as used memory), not twice (also as claim). A failed
+        refresh is logged and tried again: the claims then just stay whole (conservative)."""
         while True:
             if self._claims:
-                await self.orch.refresh_pids(prune=False)
+                try:
+                    await self.orch.refresh_pids(prune=False)
+                except Exception as exc:
+                    logger.opt(exception=exc).error(f"pid refresh during a plan: {exc}")
             await asyncio.sleep(0.2)
 
     async def await_reclaim(self, name: str, need_mb: int,
@@ -307,22 +317,18 @@ class Executor:
         t0 = time.monotonic()
         if reclaimed(orch.poller.latest):
             return 0.0, note
-        refresher = asyncio.ensure_future(self._refresh_claimants())
-        try:
-            async with orch.poller.fast():
+        async with orch.poller.fast():
+            snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
+            soft = [n for n in deps if n in orch.ledger.view().releasing
+                    and not orch.ledger.view().releasing[n].must_exit
+                    and orch.ledger.idle_kind(n) is not None]
+            if snap is None and soft and not self._failures:
+                # Eviction/pause did not give the memory back: stop them, and say so.
+                for n in soft:
+                    await self._fall_back(n)
+                pending, blind, since = evidence()
+                since = max(since, self._began)
                 snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
-                soft = [n for n in deps if n in orch.ledger.view().releasing
-                        and not orch.ledger.view().releasing[n].must_exit
-                        and orch.ledger.idle_kind(n) is not None]
-                if snap is None and soft and not self._failures:
-                    # Eviction/pause did not give the memory back: stop them, and say so.
-                    for n in soft:
-                        await self._fall_back(n)
-                    pending, blind, since = evidence()
-                    since = max(since, self._began)
-                    snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
-        finally:
-            refresher.cancel()
         if snap is None:
             dev = orch.device
             free = dev.free_mb if dev is not None else None
@@ -352,11 +358,8 @@ class Executor:
             kind = self.orch.ledger.idle_kind(name)
             logger.warning(f"{name}: VRAM not back after {kind}; stopping it")
             running = self._fallbacks[name] = asyncio.ensure_future(
-                self._stop_quietly(name, f"{kind} did not free its VRAM"))
+                self.stop(name, f"{kind} did not free its VRAM", False, False, "reclaim"))
         await asyncio.shield(running)
-
-    async def _stop_quietly(self, name: str, reason: str) -> None:
-        await self.stop(name, reason, False, False, "reclaim")
 
 
 class _Skipped(Exception):

@@ -69,6 +69,7 @@ class UnitOwner:
         self._start_auto = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self.handling: str | None = None  # the message the owner loop is acting on now
         self._health_fails = 0
         self._next: tuple[ServiceConfig, Driver] | None = None  # reconfigure while running
 
@@ -156,6 +157,7 @@ class UnitOwner:
     async def _run(self) -> None:
         while True:
             kind, *args = await self._inbox.get()
+            self.handling = kind
             try:
                 await getattr(self, f"_on_{kind}")(*args)
             except asyncio.CancelledError:
@@ -168,6 +170,8 @@ class UnitOwner:
                     if isinstance(a, asyncio.Future) and not a.done():
                         a.set_result(UnitResult(False, self.state, f"internal error: {exc}", 0,
                                                 unknown=True))
+            finally:
+                self.handling = None
 
     def _recover(self, why: str) -> None:
         """After a handler failed: never leave the unit in a state nothing will move it out of.

@@ -91,7 +91,7 @@ async def test_a_drop_that_times_out_still_stops_counting_its_holder() -> None:
     keeper = LockKeeper(lock)  # type: ignore[arg-type]
     await keeper.hold("A")
     b = asyncio.ensure_future(keeper.hold("B"))  # holds the mutex during a slow acquire
-    await asyncio.sleep(0.05)
+    await until(keeper._mutex.locked, 1, "B inside its slow acquire")
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.1):
             await keeper.drop("A")  # gives up waiting for the mutex
