@@ -37,6 +37,7 @@ from gpu_manager.units import (
     Driver,
     EventBus,
     HealthChecker,
+    HttpSleeper,
     Unit,
     make_driver,
 )
@@ -65,6 +66,8 @@ class Daemon:
         self.units: dict[str, Unit] = {}
         self.orchestrator: Orchestrator
         self.health = HealthChecker()
+        # One HTTP client for every unit's sleep and wake (and Redis for the pause protocol).
+        self.sleeper = HttpSleeper(redis_url=settings.redis_url)
         self._docker: Any = None  # the DockerEngine, made on first use
         self.probe_error: str | None = None
         self.owner = str(settings.state_dir.resolve())
@@ -88,7 +91,7 @@ class Daemon:
     def unit(self, name: str, cfg: ServiceConfig) -> Unit:
         return Unit(name, cfg, self.driver(name, cfg), self.health, self.bus,
                     on_record=self.store.set_unit, restart_gate=self.orchestrator.restart_gate,
-                    bounds=self.bounds)
+                    bounds=self.bounds, sleeper=self.sleeper)
 
     async def start(self) -> None:
         t0 = time.monotonic()
@@ -134,6 +137,8 @@ class Daemon:
         sup.spawn("child-log-rotation", self.logrotate.run)
         await self.refresh_lock_info()
         self.start_s = time.monotonic() - t0  # the rebuild after a restart: adoption included
+        for issue in inv.warnings:
+            logger.warning(f"config: {issue}")
         logger.info(f"view rebuilt in {self.start_s:.3f}s; "
                     f"gpu-manager up: {inv.summary()}; lock {self.lock.backend}; "
                     f"probe {self.poller.latest.source}")
@@ -200,6 +205,7 @@ class Daemon:
         await self._quietly("poller", self.poller.stop())
         await self._quietly("lock backend", self.lock.close())
         await self._quietly("health checker", self.health.aclose())
+        await self._quietly("sleep client", self.sleeper.aclose())
         if self._docker is not None:
             await self._quietly("Docker client", asyncio.to_thread(self._docker.close))
         # the last state is on disk before we exit

@@ -93,6 +93,8 @@ class Reloader:
             self.error = f"reading the config took longer than {LOAD_TIMEOUT_S:g}s"
             logger.error(f"config reload abandoned: {self.error}")
             return False, self.error
+        for issue in new.warnings:
+            logger.warning(f"config: {issue}")
         if new.gpu != d.inventory.gpu:
             logger.warning("the gpu: section changed; that takes a daemon restart (ignored)")
         res = await d.orchestrator.apply_inventory(new, d)

@@ -238,10 +238,12 @@ def test_ollama_eviction_frees_vram_without_stopping(tmp_path: Path, redis_serve
         r4 = d.post("/gpu/prepare-phase/4")  # comfyui needs 20000: ollama must give way
         assert r4.status_code == 200, r4.text
         steps = {s["service"]: s for s in r4.json()["plan"]["steps"]}
-        assert steps["ollama"]["detail"] == "unloaded qwen2.5:32b"
+        # the deprecated `evict:` is read as `sleep: {api: ollama}`
+        assert steps["ollama"]["action"] == "sleep", steps
+        assert steps["ollama"]["detail"].startswith("unloaded qwen2.5:32b;"), steps
         status = d.status()
-        assert status["services"]["ollama"]["state"] == "ready"  # still up, just empty
-        assert status["idle"] == {"ollama": "evicted"}
+        assert status["services"]["ollama"]["state"] == "sleeping"  # still up, just empty
+        assert status["sleeping"] == ["ollama"]
         ps = httpx.get(f"http://127.0.0.1:{port}/api/ps", trust_env=False).json()
         assert ps == {"models": []}
         assert status["vram"]["used_mb"] == 20000
@@ -280,13 +282,15 @@ async def test_pause_and_resume_around_an_immediate_acquire(
         got = await c.request_gpu("ctgan")  # 20000 + 8000 > 23552: pause transcription
         assert got.acquired, got.error
         status = d.status()
-        assert status["services"]["transcription"]["state"] == "ready"
-        assert status["idle"] == {"transcription": "paused"}
+        assert status["services"]["transcription"]["state"] == "sleeping"
+        assert status["sleeping"] == ["transcription"]
         assert rdb.get("gpu_state") == "ctgan"
         assert await c.release_gpu()
         wait_for(lambda: rdb.get("gpu_state") == "transcription", 5, "the resume")
         wait_for(lambda: d.status()["vram"]["used_mb"] == 8000, 10, "the model reloaded")
-        assert d.status()["idle"] == {}
+        wait_for(lambda: d.status()["services"]["transcription"]["state"] == "ready", 10,
+                 "awake again (wake_when_free)")
+        assert d.status()["sleeping"] == []
         for _ in range(10):
             msg = pubsub.get_message(timeout=0.1)
             if msg and msg["type"] == "message":

@@ -54,7 +54,10 @@ def test_examples_inventory_is_valid(repo_root: Path) -> None:
     cosy = inv.services["cosyvoice"]
     assert isinstance(cosy, DockerService) and cosy.container == "mcn_cosyvoice"
     ollama = inv.services["ollama"]
-    assert ollama.evict is not None and ollama.evict.strategy == "ollama"
+    assert ollama.sleep is not None and ollama.sleep.api == "ollama"
+    assert ollama.residual_mb == 300
+    assert {n for n, s in inv.services.items() if s.sleep} >= {"comfyui", "ollama", "llm"}
+    assert not inv.warnings
 
 
 def test_unknown_service_in_phase(cfg: Path) -> None:
@@ -192,3 +195,62 @@ def test_cli_plan_prints_reasons(repo_root: Path) -> None:
     refused = _cli("plan", "9", "--config-dir", str(repo_root))
     assert refused.returncode == 1
     assert "unknown phase 9 (known: 1, 2, 3, 4, 5)" in refused.stderr
+
+
+def test_sleep_block_defaults_and_rules(cfg: Path) -> None:
+    edit(cfg / "services.yaml", "vram_mb: 4000\n    priority: 40",
+         "vram_mb: 4000\n    priority: 40\n    sleep: {api: vllm, url: 'http://127.0.0.1:8001'}")
+    vidi = load_inventory(cfg).services["vidi"]
+    assert vidi.sleep is not None and vidi.sleep.level == 1
+    assert vidi.residual_mb == 1000  # a quarter of vram_mb, at most 1024
+
+
+@pytest.mark.parametrize(("block", "message"), [
+    ("{api: sglang}", "api 'sglang' needs url (the server's base URL)"),
+    ("{api: http, url: 'http://127.0.0.1:1'}", "api 'http' needs sleep: and wake:"),
+    ("{api: tabbyapi, url: 'http://127.0.0.1:1'}", "api 'tabbyapi' needs models:"),
+    ("{api: ollama, url: 'http://127.0.0.1:1', level: 2}", "level is for api 'vllm' only"),
+    ("{api: vllm, url: 'http://127.0.0.1:1', residual_mb: 5000}",
+     "sleep.residual_mb (5000) is more than vram_mb (4000)"),
+    ("{api: kserve, url: 'http://127.0.0.1:1'}", "Input should be 'vllm'"),
+])
+def test_invalid_sleep_block_names_the_line(cfg: Path, block: str, message: str) -> None:
+    line = edit(cfg / "services.yaml", "vram_mb: 4000\n    priority: 40",
+                f"vram_mb: 4000\n    priority: 40\n    sleep: {block}")
+    found = errors(cfg)
+    assert len(found) == 1 and message in found[0], found
+    assert found[0].startswith("services.yaml:"), found
+    assert int(found[0].split(":")[1]) in range(line, line + 3), found
+
+
+def test_legacy_evict_and_preempt_still_work_with_a_warning(cfg: Path) -> None:
+    line = edit(cfg / "services.yaml", "vram_mb: 4000\n    priority: 40",
+                "vram_mb: 4000\n    priority: 40\n"
+                "    evict: {strategy: ollama, url: 'http://127.0.0.1:11434', timeout_s: 7}")
+    inv = load_inventory(cfg)
+    sleep = inv.services["vidi"].sleep
+    assert sleep is not None and (sleep.api, sleep.url, sleep.timeout_s) == (
+        "ollama", "http://127.0.0.1:11434", 7)
+    assert [str(w) for w in inv.warnings] == [
+        f"services.yaml:{line + 2}: services.vidi.evict: deprecated: read as "
+        "`sleep: {api: ollama, url, timeout_s}`; write that instead"]
+    edit(cfg / "services.yaml", "    evict: {strategy: ollama, url: 'http://127.0.0.1:11434', "
+         "timeout_s: 7}", "    preempt: {strategy: pause, protocol: redis, ack_timeout_s: 3}")
+    inv = load_inventory(cfg)
+    sleep = inv.services["vidi"].sleep
+    assert sleep is not None and sleep.api == "pause" and sleep.wake_when_free
+    assert sleep.pause is not None and sleep.pause.ack_timeout_s == 3
+    assert "preempt: deprecated" in str(inv.warnings[0])
+
+
+def test_evict_and_sleep_together_are_refused(cfg: Path) -> None:
+    edit(cfg / "services.yaml", "vram_mb: 4000\n    priority: 40",
+         "vram_mb: 4000\n    priority: 40\n    evict: {strategy: ollama}\n"
+         "    sleep: {api: ollama, url: 'http://127.0.0.1:11434'}")
+    assert "evict and sleep are one concept: keep only sleep:" in errors(cfg)[0]
+
+
+def test_next_phase_must_exist(cfg: Path) -> None:
+    line = edit(cfg / "phases.yaml", "services: [cosyvoice]", "services: [cosyvoice]\n    next: 9")
+    assert errors(cfg) == [f"phases.yaml:{line + 1}: phases.3.next: unknown phase 9 "
+                           "(known: 1, 2, 3, 4, 5)"]

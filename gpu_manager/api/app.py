@@ -23,7 +23,14 @@ from gpu_manager.api.status import status as build_status
 from gpu_manager.config import Inventory
 from gpu_manager.daemon import Daemon, arm_exit_watchdog
 from gpu_manager.orchestrator import Operation
-from gpu_manager.planner import PreparePhase, Refusal, StartService, StopAll, StopService
+from gpu_manager.planner import (
+    PreparePhase,
+    Refusal,
+    SleepService,
+    StartService,
+    StopAll,
+    StopService,
+)
 from gpu_manager.planner.model import Request as PlanRequest
 from gpu_manager.planner.serialize import plan_dict
 from gpu_manager.settings import Settings
@@ -158,6 +165,13 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
     async def stop_service(name: str, force: bool = False, dry_run: DryRun = False,
                            wait: Wait = True) -> Any:
         return await run(StopService(name, force), dry_run, wait, service=name)
+
+    @app.post("/gpu/service/{name}/sleep", tags=["gpu"], dependencies=[Auth])
+    async def sleep_service(name: str, force: bool = False, dry_run: DryRun = False,
+                            wait: Wait = True) -> Any:
+        """Put NAME to sleep (its `sleep:` block): the VRAM comes off the GPU, the process
+        stays; starting it wakes it. 409 `cannot_sleep` without a `sleep:` block."""
+        return await run(SleepService(name, force), dry_run, wait, service=name)
 
     @app.post("/gpu/release-all", tags=["gpu"], dependencies=[Auth])
     async def release_all(dry_run: DryRun = False, wait: Wait = True) -> Any:

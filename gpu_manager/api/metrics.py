@@ -43,6 +43,12 @@ class DaemonCollector(Collector):
                                      labels=["service"])
         restarts = CounterMetricFamily("gpu_manager_restarts", "Automatic restarts",
                                        labels=["service"])
+        sleeps = CounterMetricFamily("gpu_manager_sleeps", "Sleeps the service answered",
+                                     labels=["service"])
+        wakes = CounterMetricFamily("gpu_manager_wakes", "Wakes that ended healthy",
+                                    labels=["service"])
+        prewarmed = GaugeMetricFamily("gpu_manager_prewarmed", "1 while a service runs "
+                                      "because prewarm started it", labels=["service"])
         for name, unit in d.units.items():
             for s in ServiceState:
                 state.add_metric([name, s.value], int(unit.state == s))
@@ -51,9 +57,13 @@ class DaemonCollector(Collector):
                 measured.add_metric([name], mb)
             health.add_metric([name], unit.health_failures)
             restarts.add_metric([name], unit.restarts.count)
-        yield from (state, measured, health, restarts)
-        pre = CounterMetricFamily("gpu_manager_preemptions", "Services stopped to make room "
-                                  "for a higher priority", labels=["service"])
+            sleeps.add_metric([name], unit.sleeps)
+            wakes.add_metric([name], unit.wakes)
+            prewarmed.add_metric([name], int(name in d.orchestrator.prewarmed))
+        yield from (state, measured, health, restarts, sleeps, wakes, prewarmed)
+        pre = CounterMetricFamily("gpu_manager_preemptions", "Services stopped or put to "
+                                  "sleep to make room for a higher priority",
+                                  labels=["service"])
         for name in d.units:
             pre.add_metric([name], d.orchestrator.preemptions.get(name, 0))
         yield pre

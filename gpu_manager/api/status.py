@@ -62,7 +62,12 @@ def services(daemon: Daemon) -> dict[str, Any]:
             "measured_mb": orch.measured(name) if unit.holds_gpu else None,
             "pids": list(books.unit_pids.get(name, ())),
             "pids_error": books.pid_errors.get(name),
-            "idle": books.idle[name].value if name in books.idle else None,
+            # how it sleeps (its `sleep:` api) and what it keeps asleep; None: it cannot
+            "sleep": cfg.sleep.api if cfg.sleep else None,
+            "residual_mb": cfg.residual_mb,
+            "prewarmed": name in orch.prewarmed,
+            "sleeps": unit.sleeps,
+            "wakes": unit.wakes,
             **({"removed": True} if name not in inv.services else {}),
             **{k: v for k, v in unit.snapshot().items() if k != "state"},
         }
@@ -91,6 +96,8 @@ def status(daemon: Daemon) -> dict[str, Any]:
         "phase": daemon.orchestrator.current_phase,
         "leases": [{"session_id": x.session_id, "requester": x.requester, "vram_mb": x.vram_mb,
                     "priority": x.priority} for x in daemon.leases.active],
-        "idle": {n: k.value for n, k in daemon.orchestrator.ledger.view().idle.items()},
+        "sleeping": sorted(n for n, u in list(daemon.units.items())
+                           if u.state.value == "sleeping"),
+        "prewarmed": sorted(daemon.orchestrator.prewarmed),
         "operations": [op.id for op in daemon.orchestrator.ops.in_flight()],
     }

@@ -87,7 +87,8 @@ def print_status(body: dict[str, Any]) -> None:
               f"{vram.get('reserve_mb')} MB reserve; phase {body.get('phase')}", markup=False)
     table = Table("service", "state", "type", "VRAM MB", "measured", "prio", "phases", "reason")
     for name, s in body["services"].items():
-        table.add_row(name, s["state"], s["type"], str(s["vram_mb"]),
+        state = s["state"] + (" (prewarmed)" if s.get("prewarmed") else "")
+        table.add_row(name, state, s["type"], str(s["vram_mb"]),
                       "-" if s.get("measured_mb") is None else str(s["measured_mb"]),
                       str(s["priority"]), ",".join(map(str, s["phases"])) or "-",
                       s.get("reason") or "")
@@ -151,6 +152,15 @@ def stop(name: str, force: Annotated[bool, typer.Option(
          url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Stop service NAME."""
     mutate(f"/gpu/service/{name}/stop", url, token, as_json,
+           {"force": "true"} if force else None)
+
+
+@app.command("sleep")
+def sleep(name: str, force: Annotated[bool, typer.Option(
+            help="Put it to sleep even if the current phase needs it")] = False,
+          url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Put service NAME to sleep: its VRAM is freed, its process stays (start wakes it)."""
+    mutate(f"/gpu/service/{name}/sleep", url, token, as_json,
            {"force": "true"} if force else None)
 
 

@@ -47,6 +47,8 @@ def _load(config_dir: Path | None) -> Inventory:
 def check_config(config_dir: ConfigDirOpt = None) -> None:
     """Validate services.yaml and phases.yaml; print each problem as file:line: field: message."""
     inv = _load(config_dir)
+    for issue in inv.warnings:
+        err.print(f"warning: {issue}", markup=False, highlight=False)
     out.print(f"OK: {inv.summary()}", markup=False, highlight=False)
 
 

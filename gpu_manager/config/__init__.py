@@ -21,6 +21,7 @@ from gpu_manager.config.models import (
     PauseConfig,
     PhaseConfig,
     ServiceConfig,
+    SleepConfig,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "PauseConfig",
     "PhaseConfig",
     "ServiceConfig",
+    "SleepConfig",
     "default_config_dir",
     "load_inventory",
 ]

@@ -67,6 +67,9 @@ class Inventory:
     config_dir: Path
     lines: Mapping[str, Mapping[Path_, int]] = field(default_factory=dict, repr=False)
     leases: LeaseConfig = field(default_factory=LeaseConfig)
+    prewarm: bool = False
+    # Accepted but deprecated (`evict:`, `preempt:`): logged at every load, shown by `check`.
+    warnings: tuple[ConfigIssue, ...] = ()
 
     @property
     def budget_mb(self) -> int | None:
@@ -211,7 +214,24 @@ def load_inventory(config_dir: Path | str | None = None) -> Inventory:
         raise ConfigError(sorted(issues, key=lambda i: (i.file, i.line)))
     assert sfile is not None and pfile is not None
     lines = {sdoc.name: sdoc.lines, **({pdoc.name: pdoc.lines} if pdoc else {})}
-    return Inventory(sfile.gpu, sfile.services, pfile.phases, base, lines, sfile.leases)
+    return Inventory(sfile.gpu, sfile.services, pfile.phases, base, lines, sfile.leases,
+                     sfile.prewarm, tuple(_legacy_warnings(sdoc)))
+
+
+def _legacy_warnings(sdoc: _Doc) -> list[ConfigIssue]:
+    raw = sdoc.data.get("services") if isinstance(sdoc.data, dict) else None
+    out: list[ConfigIssue] = []
+    for name, svc in (raw or {}).items() if isinstance(raw, dict) else ():
+        if not isinstance(svc, dict):
+            continue
+        if svc.get("evict") is not None:
+            out.append(sdoc.issue(("services", name, "evict"), "deprecated: read as "
+                                  "`sleep: {api: ollama, url, timeout_s}`; write that instead"))
+        if svc.get("preempt") is not None:
+            out.append(sdoc.issue(("services", name, "preempt"), "deprecated: read as "
+                                  "`sleep: {api: pause, pause: {...}, wake_when_free: true}`; "
+                                  "write that instead"))
+    return out
 
 
 def _check_services(sfile: ServicesFile, sdoc: _Doc) -> list[ConfigIssue]:
@@ -226,6 +246,10 @@ def _check_services(sfile: ServicesFile, sdoc: _Doc) -> list[ConfigIssue]:
                 f"{svc.vram_mb} MB is more than the GPU can ever give "
                 f"({gpu.total_mb} MB total - {gpu.reserve_mb} MB reserve = {budget} MB)",
             ))
+        if svc.residual_mb is not None and svc.residual_mb > svc.vram_mb:
+            issues.append(sdoc.issue(
+                ("services", name, "sleep", "residual_mb"),
+                f"sleep.residual_mb ({svc.residual_mb}) is more than vram_mb ({svc.vram_mb})"))
         if isinstance(svc, DockerService):
             cname = svc.container.lstrip("/")
             if cname in containers:
@@ -250,6 +274,11 @@ def _check_phases(
                         ("phases", number, field_name, i),
                         f"unknown service {svc_name!r} (known: {known})",
                     ))
+        if phase.next is not None and phase.next not in pfile.phases:
+            issues.append(pdoc.issue(
+                ("phases", number, "next"),
+                f"unknown phase {phase.next} (known: "
+                f"{', '.join(str(n) for n in sorted(pfile.phases))})"))
         if sfile is None or sfile.gpu.total_mb is None:
             continue
         budget = sfile.gpu.total_mb - sfile.gpu.reserve_mb

@@ -10,44 +10,27 @@ from __future__ import annotations
 import shlex
 import signal
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
+from pydantic import Field, field_validator, model_validator
+
+from gpu_manager.config.sleep import (
+    AsleepCheck,
+    HttpCall,
+    HttpUrl,
+    OllamaEvict,
+    PauseConfig,
+    SleepApi,
+    SleepConfig,
+    _Strict,
+    legacy_sleep,
 )
+
+__all__ = ["AsleepCheck", "HttpCall", "OllamaEvict", "PauseConfig", "SleepApi", "SleepConfig"]
 
 ServiceName = Annotated[
     str,
     Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"),
 ]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _http_url(v: str) -> str:
-    """An http(s) URL the daemon can call: a host, and a port in range. The regex alone let
-    `http://127.0.0.1:99999/health` through, and the HTTP client only choked on it at the
-    first health check."""
-    try:
-        parts = urlsplit(v)
-        port = parts.port  # raises ValueError when out of range or not a number
-    except ValueError as exc:
-        raise ValueError(f"invalid URL {v!r}: {exc}") from exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid URL {v!r}: needs http:// or https:// and a host")
-    if port == 0:
-        raise ValueError(f"invalid URL {v!r}: port 0")
-    return v
-
-
-HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 class GpuConfig(_Strict):
@@ -94,45 +77,6 @@ class HealthConfig(_Strict):
     failure_threshold: int = Field(default=1, ge=1, le=100)
 
 
-class OllamaEvict(_Strict):
-    """Free VRAM by unloading Ollama's models (`keep_alive: 0`) instead of stopping it."""
-
-    strategy: Literal["ollama"]
-    url: HttpUrl = Field(default="http://127.0.0.1:11434", pattern=r"^https?://")
-    timeout_s: float = Field(default=10.0, gt=0, le=300)
-
-
-class PauseConfig(_Strict):
-    """Cooperative pause: ask the service to offload its model instead of stopping it.
-
-    `redis`: the pub/sub protocol of the transcription service (interfaces.md §3);
-    `http`: POST `pause_url`, then POST `resume_url` when the GPU is released.
-    A pause not acknowledged within `ack_timeout_s` (and VRAM not freed within
-    `freed_timeout_s`) falls back to a stop.
-    """
-
-    strategy: Literal["pause"]
-    protocol: Literal["redis", "http"] = "redis"
-    redis_url: str | None = None  # default: the daemon's GPU_MANAGER_REDIS_URL
-    pause_channel: str = "transcription_pause"
-    paused_channel: str = "transcription_paused"
-    freed_channel: str = "vram_freed"
-    resume_channel: str = "transcription_resume"
-    owner_channel: str = "gpu_owner"
-    state_key: str = "gpu_state"
-    owner_name: str = "transcription"
-    pause_url: HttpUrl | None = Field(default=None, pattern=r"^https?://")
-    resume_url: HttpUrl | None = Field(default=None, pattern=r"^https?://")
-    ack_timeout_s: float = Field(default=10.0, gt=0, le=600)
-    freed_timeout_s: float = Field(default=60.0, gt=0, le=600)
-
-    @model_validator(mode="after")
-    def _urls(self) -> PauseConfig:
-        if self.protocol == "http" and not (self.pause_url and self.resume_url):
-            raise ValueError("protocol 'http' needs pause_url and resume_url")
-        return self
-
-
 RestartPolicy = Literal["no", "on-failure", "always"]
 
 
@@ -144,12 +88,29 @@ class _ServiceBase(_Strict):
     stop_timeout_s: float = Field(default=30.0, gt=0, le=600)
     preemptible: bool = True
     restart: RestartPolicy = "no"
-    evict: OllamaEvict | None = None
-    preempt: PauseConfig | None = None
+    sleep: SleepConfig | None = None
     # On a config reload that changes this service while it runs: use the new definition at
     # its next start, or restart it now.
     on_change: Literal["next-start", "restart"] = "next-start"
     description: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        return legacy_sleep(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _residual(self) -> _ServiceBase:
+        sleep = self.sleep
+        if sleep is not None and sleep.residual_mb is None:
+            object.__setattr__(self, "sleep", sleep.model_copy(
+                update={"residual_mb": min(1024, self.vram_mb // 4)}))
+        return self  # a residual over vram_mb: the loader reports it at its line
+
+    @property
+    def residual_mb(self) -> int | None:
+        """What it holds while asleep (the planner's count); None: it cannot sleep."""
+        return None if self.sleep is None else self.sleep.residual_mb
 
     @field_validator("restart", mode="before")
     @classmethod
@@ -247,6 +208,10 @@ class ServicesFile(_Strict):
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     leases: LeaseConfig = Field(default_factory=LeaseConfig)
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
+    # Start (or wake) the services of a phase's `next:` in the background after a
+    # transition, when they fit beside what runs without moving anything. Off by default:
+    # it spends VRAM and power on a guess.
+    prewarm: bool = False
 
 
 class PhaseConfig(_Strict):
@@ -254,6 +219,8 @@ class PhaseConfig(_Strict):
     services: list[ServiceName] = Field(default_factory=list)
     # Services allowed to stay up through this phase when they still fit.
     keep: list[ServiceName] = Field(default_factory=list)
+    # The phase that usually follows: what prewarm (services.yaml `prewarm: true`) readies.
+    next: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _disjoint(self) -> PhaseConfig:

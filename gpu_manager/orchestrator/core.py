@@ -11,14 +11,16 @@ and the lock is dropped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import httpx
 import psutil
 from loguru import logger
 
-from gpu_manager.aio import Held, retrieve
+from gpu_manager.aio import Held, guarded, retrieve, settle
 from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import Inventory
 from gpu_manager.lock import GpuLock, LockHeld, LockLost, LockUnavailable
@@ -37,6 +39,7 @@ from gpu_manager.planner import (
     Plan,
     PlannerInventory,
     PreparePhase,
+    Prewarm,
     Refusal,
     Request,
     ServiceSpec,
@@ -45,17 +48,13 @@ from gpu_manager.planner import (
 )
 from gpu_manager.probe import DeviceSnapshot, Poller, Snapshot
 from gpu_manager.state_store import StateStore
-from gpu_manager.units import (
-    Event,
-    EventBus,
-    IdleKind,
-    ServiceState,
-    Unit,
-    strategies,
-)
+from gpu_manager.units import Event, EventBus, ServiceState, Unit
 
+S = ServiceState
 REFUSAL_CODES = frozenset({"unknown_service", "unknown_phase", "insufficient_vram",
-                           "needed_by_phase"})
+                           "needed_by_phase", "cannot_sleep", "not_running"})
+# Prewarmed services rank below everything: any start may preempt them.
+PREWARM_PRIORITY = -(10**9)
 
 
 class Orchestrator:
@@ -87,6 +86,10 @@ class Orchestrator:
         self._pid_reads: dict[tuple[str, int], asyncio.Future[list[int]]] = {}
         # False from the start of shutdown: no restarts, no new leases.
         self.accepting = True
+        # Started (or woken) by prewarm and not yet asked for by a phase or a start: they
+        # rank below everything (PREWARM_PRIORITY) until then.
+        self.prewarmed: frozenset[str] = frozenset()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- observation --------------------------------------------------------------------------
     @property
@@ -135,14 +138,14 @@ class Orchestrator:
         if prune:
             self.prune(self.poller.latest)
         books = self.ledger.view()
-        for name, kind in books.idle.items():
-            if name in books.releasing:
-                continue  # its release is still being confirmed: any reading may predate it
-            unit = self.units.get(name)
+        for name, unit in list(self.units.items()):
+            residual = unit.cfg.residual_mb
+            if unit.state != S.SLEEPING or residual is None or name in books.releasing:
+                continue  # (a sleep still being confirmed: any reading may predate it)
             mb = self.measured(name)
-            if kind == IdleKind.EVICTED and unit is not None and mb is not None \
-                    and mb > unit.cfg.vram_mb // 10:
-                self.ledger.wake(name)  # it loaded a model again on its own: it holds VRAM
+            if mb is not None and mb > residual:
+                # Ollama and ComfyUI load the model again for the next request on their own
+                await unit.woke(f"holds {mb} MB, more than its {residual} MB residual")
 
     def prune(self, snap: Snapshot, only: list[str] | None = None) -> None:
         dev = snap.device(self.inventory.gpu.device)
@@ -165,9 +168,10 @@ class Orchestrator:
         gpu = self.inventory.gpu
         dev = self.device
         books = self.ledger.view()
+        units = list(self.units.items())
         running: dict[str, int | None] = {
-            n: self.measured(n) for n, u in list(self.units.items())
-            if u.holds_gpu and n not in books.idle}
+            n: self.measured(n) for n, u in units if u.holds_gpu and u.state != S.SLEEPING}
+        sleeping = {n: self.measured(n) for n, u in units if u.state == S.SLEEPING}
         for name, mb in list(running.items()):
             if mb is None and name not in self.inventory.services:
                 # removed by a reload but still running: the planner has no declared size
@@ -177,20 +181,23 @@ class Orchestrator:
         total = dev.total_mb if dev is not None and dev.total_mb is not None else gpu.total_mb
         foreign = 0
         if dev is not None and dev.used_mb is not None:
-            managed = sum(mb or 0 for mb in running.values())
-            releasing = sum(r.mb for r in books.releasing.values())
+            managed = sum(mb or 0 for mb in (*running.values(), *sleeping.values()))
+            # A sleeper's memory is still its pids' (measured above), not also releasing.
+            releasing = sum(r.mb for r in books.releasing.values() if r.must_exit)
             foreign = max(0, dev.used_mb - managed - releasing)
-        idle = frozenset(n for n in books.idle if n in self.units and self.units[n].holds_gpu)
         unready = frozenset(n for n in running if n in self.units
-                            and self.units[n].state == ServiceState.FAILED)
+                            and self.units[n].state == S.FAILED)
         return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase,
-                             idle, unready)
+                             sleeping, unready)
 
     def planner_inventory(self) -> PlannerInventory:
         leases = self.ledger.view().leases
-        if not leases:
+        if not leases and not self.prewarmed:
             return self.pinv
         services = dict(self.pinv.services)
+        for name in self.prewarmed & set(services):
+            services[name] = dataclasses.replace(services[name], priority=PREWARM_PRIORITY,
+                                                 preemptible=True)
         for name, lease in leases.items():
             services[name] = ServiceSpec(name, lease.vram_mb, lease.priority, preemptible=False,
                                          stoppable=False)
@@ -201,9 +208,7 @@ class Orchestrator:
         return plan(self.planner_inventory(), self.observed(), request)
 
     def gpu_state(self) -> dict[str, str]:
-        idle = self.ledger.view().idle
-        return {n: idle[n].value if n in idle else u.state.value
-                for n, u in list(self.units.items())}
+        return {n: u.state.value for n, u in list(self.units.items())}
 
     def owner(self, request: Request) -> str:
         """Who the GPU goes to, as the pause protocol names it (`gpu_owner`, `gpu_state`)."""
@@ -221,6 +226,20 @@ class Orchestrator:
 
     def count_preemption(self, name: str) -> None:
         self.preemptions[name] = self.preemptions.get(name, 0) + 1
+
+    def note_prewarm(self, request: Request, done: dict[str, str]) -> None:
+        """After a plan: what prewarm started is prewarmed; what a phase lists, a start asks
+        for, or a release let go is not any more."""
+        names = set(self.prewarmed)
+        if isinstance(request, Prewarm) and request.phase is not None:
+            names |= {n for n, action in done.items() if action in ("start", "wake")}
+        elif isinstance(request, PreparePhase) and request.phase in self.inventory.phases:
+            phase = self.inventory.phases[request.phase]
+            names -= {*phase.services, *phase.keep}
+        elif isinstance(request, StartService):
+            names.discard(request.name)
+        names -= {n for n, action in done.items() if action in ("stop", "sleep")}
+        self.prewarmed = frozenset(n for n in names if n in self.units)
 
     # -- execution ----------------------------------------------------------------------------
     async def execute(self, op: Operation) -> Operation:
@@ -250,6 +269,7 @@ class Orchestrator:
                 raise
             else:
                 op.finish("succeeded")
+                self._after(op.request)
             finally:
                 self.store.set_operation(op.id, None)
                 self.bus.publish(Event("operation", None, op.as_dict()))
@@ -293,43 +313,43 @@ class Orchestrator:
         except Exception as exc:  # Redis gone: the key expires by its TTL
             logger.opt(exception=exc).error(f"could not release the GPU lock ({label}): {exc}")
 
-    async def resume(self, name: str) -> tuple[bool, str]:
-        """Give an evicted or paused service its VRAM back (it reloads on its own; a paused
-        one is told to resume). Never raises: (ok, what happened); on failure the books
-        still show it idle."""
-        cfg = self.inventory.services[name]
-        kind = self.ledger.wake(name)
-        if kind != IdleKind.PAUSED or cfg.preempt is None:
-            return True, f"{kind.value if kind else 'idle'}: reloads on first use"
-        try:
-            async with asyncio.timeout(self.bounds.resume_s):
-                ok, detail = await strategies.resume(cfg.preempt, self.redis_url, name,
-                                                     self.http)
-        except TimeoutError:
-            ok, detail = False, f"resume: no answer within {self.bounds.resume_s:g}s"
-        except Exception as exc:  # a strategy must never take the transition down with it
-            logger.opt(exception=exc).error(f"{name}: resume failed: {exc}")
-            ok, detail = False, f"resume failed: {type(exc).__name__}: {exc}"
-        self.bus.publish(Event("resumed", name, {"ok": ok, "detail": detail}))
-        if not ok:
-            logger.warning(f"{name}: {detail}")
-            self.ledger.mark_idle(name, kind)
-        return ok, detail
-
-    async def resume_idle(self) -> None:
-        """Give the GPU back to paused services that fit again (after a release)."""
-        paused = [n for n, kind in self.ledger.view().idle.items() if kind == IdleKind.PAUSED]
-        if not paused or not await self._try_serial():
+    async def wake_when_free(self) -> None:
+        """After a release: wake the sleepers that asked for it (`wake_when_free`, the pause
+        protocol's resume) if they fit without moving anything. Never queues behind a
+        transition (the next release tries again); refusals and failures are logged."""
+        names = tuple(n for n, u in list(self.units.items())
+                      if u.state == S.SLEEPING and u.cfg.sleep is not None
+                      and u.cfg.sleep.wake_when_free and n in self.inventory.services)
+        if not names or not self.accepting or self.busy:
             return
         try:
-            for name in paused:
-                if name not in self.inventory.services:
-                    continue
-                result = plan(self.planner_inventory(), self.observed(), StartService(name))
-                if isinstance(result, Plan) and not result.stops:
-                    await self.resume(name)
-        finally:
-            self._serial.release()
+            await self.execute(Operation(Prewarm(None, names)))
+        except Exception as exc:  # LockHeld, a failed wake: the op log has it
+            logger.info(f"wake when free ({', '.join(names)}): {exc}")
+
+    def _after(self, request: Request) -> None:
+        """After a phase: prewarm the phase that usually follows, when asked to."""
+        if not isinstance(request, PreparePhase) or not self.inventory.prewarm:
+            return
+        phase = self.inventory.phases.get(request.phase)
+        if phase is not None and phase.next is not None:
+            self.background(self.prewarm(phase.next), f"prewarm-{phase.next}")
+
+    def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` beside the caller (a wake after a release, a prewarm after a phase):
+        guarded (a crash is logged with its traceback), cancelled at close."""
+        task = asyncio.create_task(guarded(lambda: work, name, lambda exc: None), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def prewarm(self, phase: int) -> None:
+        """Ready `phase`'s services in the background where they fit (settings: prewarm)."""
+        if not self.accepting:
+            return
+        try:
+            await self.execute(Operation(Prewarm(phase)))
+        except Exception as exc:
+            logger.info(f"prewarm for phase {phase}: {exc}")
 
     async def _try_serial(self) -> bool:
         """Take the transition lock only if nobody holds or waits for it. `locked()` alone is
@@ -345,6 +365,7 @@ class Orchestrator:
         return True
 
     async def aclose(self) -> None:
+        await settle(list(self._background), 2.0)
         for read in self._pid_reads.values():  # a read still hung in a driver: not awaited
             read.cancel()
         await self.http.aclose()

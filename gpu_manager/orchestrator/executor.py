@@ -1,8 +1,11 @@
-"""Run one plan: stop -> wait for reclaim by evidence -> start -> wait ready, each bounded.
+"""Run one plan: release (stop or sleep) -> wait for reclaim by evidence -> start or wake ->
+wait ready, each bounded, as the graph the planner drew.
 
 Bounds, all derived from the inventory and settings: a unit answers a stop within its stop
 timeout plus the kill grace, a start within its start timeout (plus the stops around it); a
-preemption strategy within its own timeouts; the reclaim wait within `reclaim_timeout_s`;
+sleep within its `sleep.timeout_s`, and its release is confirmed on the GPU within the same
+again; a wake within `wake_timeout_s` plus the start timeout; the reclaim wait within
+`reclaim_timeout_s`;
 lock calls within `bounds.lock_io_s` (all margins: gpu_manager/bounds.py). The caller
 (`Orchestrator.execute`) adds an overall deadline as a backstop and always drops the GPU
 lock, whatever happened.
@@ -21,22 +24,15 @@ from loguru import logger
 from gpu_manager.lock import Lease, LockUnavailable
 from gpu_manager.orchestrator.ledger import Releasing
 from gpu_manager.orchestrator.operations import Operation, OperationError, StepRecord
-from gpu_manager.planner import Plan, PreparePhase, Refusal, Step, StopAll, StopService
+from gpu_manager.planner import Plan, PreparePhase, Refusal, Step
 from gpu_manager.probe import Snapshot
-from gpu_manager.units import Event, IdleKind, strategies
+from gpu_manager.units import Event, ServiceState
 
 if TYPE_CHECKING:
     from gpu_manager.orchestrator.core import Orchestrator
 
 
-def strategy_bound(orch: Orchestrator, name: str) -> float:
-    cfg = orch.inventory.services[name]
-    if cfg.evict is not None:
-        return cfg.evict.timeout_s * 4 + orch.bounds.strategy_margin_s  # /api/ps + unloads
-    if cfg.preempt is not None:
-        return (cfg.preempt.ack_timeout_s + cfg.preempt.freed_timeout_s + 5
-                + orch.bounds.strategy_margin_s)
-    return 0.0
+S = ServiceState
 
 
 def plan_bound(orch: Orchestrator, plan: Plan) -> float:
@@ -45,11 +41,21 @@ def plan_bound(orch: Orchestrator, plan: Plan) -> float:
     total = b.lock_io_s * 4 + b.pids_s + 2.0 + 2.0  # lock checks, pid refresh, a fresh poll
     for step in plan.steps:
         unit = orch.units.get(step.service)
-        if step.action == "stop" and unit is not None:
-            total += unit.stop_bound_s + strategy_bound(orch, step.service) + b.pids_s
-        elif step.action == "start":
-            # a reclaim wait, a second one after soft releases fell back to stops, the start
-            total += 2 * orch.reclaim_timeout_s + (unit.start_bound_s if unit else 0.0)
+        if unit is None:
+            continue
+        sleep = unit.cfg.sleep
+        if step.action == "stop":
+            total += unit.stop_bound_s + b.pids_s
+        elif step.action == "sleep":
+            # the call, its confirmation on the GPU, the stop when it frees nothing
+            total += unit.sleep_bound_s + (sleep.timeout_s if sleep else 0.0) \
+                + unit.stop_bound_s + b.pids_s
+        else:
+            # a reclaim wait, a second one after sleeps fell back to stops, the start (a wake
+            # that fails: the stop of what it woke and a cold start)
+            total += 2 * orch.reclaim_timeout_s + unit.start_bound_s
+            if step.action == "wake":
+                total += unit.wake_bound_s + unit.stop_bound_s
     return total
 
 
@@ -120,6 +126,8 @@ class Executor:
             refresher.cancel()
         if failures:
             raise failures[0]
+        done = {s.service: s.action for s in op.steps if s.status == "done"}
+        orch.note_prewarm(op.request, done)
         if isinstance(op.request, PreparePhase):
             orch.set_phase(op.request.phase)
         if result.steps:
@@ -137,11 +145,10 @@ class Executor:
         t0 = time.monotonic()
         try:
             if step.action == "stop":
-                # A stop the user asked for is a stop; one the plan needs for room may use
-                # the service's gentler strategy (evict, pause).
-                soft = not isinstance(op.request, StopService | StopAll)
-                record.detail = await self.stop(step.service, step.reason, step.preemption,
-                                                soft, orch.owner(op.request))
+                record.detail = await self.stop(step.service, step.reason, step.preemption)
+            elif step.action == "sleep":
+                record.detail = await self.sleep(step.service, step.reason, step.preemption,
+                                                 orch.owner(op.request))
             else:
                 record.reclaim_wait_s, record.detail = await self.start(
                     step.service, step.mb, lease, deps)
@@ -159,33 +166,19 @@ class Executor:
             f"({step.reason})" + (f"; {record.detail}" if record.detail else ""))
         orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
 
-    async def stop(self, name: str, reason: str, preemption: bool, soft: bool,
-                   requester: str) -> str | None:
-        """Free `name`'s VRAM: evict or pause it when configured and allowed, else stop it."""
+    async def stop(self, name: str, reason: str, preemption: bool,
+                   notes: list[str] | None = None) -> str | None:
         orch = self.orch
-        unit = orch.units[name]
         cfg = orch.inventory.services[name]
         pids, pid_error = await orch.read_pids(name)
         mb = max(cfg.vram_mb, orch.measured(name) or 0)
-        notes: list[str] = []
+        notes = list(notes or [])
         if pid_error is not None:
             notes.append(f"pid list unavailable ({pid_error}): reclaim judged by free memory "
                          "alone")
         if preemption:
             orch.count_preemption(name)
-        if soft and (cfg.evict is not None or cfg.preempt is not None):
-            ok, detail = await self.release_softly(name, reason, requester)
-            if ok:
-                kind = IdleKind.EVICTED if cfg.evict is not None else IdleKind.PAUSED
-                orch.ledger.mark_idle(name, kind)
-                orch.ledger.released(name, Releasing(pids, mb, time.monotonic(),
-                                                     must_exit=False,
-                                                     pids_known=pid_error is None))
-                orch.bus.publish(Event(kind.value, name, {"detail": detail}))
-                return "; ".join([detail, *notes])
-            logger.warning(f"{name}: {detail}; falling back to a stop")
-            notes.insert(0, f"{detail}; stopped instead")
-        result = await unit.stop(reason)
+        result = await orch.units[name].stop(reason)
         if not result.ok:
             raise OperationError("stop_failed", f"could not stop {name}: {result.reason}",
                                  gpu_state=orch.gpu_state())
@@ -193,22 +186,68 @@ class Executor:
                                              pids_known=pid_error is None))
         return "; ".join(notes) or None
 
-    async def release_softly(self, name: str, reason: str, requester: str) -> tuple[bool, str]:
+    async def sleep(self, name: str, reason: str, preemption: bool,
+                    requester: str) -> str | None:
+        """Put `name` to sleep and see its VRAM come off the GPU; if it refuses, or answers
+        but keeps its memory past its timeout, stop it instead, and say so."""
         orch = self.orch
-        cfg = orch.inventory.services[name]
-        bound = strategy_bound(orch, name)
-        try:
-            async with asyncio.timeout(bound):
-                if cfg.evict is not None:
-                    return await strategies.ollama_evict(cfg.evict, orch.http)
-                assert cfg.preempt is not None
-                return await strategies.pause(cfg.preempt, orch.redis_url, requester,
-                                              requester, reason, orch.http)
-        except TimeoutError:
-            return False, f"no answer from {name}'s release within {bound:g}s"
-        except Exception as exc:  # a strategy must never take the transition down with it
-            logger.opt(exception=exc).error(f"{name}: release strategy failed: {exc}")
-            return False, f"release strategy failed: {type(exc).__name__}: {exc}"
+        unit = orch.units[name]
+        sleep = unit.cfg.sleep
+        assert sleep is not None and sleep.residual_mb is not None
+        pids, pid_error = await orch.read_pids(name)
+        before = max(unit.cfg.vram_mb, orch.measured(name) or 0)
+        result = await unit.sleep(reason, requester)
+        if not result.ok:
+            logger.warning(f"{name}: sleep failed ({result.reason}); stopping it instead")
+            orch.bus.publish(Event("sleep_fallback", name, {"reason": result.reason}))
+            return await self.stop(name, reason, preemption,
+                                   [f"sleep failed ({result.reason}); stopped instead"])
+        if preemption:
+            orch.count_preemption(name)
+        acked = time.monotonic()
+        orch.ledger.released(name, Releasing(pids, max(0, before - sleep.residual_mb), acked,
+                                             must_exit=False, pids_known=pid_error is None))
+        held = await self._confirm_sleep(name, sleep.residual_mb, sleep.timeout_s, acked)
+        if held is None:  # the GPU cannot tell per process: the starts judge by free memory
+            return f"{result.reason}; release judged by free memory (no per-process data)"
+        if held > sleep.residual_mb:
+            why = (f"answered sleep ({result.reason}) but still holds {held} MB after "
+                   f"{sleep.timeout_s:g}s (residual_mb {sleep.residual_mb})")
+            logger.warning(f"{name}: {why}; stopping it instead")
+            orch.bus.publish(Event("sleep_fallback", name, {"reason": why}))
+            return await self.stop(name, reason, False, [f"{why}; stopped instead"])
+        orch.ledger.settle_soft([name])
+        return f"{result.reason}; {held} MB left on the GPU"
+
+    async def _confirm_sleep(self, name: str, residual: int, timeout: float,
+                             since: float) -> int | None:
+        """What `name`'s pids hold once it is at most `residual` (or at the timeout); None
+        when the probe cannot attribute memory to processes."""
+        orch = self.orch
+        seen: list[int | None] = [None]
+
+        pids = set(orch.ledger.view().unit_pids.get(name, ()))
+        blind = [False]
+
+        def slept(snap: Snapshot) -> bool:
+            if snap.taken_at < since:
+                return False
+            dev = snap.device(orch.inventory.gpu.device)
+            if dev is None or dev.processes is None:
+                blind[0] = True
+                return True
+            held = [p.used_mb for p in dev.processes if p.pid in pids]
+            if any(mb is None for mb in held):
+                blind[0] = True
+                return True
+            # a process that let go of everything leaves the GPU's list: it holds 0
+            seen[0] = sum(mb for mb in held if mb is not None)
+            return seen[0] <= residual
+
+        if not slept(orch.poller.latest):
+            async with orch.poller.fast():
+                await orch.poller.wait_until(slept, timeout)
+        return None if blind[0] or seen[0] is None else seen[0]
 
     async def start(self, name: str, need_mb: int, lease: Lease,
                     deps: list[str] | None = None) -> tuple[float, str | None]:
@@ -234,20 +273,21 @@ class Executor:
         if orch.ledger.lease(name) is not None:  # a client lease: the VRAM is now theirs
             orch.ledger.activate(name)
             return waited, note
-        if orch.ledger.idle_kind(name) is not None:  # evicted/paused: wake it
-            ok, detail = await orch.resume(name)
-            if ok:
-                return waited, note
-            # It did not wake: its state is unknown, so stop it and start it cold (the VRAM
-            # is already reserved for it), and say so.
-            note = "; ".join(x for x in (note, f"{detail}; restarted instead") if x)
-            stopped = await orch.units[name].stop(f"resume failed: {detail}")
+        unit = orch.units[name]
+        waking = unit.state == S.SLEEPING
+        result = await unit.ensure_ready()  # wakes it when it sleeps
+        if not result.ok and waking:
+            # It did not wake: stop what is left of it and start it cold (the VRAM is
+            # already reserved for it), and say so.
+            logger.warning(f"{name}: wake failed ({result.reason}); starting it cold")
+            note = "; ".join(x for x in (note, f"wake failed ({result.reason}); started "
+                                         "cold instead") if x)
+            stopped = await unit.stop(f"wake failed: {result.reason}")
             if not stopped.ok:
-                raise OperationError("start_failed", f"{name} did not resume ({detail}) and "
-                                     f"could not be stopped: {stopped.reason}",
+                raise OperationError("start_failed", f"{name} did not wake ({result.reason}) "
+                                     f"and could not be stopped: {stopped.reason}",
                                      gpu_state=orch.gpu_state())
-            orch.ledger.released(name, Releasing(frozenset(), 0, time.monotonic()))
-        result = await orch.units[name].ensure_ready()
+            result = await unit.ensure_ready()
         if not result.ok:
             # The unit has already stopped what it launched; say where that leaves the GPU.
             raise OperationError("start_failed", f"{name} did not become ready: {result.reason}",
@@ -321,9 +361,9 @@ class Executor:
             snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
             soft = [n for n in deps if n in orch.ledger.view().releasing
                     and not orch.ledger.view().releasing[n].must_exit
-                    and orch.ledger.idle_kind(n) is not None]
+                    and n in orch.units and orch.units[n].state == S.SLEEPING]
             if snap is None and soft and not self._failures:
-                # Eviction/pause did not give the memory back: stop them, and say so.
+                # Asleep, but the memory did not come back: stop them, and say so.
                 for n in soft:
                     await self._fall_back(n)
                 pending, blind, since = evidence()
@@ -351,14 +391,13 @@ class Executor:
         return time.monotonic() - t0, note
 
     async def _fall_back(self, name: str) -> None:
-        """Stop a service whose eviction/pause did not free its VRAM, once, however many
-        starts of this plan wait on it."""
+        """Stop a service whose sleep did not free its VRAM, once, however many starts of
+        this plan wait on it."""
         running = self._fallbacks.get(name)
         if running is None:
-            kind = self.orch.ledger.idle_kind(name)
-            logger.warning(f"{name}: VRAM not back after {kind}; stopping it")
+            logger.warning(f"{name}: VRAM not back after its sleep; stopping it")
             running = self._fallbacks[name] = asyncio.ensure_future(
-                self.stop(name, f"{kind} did not free its VRAM", False, False, "reclaim"))
+                self.stop(name, "its sleep did not free its VRAM", False))
         await asyncio.shield(running)
 
 

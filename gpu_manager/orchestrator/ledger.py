@@ -1,5 +1,5 @@
-"""The VRAM books: which units run with which pids, what is still releasing, which units
-sit idle (evicted/paused), and the client leases. The ledger is their only writer.
+"""The VRAM books: which units run with which pids, what is still releasing, and the client
+leases. The ledger is their only writer. (Whether a unit sleeps is the unit's state.)
 
 Before it, the orchestrator, the lease manager, the reloader and the API all assigned into
 these dicts, and two of the resulting bugs were: a lease marked active with `expires = 0.0`
@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from gpu_manager.units import IdleKind
-
 
 @dataclass(frozen=True, slots=True)
 class Releasing:
@@ -29,7 +27,7 @@ class Releasing:
     pids: frozenset[int]
     mb: int
     since: float  # time.monotonic()
-    # Evicted or paused: the process lives on, so only free memory is evidence.
+    # Asleep: the process lives on, so its pids' VRAM and free memory are the evidence.
     must_exit: bool = True
     # The pid list could not be read at the stop: only free memory is evidence, and the
     # step says so.
@@ -68,7 +66,6 @@ class LedgerView:
     unit_pids: Mapping[str, tuple[int, ...]]
     pid_errors: Mapping[str, str]
     releasing: Mapping[str, Releasing]
-    idle: Mapping[str, IdleKind]
     leases: Mapping[str, ClientLease]
     last_stop_at: float
 
@@ -85,7 +82,6 @@ class Ledger:
         self._pids: dict[str, tuple[int, ...]] = {}
         self._pid_errors: dict[str, str] = {}
         self._releasing: dict[str, Releasing] = {}
-        self._idle: dict[str, IdleKind] = {}
         self._leases: dict[str, ClientLease] = {}
         self._last_stop_at = 0.0
         self._view: LedgerView | None = None
@@ -95,8 +91,8 @@ class Ledger:
         if self._view is None:  # rebuilt after a write, shared by readers until the next
             self._view = LedgerView(
                 MappingProxyType(dict(self._pids)), MappingProxyType(dict(self._pid_errors)),
-                MappingProxyType(dict(self._releasing)), MappingProxyType(dict(self._idle)),
-                MappingProxyType(dict(self._leases)), self._last_stop_at)
+                MappingProxyType(dict(self._releasing)), MappingProxyType(dict(self._leases)),
+                self._last_stop_at)
         return self._view
 
     def _changed(self) -> None:
@@ -104,9 +100,6 @@ class Ledger:
 
     def lease(self, name: str) -> ClientLease | None:
         return self._leases.get(name)
-
-    def idle_kind(self, name: str) -> IdleKind | None:
-        return self._idle.get(name)
 
     # -- units --------------------------------------------------------------------------------
     def set_pids(self, fresh: Mapping[str, tuple[int, ...]], errors: Mapping[str, str]) -> None:
@@ -118,29 +111,18 @@ class Ledger:
         self._changed()
 
     def released(self, name: str, rel: Releasing) -> None:
-        """`name` was stopped (or evicted/paused): its VRAM is on its way back."""
+        """`name` was stopped (or put to sleep): its VRAM is on its way back."""
         self._releasing[name] = rel
         self._last_stop_at = time.monotonic()
         if rel.must_exit:
             self._pids.pop(name, None)
             self._pid_errors.pop(name, None)
-            self._idle.pop(name, None)
         self._changed()
-
-    def mark_idle(self, name: str, kind: IdleKind) -> None:
-        self._idle[name] = kind
-        self._changed()
-
-    def wake(self, name: str) -> IdleKind | None:
-        """`name` holds VRAM again (resumed, or reloaded its model on its own)."""
-        kind = self._idle.pop(name, None)
-        self._changed()
-        return kind
 
     def forget(self, name: str) -> None:
         """A service left the inventory (after its stop): no books of it remain, except VRAM
         still on its way back, which is pruned by evidence like any other."""
-        for books in (self._pids, self._pid_errors, self._idle):
+        for books in (self._pids, self._pid_errors):
             books.pop(name, None)
         self._changed()
 
@@ -161,7 +143,7 @@ class Ledger:
                 self._changed()
 
     def settle_soft(self, names: Iterable[str]) -> None:
-        """Evicted/paused releases whose VRAM was confirmed back: nothing left to wait for."""
+        """Sleeps whose VRAM was confirmed back: nothing left to wait for."""
         for name in names:
             if self._releasing.pop(name, None) is not None:
                 self._changed()

@@ -8,7 +8,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gpu_manager.planner import Plan, PreparePhase, Request, StartService, StopAll, StopService
+from gpu_manager.planner import (
+    Plan,
+    PreparePhase,
+    Prewarm,
+    Request,
+    SleepService,
+    StartService,
+    StopAll,
+    StopService,
+)
 from gpu_manager.planner.serialize import request_dict
 
 OpStatus = Literal["queued", "running", "succeeded", "failed", "refused", "interrupted"]
@@ -65,8 +74,11 @@ class Operation:
     @property
     def label(self) -> str:
         req = request_dict(self.request)
-        target = req.get("name", req.get("phase", ""))
-        return f"{req['kind']}:{target}:{self.id}" if target != "" else f"{req['kind']}:{self.id}"
+        target = req.get("name", req.get("phase"))
+        if target is None and req.get("services"):
+            target = ",".join(req["services"])
+        return (f"{req['kind']}:{target}:{self.id}" if target not in ("", None)
+                else f"{req['kind']}:{self.id}")
 
     def set_plan(self, plan: Plan) -> None:
         self.budget_mb = plan.budget_mb
@@ -101,6 +113,8 @@ def interrupted(data: dict[str, Any]) -> Operation:
         "StartService": lambda: StartService(str(req["name"])),
         "StopService": lambda: StopService(str(req["name"]), bool(req.get("force"))),
         "StopAll": StopAll,
+        "SleepService": lambda: SleepService(str(req["name"]), bool(req.get("force"))),
+        "Prewarm": lambda: Prewarm(req.get("phase"), tuple(req.get("services") or ())),
     }
     op = Operation(kinds.get(str(req.get("kind")), StopAll)(), id=str(data.get("id")))
     op.created_at = float(data.get("created_at") or time.time())

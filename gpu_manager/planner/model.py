@@ -18,6 +18,8 @@ class ServiceSpec:
     preemptible: bool = True
     # False for client leases: VRAM a plan counts but never stops (only the client frees it).
     stoppable: bool = True
+    # What it keeps on the GPU while asleep (its `sleep:` block); None: it cannot sleep.
+    residual_mb: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,7 @@ class PhaseSpec:
     name: str = ""
     services: tuple[str, ...] = ()
     keep: tuple[str, ...] = ()
+    next: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +39,12 @@ class PlannerInventory:
     @classmethod
     def from_inventory(cls, inv: Inventory) -> PlannerInventory:
         services = {
-            name: ServiceSpec(name, s.vram_mb, s.priority, s.preemptible)
+            name: ServiceSpec(name, s.vram_mb, s.priority, s.preemptible,
+                              residual_mb=s.residual_mb)
             for name, s in inv.services.items()
         }
         phases = {
-            n: PhaseSpec(n, p.name, tuple(p.services), tuple(p.keep))
+            n: PhaseSpec(n, p.name, tuple(p.services), tuple(p.keep), p.next)
             for n, p in inv.phases.items()
         }
         return cls(services, phases)
@@ -61,9 +65,10 @@ class ObservedState:
     # VRAM used by processes the daemon does not manage (a desktop, an unmanaged job).
     foreign_mb: int = 0
     current_phase: int | None = None
-    # Services whose process runs but holds (almost) no VRAM: evicted or paused. Not in
-    # `running` (nothing to free by preempting them), but a stop still has to reach them.
-    idle: frozenset[str] = frozenset()
+    # Services asleep: their process runs with only its residual on the GPU (measured MB, or
+    # None when the probe cannot attribute memory: then the declared residual counts). Not
+    # in `running`; a stop frees the residual, a wake takes the rest back.
+    sleeping: Mapping[str, int | None] = field(default_factory=dict)
     # Services in `running` (their process holds VRAM) that are not serving: failed, with a
     # process its stop could not end. A start or a phase that wants one stops it and starts
     # it again (the start waits for the stop's VRAM, as any start does).
@@ -95,17 +100,35 @@ class StopAll:
     pass
 
 
-Request = PreparePhase | StartService | StopService | StopAll
+@dataclass(frozen=True, slots=True)
+class SleepService:
+    name: str
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Prewarm:
+    """Start (or wake) the services of `phase` (or `services`) that fit beside what runs,
+    moving nothing: prewarm, and waking sleepers that asked to be woken when there is room."""
+
+    phase: int | None
+    services: tuple[str, ...] = ()
+
+
+Request = PreparePhase | StartService | StopService | StopAll | SleepService | Prewarm
+Action = Literal["stop", "sleep", "start", "wake"]
+RELEASES = frozenset({"stop", "sleep"})
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    action: Literal["stop", "start"]
+    action: Action
     service: str
-    # MB this step frees (stop) or needs (start).
+    # MB this step frees (stop, sleep: all but the residual) or needs (start; wake: all but
+    # what it still holds asleep).
     mb: int
     reason: str
-    # True when the stop exists only to make room for a higher-priority start.
+    # True when the stop (or sleep) exists only to make room for a higher-priority start.
     preemption: bool = False
     # Indices (in Plan.steps) of the steps this one waits for: for a start, the stops whose
     # VRAM it needs (and its own stop, when it is started again). Everything else runs at
@@ -113,7 +136,7 @@ class Step:
     after: tuple[int, ...] = ()
 
     def __str__(self) -> str:
-        verb = "frees" if self.action == "stop" else "needs"
+        verb = "frees" if self.action in RELEASES else "needs"
         return f"{self.action} {self.service}: {self.reason} ({verb} {self.mb} MB)"
 
 
@@ -127,11 +150,13 @@ class Plan:
 
     @property
     def stops(self) -> tuple[Step, ...]:
-        return tuple(s for s in self.steps if s.action == "stop")
+        """The steps that free VRAM: stops and sleeps."""
+        return tuple(s for s in self.steps if s.action in RELEASES)
 
     @property
     def starts(self) -> tuple[Step, ...]:
-        return tuple(s for s in self.steps if s.action == "start")
+        """The steps that take VRAM: starts and wakes."""
+        return tuple(s for s in self.steps if s.action not in RELEASES)
 
     @property
     def free_after_mb(self) -> int:
@@ -145,7 +170,8 @@ class Blocker:
     reason: str
 
 
-RefusalCode = Literal["insufficient_vram", "unknown_service", "unknown_phase", "needed_by_phase"]
+RefusalCode = Literal["insufficient_vram", "unknown_service", "unknown_phase", "needed_by_phase",
+                      "cannot_sleep", "not_running"]
 
 
 @dataclass(frozen=True, slots=True)

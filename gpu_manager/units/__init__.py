@@ -13,7 +13,8 @@ from gpu_manager.units.events import Event, EventBus
 from gpu_manager.units.health import HealthChecker
 from gpu_manager.units.restart import RestartPolicy
 from gpu_manager.units.result import UnitResult
-from gpu_manager.units.states import HOLDS_GPU, RUNNING, TRANSIENT, IdleKind, ServiceState
+from gpu_manager.units.sleeper import HttpSleeper, Outcome, Sleeper
+from gpu_manager.units.states import HOLDS_GPU, RUNNING, TRANSIENT, ServiceState
 from gpu_manager.units.unit import Unit
 
 
@@ -51,10 +52,12 @@ __all__ = [
     "EventBus",
     "ExitInfo",
     "HealthChecker",
-    "IdleKind",
+    "HttpSleeper",
     "NativeDriver",
+    "Outcome",
     "RestartPolicy",
     "ServiceState",
+    "Sleeper",
     "Unit",
     "UnitResult",
     "make_driver",

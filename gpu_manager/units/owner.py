@@ -24,6 +24,7 @@ from gpu_manager.units.events import Event, EventBus
 from gpu_manager.units.health import HealthChecker
 from gpu_manager.units.restart import RestartPolicy, Restarts
 from gpu_manager.units.result import UnitResult
+from gpu_manager.units.sleeper import HttpSleeper, Sleeper
 from gpu_manager.units.states import (
     HOLDS_GPU,
     RUNNING,
@@ -43,7 +44,7 @@ class UnitOwner:
         self, name: str, cfg: ServiceConfig, driver: Driver, health: HealthChecker,
         bus: EventBus, *, on_record: RecordSink | None = None,
         restart_gate: RestartGate | None = None, policy: RestartPolicy | None = None,
-        bounds: Bounds = DEFAULT,
+        bounds: Bounds = DEFAULT, sleeper: Sleeper | None = None,
     ) -> None:
         self.name = name
         self.bounds = bounds
@@ -72,6 +73,10 @@ class UnitOwner:
         self.handling: str | None = None  # the message the owner loop is acting on now
         self._health_fails = 0
         self._next: tuple[ServiceConfig, Driver] | None = None  # reconfigure while running
+        self.sleeper: Sleeper = sleeper or HttpSleeper()
+        self._sleep_memo: tuple[str, ...] = ()  # what the wake needs of the sleep
+        self.sleeps = 0  # for metrics: sleeps the service confirmed, wakes that worked
+        self.wakes = 0
 
     # -- public API ---------------------------------------------------------------------------
     def start_loop(self) -> None:
@@ -91,12 +96,34 @@ class UnitOwner:
         return self.cfg.start_timeout_s + (health.timeout_s + margin if health else margin)
 
     @property
+    def sleep_bound_s(self) -> float:
+        sleep = self.cfg.sleep
+        return (sleep.timeout_s if sleep else 0.0) + self.bounds.answer_margin_s
+
+    @property
+    def wake_bound_s(self) -> float:
+        """The wake call, then the health check within the start timeout; a failed wake
+        stops what it woke."""
+        sleep = self.cfg.sleep
+        return (sleep.wake_timeout_s if sleep else 0.0) + self.start_sequence_bound_s \
+            + self.stop_bound_s
+
+    @property
     def start_bound_s(self) -> float:
         # an unhealthy service is stopped first; a failed start stops what it launched
         return self.start_sequence_bound_s + 2 * self.stop_bound_s
 
     async def ensure_ready(self) -> UnitResult:
         return await self._ask(self.start_bound_s, "ensure_ready")
+
+    async def sleep(self, reason: str, requester: str = "gpu-manager") -> UnitResult:
+        """Ask the service to let its VRAM go (the `sleep:` block). ok: it said it did; the
+        GPU's evidence is the caller's to check."""
+        return await self._ask(self.sleep_bound_s, "sleep", reason, requester)
+
+    async def woke(self, detail: str) -> UnitResult:
+        """It holds its VRAM again on its own (a request reloaded the model)."""
+        return await self._ask(self.bounds.unit_call_s, "woke", detail)
 
     async def stop(self, reason: str = "requested") -> UnitResult:
         return await self._ask(self.stop_bound_s, "stop", reason)
@@ -136,7 +163,8 @@ class UnitOwner:
         """In a transient state for longer than its deadline allows (an invariant breach)."""
         if self.state not in TRANSIENT:
             return False
-        bound = self.start_bound_s if self.state == S.STARTING else self.stop_bound_s
+        bound = {S.STARTING: self.start_bound_s, S.WAKING: self.wake_bound_s}.get(
+            self.state, self.stop_bound_s)
         return (now or time.monotonic()) - self.since_mono > bound + self.bounds.answer_margin_s
 
     async def _ask(self, bound: float, *msg: Any) -> UnitResult:
@@ -177,7 +205,7 @@ class UnitOwner:
         """After a handler failed: never leave the unit in a state nothing will move it out of.
         A start whose sequence task still runs will finish on its own; anything else
         transient (or a start with no task left) becomes `failed`, with the reason."""
-        starting_alive = self.state == S.STARTING and self._alive("start")
+        starting_alive = self.state in (S.STARTING, S.WAKING) and self._alive("start")
         if self.state in TRANSIENT and not starting_alive:
             self._gen += 1
             self._cancel("start", "health", "exit")
@@ -230,8 +258,13 @@ class UnitOwner:
                 task.cancel()
 
     def _record(self) -> None:
-        if self._on_record is not None:
-            self._on_record(self.name, self.driver.record() if self.state in RUNNING else None)
+        if self._on_record is None:
+            return
+        record = self.driver.record() if self.state in RUNNING else None
+        if record is not None and self.state == S.SLEEPING:
+            # so a restarted daemon adopts it as asleep, and knows what to wake
+            record = {**record, "asleep": True, "memo": list(self._sleep_memo)}
+        self._on_record(self.name, record)
 
     def _finish_waiters(self, ok: bool, reason: str) -> None:
         result = UnitResult(ok, self.state, reason, time.monotonic() - self._start_began)

@@ -19,27 +19,38 @@ class ServiceState(StrEnum):
     UNHEALTHY = "unhealthy"
     STOPPING = "stopping"
     FAILED = "failed"
+    # The process lives, its model is off the GPU (it holds only its residual: a CUDA
+    # context, buffers); waking takes the VRAM back without a cold start.
+    SLEEPING = "sleeping"
+    WAKING = "waking"
 
 
 S = ServiceState
 
 # States in which the service may hold VRAM: the planner counts these as running.
-HOLDS_GPU = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.STOPPING})
+# A sleeping one holds its residual, counted as such.
+HOLDS_GPU = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.STOPPING, S.SLEEPING, S.WAKING})
 # States with a live process/container the unit is responsible for.
-RUNNING = frozenset({S.STARTING, S.READY, S.UNHEALTHY})
-# States a unit may only pass through: each has a deadline (start or stop timeout).
-TRANSIENT = frozenset({S.STARTING, S.STOPPING})
+RUNNING = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.SLEEPING, S.WAKING})
+# States a unit may only pass through: each has a deadline (start, wake or stop timeout).
+TRANSIENT = frozenset({S.STARTING, S.STOPPING, S.WAKING})
 
 TRANSITIONS: dict[ServiceState, frozenset[ServiceState]] = {
     # stopped -> stopping: a stop of something still running although the unit thought not
     # (a leftover of an adoption); stopped -> failed: the restart limit was hit.
-    S.STOPPED: frozenset({S.STARTING, S.STOPPING, S.FAILED}),
+    # stopped -> sleeping: adopted after a daemon restart, as it was left: asleep.
+    S.STOPPED: frozenset({S.STARTING, S.STOPPING, S.FAILED, S.SLEEPING}),
     # starting -> stopped: it exited cleanly before it was ever healthy.
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING, S.STOPPED}),
-    S.READY: frozenset({S.UNHEALTHY, S.STOPPING, S.STOPPED, S.FAILED}),
+    S.READY: frozenset({S.UNHEALTHY, S.STOPPING, S.STOPPED, S.FAILED, S.SLEEPING}),
     S.UNHEALTHY: frozenset({S.READY, S.STOPPING, S.STOPPED, S.FAILED}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED}),
+    # sleeping -> ready: it took its VRAM back on its own (Ollama and ComfyUI reload on the
+    # next request); -> stopped/failed: the process exited while asleep.
+    S.SLEEPING: frozenset({S.WAKING, S.READY, S.STOPPING, S.STOPPED, S.FAILED}),
+    # waking -> sleeping: the wake was refused (a CUDA OOM) and it is still asleep.
+    S.WAKING: frozenset({S.READY, S.SLEEPING, S.STOPPING, S.STOPPED, S.FAILED}),
 }
 
 
@@ -51,10 +62,3 @@ class InvalidTransition(RuntimeError):
 
 def allowed(old: ServiceState, new: ServiceState) -> bool:
     return new in TRANSITIONS[old]
-
-
-class IdleKind(StrEnum):
-    """A unit whose process runs but holds (almost) no VRAM, and why."""
-
-    EVICTED = "evicted"  # its models were unloaded (Ollama keep_alive: 0)
-    PAUSED = "paused"  # it offloaded on request (the cooperative pause protocol)

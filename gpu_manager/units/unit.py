@@ -27,24 +27,28 @@ from loguru import logger
 from gpu_manager.config import ServiceConfig
 from gpu_manager.units.drivers.base import Driver, DriverError, ExitInfo
 from gpu_manager.units.events import Event
-from gpu_manager.units.owner import RecordSink, RestartGate, S, UnitOwner
+from gpu_manager.units.owner import RecordSink, RestartGate, S
 from gpu_manager.units.result import UnitResult
+from gpu_manager.units.sleepwake import SleepWake
 from gpu_manager.units.states import RUNNING
 
 __all__ = ["RecordSink", "RestartGate", "Unit"]
 
 
-class Unit(UnitOwner):
+class Unit(SleepWake):
     # -- commands -----------------------------------------------------------------------------
     async def _on_ensure_ready(self, fut: asyncio.Future[UnitResult]) -> None:
         if self.state == S.READY:
             fut.set_result(UnitResult(True, self.state, "already ready", 0.0))
             return
         self._waiters.append(fut)
-        if self.state == S.STARTING:
-            return  # joins the start in flight
+        if self.state in (S.STARTING, S.WAKING):
+            return  # joins the start (or wake) in flight
         self.restarts.reset()  # an explicit request resets the restart limit
         self._cancel("restart")
+        if self.state == S.SLEEPING and self.cfg.sleep is not None:
+            self._begin_wake()
+            return
         lingering = self.state != S.UNHEALTHY and self.driver.running()
         if (self.state == S.UNHEALTHY or lingering) and not await self._do_stop(
                 "restarting an unhealthy service" if not lingering
@@ -104,10 +108,17 @@ class Unit(UnitOwner):
         self._gen += 1
         self._start_began = time.monotonic()
         self._start_auto = False
-        self._set(S.STARTING, "adopted after a daemon restart")
-        self._record()
         gen = self._gen
         self._spawn("exit", lambda: self._watch_exit(gen), gen)
+        if record.get("asleep") and self.cfg.sleep is not None:
+            # It was put to sleep before the restart: still asleep (a wake brings it back).
+            self._sleep_memo = tuple(str(m) for m in record.get("memo") or ())
+            self._set(S.SLEEPING, "adopted after a daemon restart, asleep")
+            self._record()
+            fut.set_result(UnitResult(True, self.state, "adopted, asleep", 0.0))
+            return
+        self._set(S.STARTING, "adopted after a daemon restart")
+        self._record()
         self._spawn("start", lambda: self._start_sequence(gen, launch=False), gen)
         fut.set_result(UnitResult(True, self.state, "adopted", 0.0))
 
@@ -183,7 +194,8 @@ class Unit(UnitOwner):
         why = f"internal error in {key}: {type(exc).__name__}: {exc}"
         if key == "start":
             await self._on_start_failed(gen, why)
-        elif key in ("health", "exit") and self.state in RUNNING:
+        elif (key == "exit" and self.state in RUNNING) or \
+                (key == "health" and self.state in (S.READY, S.UNHEALTHY)):
             # A watcher died: without it exits or health go unseen. Start a fresh one.
             watch = self._watch_health if key == "health" else self._watch_exit
             self._spawn(key, lambda: watch(gen), gen)
@@ -197,8 +209,11 @@ class Unit(UnitOwner):
         self._spawn("exit", lambda: self._watch_exit(gen), gen)
 
     async def _on_ready(self, gen: int, detail: str) -> None:
-        if gen != self._gen or self.state != S.STARTING:
+        if gen != self._gen or self.state not in (S.STARTING, S.WAKING):
             return
+        if self.state == S.WAKING:
+            self.wakes += 1
+            detail = f"awake: {detail}"
         self._set(S.READY, detail)
         self._finish_waiters(True, detail)
         if self.cfg.health is not None:

@@ -1,5 +1,5 @@
 """In-process fakes for fault injection: a GPU, its probe, drivers, a health checker and the
-preemption strategies, each of which can be told to raise, hang or answer late at any of its
+services' sleep/wake APIs, each of which can be told to raise, hang or answer late at any of its
 await points. They complement the real-process tests (which cannot make a driver hang on
 cue); they never replace them.
 
@@ -22,7 +22,13 @@ import httpx
 
 from gpu_manager.aio import Supervisor
 from gpu_manager.bounds import Bounds
-from gpu_manager.config import HealthConfig, Inventory, ServiceConfig, load_inventory
+from gpu_manager.config import (
+    HealthConfig,
+    Inventory,
+    ServiceConfig,
+    SleepConfig,
+    load_inventory,
+)
 from gpu_manager.lock import MemoryLock
 from gpu_manager.orchestrator import Orchestrator
 from gpu_manager.orchestrator.leases import LeaseManager
@@ -33,9 +39,9 @@ from gpu_manager.units import (
     EventBus,
     ExitInfo,
     HealthChecker,
+    Outcome,
     RestartPolicy,
     Unit,
-    strategies,
 )
 from gpu_manager.units.drivers.base import ExitWatch
 
@@ -290,7 +296,6 @@ class World:
         self.leases = LeaseManager(self.orch, inv.leases)
         self.supervisor = Supervisor(base_s=0.05, max_s=0.2)
         self.policy = RestartPolicy(base_s=0.05, max_s=0.3, limit=5, window_s=5)
-        self._saved = {k: getattr(strategies, k) for k in ("ollama_evict", "pause", "resume")}
         for name, cfg in inv.services.items():
             self.units[name] = self.unit(name, cfg)
 
@@ -308,10 +313,9 @@ class World:
         driver = self.driver(name, cfg)
         return Unit(name, cfg, driver, self.health, self.bus, on_record=self.store.set_unit,
                     restart_gate=self.orch.restart_gate, policy=self.policy,
-                    bounds=self.bounds)
+                    bounds=self.bounds, sleeper=self)
 
     async def start(self) -> None:
-        self._patch_strategies()
         await self.poller.start()
         for unit in self.units.values():
             unit.start_loop()
@@ -325,8 +329,6 @@ class World:
         await self.poller.stop()
         await self.health.aclose()
         self.store.close()
-        for key, fn in self._saved.items():
-            setattr(strategies, key, fn)
 
     def current(self, name: str) -> FakeDriver | None:
         unit = self.units.get(name)
@@ -337,47 +339,38 @@ class World:
         assert driver is not None
         return driver
 
-    # -- preemption strategies, faked at their boundary ---------------------------------------
-    def _patch_strategies(self) -> None:
-        world = self
-
-        def target(url: str | None) -> str:
-            return (url or "").rstrip("/").rsplit("/", 1)[-1]
-
-        async def evict(cfg: Any, client: Any) -> tuple[bool, str]:
-            return await world._soft(target(cfg.url), "evict")
-
-        async def pause(cfg: Any, redis_url: Any, task_id: str, new_owner: str, reason: str,
-                        client: Any) -> tuple[bool, str]:
-            return await world._soft(target(cfg.pause_url), "pause")
-
-        async def resume(cfg: Any, redis_url: Any, task_id: str,
-                         client: Any) -> tuple[bool, str]:
-            name = target(cfg.resume_url)
-            await world.faults.hit(name, "resume")
-            driver = world.current(name)
-            if driver is not None and driver.alive and driver.pid is not None:
-                world.gpu.set_mb(driver.pid, driver.cfg.vram_mb)
-                world.gpu.alloc(driver.pid, name, 0)  # re-check the budget, as CUDA would
-            return True, "resumed"
-
-        strategies.ollama_evict = evict  # type: ignore[assignment]
-        strategies.pause = pause  # type: ignore[assignment]
-        strategies.resume = resume  # type: ignore[assignment]
-
-    async def _soft(self, name: str, how: str) -> tuple[bool, str]:
+    # -- sleep and wake, faked at their boundary (the service's HTTP API) ---------------------
+    async def sleep(self, name: str, cfg: SleepConfig, requester: str,
+                    reason: str) -> Outcome:
+        """Fault point "release": late (answers, frees nothing), hang, raise; else the
+        service keeps half its declared residual."""
         fault = self.faults._take(name, "release")
         if fault is not None:
             if fault.kind == "late":
                 # answers, but keeps its memory: the orchestrator must find out on the GPU
-                return True, f"{how} acknowledged (memory kept)"
+                return Outcome(True, f"{cfg.api} acknowledged (memory kept)")
             if fault.kind == "hang":
                 await asyncio.sleep(HANG_S)
             raise fault.error(f"{name}.release")
         driver = self.current(name)
         if driver is not None and driver.alive and driver.pid is not None:
+            self.gpu.set_mb(driver.pid, (cfg.residual_mb or 0) // 2)
+        return Outcome(True, f"{cfg.api}: released")
+
+    async def wake(self, name: str, cfg: SleepConfig, memo: tuple[str, ...]) -> Outcome:
+        """Fault point "resume": refuse (a CUDA OOM answer: still asleep), hang, raise."""
+        fault = self.faults._take(name, "resume")
+        if fault is not None:
+            if fault.kind == "late":
+                return Outcome(False, "CUDA out of memory (injected)")
+            if fault.kind == "hang":
+                await asyncio.sleep(HANG_S)
+            raise fault.error(f"{name}.resume")
+        driver = self.current(name)
+        if driver is not None and driver.alive and driver.pid is not None:
             self.gpu.set_mb(driver.pid, 0)
-        return True, f"{how}: released"
+            self.gpu.alloc(driver.pid, name, driver.cfg.vram_mb)  # checks the budget, as CUDA
+        return Outcome(True, "woke")
 
 
 def write_config(dest: Path, services: str, phases: str) -> None:
@@ -403,15 +396,21 @@ BASE_SERVICES = {
     "cosyvoice": service_yaml("cosyvoice", 4000, 50, extra="\n    restart: on-failure"),
     "vidi": service_yaml("vidi", 4000, 40),
     "ollama": service_yaml("ollama", 8000, 10, extra=(
-        "\n    evict: {strategy: ollama, url: 'http://fake.test/ollama', timeout_s: 0.2}")),
+        "\n    sleep: {api: ollama, url: 'http://fake.test/ollama', timeout_s: 0.2, "
+        "wake_timeout_s: 0.3, residual_mb: 400}")),
     "whisper": service_yaml("whisper", 6000, 30, extra=(
-        "\n    preempt: {strategy: pause, protocol: http, pause_url: "
-        "'http://fake.test/pause/whisper', resume_url: 'http://fake.test/resume/whisper', "
-        "ack_timeout_s: 0.2, freed_timeout_s: 0.2}")),
+        "\n    sleep: {api: pause, wake_when_free: true, timeout_s: 0.3, wake_timeout_s: 0.3, "
+        "pause: {protocol: http, pause_url: 'http://fake.test/pause/whisper', "
+        "resume_url: 'http://fake.test/resume/whisper', "
+        "ack_timeout_s: 0.2, freed_timeout_s: 0.2}}")),
+    "vllm": service_yaml("vllm", 5000, 20, extra=(
+        "\n    sleep: {api: vllm, url: 'http://fake.test/vllm', timeout_s: 0.3, "
+        "wake_timeout_s: 0.3, residual_mb: 600}")),
 }
 
 PHASES = {1: (["whisper"], []), 2: (["vidi"], []), 3: (["cosyvoice"], ["ollama"]),
-          4: (["comfyui"], []), 5: (["vidi", "cosyvoice"], [])}  # 5: two starts side by side
+          4: (["comfyui"], []), 5: (["vidi", "cosyvoice"], []),  # 5: two starts side by side
+          6: (["vllm"], [])}
 
 
 def base_config(dest: Path, services: dict[str, str] | None = None) -> None:

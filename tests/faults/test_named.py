@@ -130,18 +130,20 @@ async def test_reclaim_during_a_probe_outage_times_out_and_says_why(world: World
     assert error is None, op.error
 
 
-async def test_soft_release_that_keeps_its_memory_is_stopped_instead(world: World) -> None:
+async def test_a_sleep_that_keeps_its_memory_is_stopped_instead(world: World) -> None:
     await run(world, PreparePhase(3))  # cosyvoice (+ ollama kept if it ran)
     await run(world, StartService("ollama"))
     world.faults.arm("ollama", "release", Fault("late"))  # answers, frees nothing
     op, error, _ = await run(world, StartService("comfyui"))
     assert error is None, op.error
+    step = next(s for s in op.steps if s.service == "ollama")
+    assert step.action == "sleep" and "still holds 8000 MB" in (step.detail or ""), step
+    assert "stopped instead" in (step.detail or "")
     assert world.units["ollama"].state == S.STOPPED
-    assert world.orch.ledger.idle_kind("ollama") is None
     assert world.gpu.oom == []
 
 
-async def test_soft_release_that_hangs_falls_back_to_a_stop(world: World) -> None:
+async def test_a_sleep_that_hangs_falls_back_to_a_stop(world: World) -> None:
     await run(world, PreparePhase(1))  # whisper (pausable), 6000
     await run(world, StartService("vidi"))  # 4000: comfyui's 12000 needs whisper's room
     world.faults.arm("whisper", "release", Fault("hang"))
@@ -152,18 +154,18 @@ async def test_soft_release_that_hangs_falls_back_to_a_stop(world: World) -> Non
     assert world.units["whisper"].state == S.STOPPED
 
 
-async def test_removing_idle_services_keeps_the_books_consistent(world: World,
-                                                                 tmp_path: Path) -> None:
+async def test_removing_sleeping_services_keeps_the_books_consistent(world: World,
+                                                                     tmp_path: Path) -> None:
     await run(world, PreparePhase(1))
     await run(world, StartService("ollama"))
-    await run(world, StartService("comfyui"))  # pauses whisper / evicts ollama for room
-    idle = world.orch.ledger.view().idle
-    assert idle, "expected a paused or evicted service"
+    await run(world, StartService("comfyui"))  # puts whisper and ollama to sleep for room
+    idle = {n for n, u in world.units.items() if u.state == S.SLEEPING}
+    assert idle, "expected a sleeping service"
     services = {k: v for k, v in BASE_SERVICES.items() if k not in idle}
     base_config(tmp_path, services)
     res = await world.orch.apply_inventory(load_inventory(tmp_path), world)
     assert sorted(res.removed) == sorted(idle) and not res.kept
-    assert not world.orch.ledger.view().idle
+    assert not world.orch.observed().sleeping
     for name in idle:
         assert name not in world.units
         assert all(not d.alive for d in world.drivers if d.name == name)

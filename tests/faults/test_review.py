@@ -14,9 +14,9 @@ import pytest
 from gpu_manager.config import DockerService
 from gpu_manager.lock.keeper import LockKeeper
 from gpu_manager.orchestrator import Operation, OperationError
-from gpu_manager.orchestrator.ledger import ClientLease, Ledger
+from gpu_manager.orchestrator.ledger import ClientLease, Ledger, Releasing
 from gpu_manager.planner import PreparePhase, StartService, StopService
-from gpu_manager.units import DockerDriver, DockerEngine, IdleKind, ServiceState
+from gpu_manager.units import DockerDriver, DockerEngine, ServiceState
 from tests.faults.fakes import Fault, World
 from tests.support.env import until
 
@@ -101,13 +101,17 @@ async def test_a_drop_that_times_out_still_stops_counting_its_holder() -> None:
     assert lock.released >= 1
 
 
-async def test_a_fresh_eviction_is_not_undone_by_a_stale_reading(world: World) -> None:
+async def test_a_fresh_sleep_is_not_undone_by_a_stale_reading(world: World) -> None:
     await ok(world, StartService("ollama"))
     await world.poller.next_snapshot(1)
-    detail = await world.orch.executor.stop("ollama", "test", False, True, "test")
-    assert world.orch.ledger.idle_kind("ollama") == IdleKind.EVICTED, detail
+    unit = world.units["ollama"]
+    result = await unit.sleep("test")  # the unit's half only: no confirmation on the GPU yet
+    assert unit.state == ServiceState.SLEEPING, result
+    pids = frozenset(world.orch.ledger.view().unit_pids.get("ollama", ()))
+    world.orch.ledger.released("ollama", Releasing(pids, 7600, time.monotonic(),
+                                                   must_exit=False))
     await world.orch.refresh_pids()  # the latest snapshot may predate the unload
-    assert world.orch.ledger.idle_kind("ollama") == IdleKind.EVICTED
+    assert unit.state == ServiceState.SLEEPING
 
 
 async def test_the_owner_loop_answers_while_the_restart_gate_is_slow(world: World) -> None:

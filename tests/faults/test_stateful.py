@@ -33,7 +33,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from gpu_manager.config import load_inventory
 from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
 from gpu_manager.orchestrator import Operation, OperationError
-from gpu_manager.planner import PreparePhase, Request, StartService, StopAll, StopService
+from gpu_manager.planner import (
+    PreparePhase,
+    Request,
+    SleepService,
+    StartService,
+    StopAll,
+    StopService,
+)
 from gpu_manager.units import RUNNING, ServiceState
 from tests.faults.fakes import (
     BASE_SERVICES,
@@ -135,7 +142,7 @@ class Coordinator(RuleBasedStateMachine):
         self.log.append(f"{op.label}: {op.status} {op.error or ''}")
         return op
 
-    @rule(n=st.sampled_from([1, 2, 3, 4, 5, 9]), fault=WITH_FAULT)
+    @rule(n=st.sampled_from([1, 2, 3, 4, 5, 6, 9]), fault=WITH_FAULT)
     def phase(self, n: int, fault: FaultSpec) -> None:
         self.op(PreparePhase(n), fault)
 
@@ -149,6 +156,16 @@ class Coordinator(RuleBasedStateMachine):
         driver = self.world.current(name)
         if op.status == "succeeded" and driver is not None:
             assert not driver.alive, f"stop {name} succeeded, its process lives: {self.log}"
+
+    @rule(name=st.sampled_from(NAMES), force=st.booleans(), fault=WITH_FAULT)
+    def sleep(self, name: str, force: bool, fault: FaultSpec) -> None:
+        op = self.op(SleepService(name, force), fault)
+        unit = self.world.units.get(name)
+        if op.status == "succeeded" and op.steps and unit is not None:
+            step = op.steps[0]
+            # asleep as asked, or stopped instead, and the plan says which
+            assert unit.state == S.SLEEPING or "stopped instead" in (step.detail or ""), \
+                f"sleep {name}: {unit.state} {step.detail}"
 
     @rule(fault=WITH_FAULT)
     def release_all(self, fault: FaultSpec) -> None:
@@ -233,7 +250,7 @@ class Coordinator(RuleBasedStateMachine):
         bound = sum(u.stop_bound_s + u.bounds.unit_call_s for u in world.units.values()) + 1
         res = self.run(world.orch.apply_inventory(load_inventory(self.tmp), world), bound)
         for name in res.removed:
-            assert name not in world.units and name not in world.orch.ledger.view().idle
+            assert name not in world.units and name not in world.orch.observed().sleeping
         for name in res.kept:
             assert name in world.units
         self.log.append(f"reload {variant}: {res}")
@@ -262,7 +279,8 @@ class Coordinator(RuleBasedStateMachine):
         world = self.world
         owned = {id(u.driver) for u in world.units.values()}
         books = world.orch.ledger.view()
-        counted = set(world.orch.observed().running) | set(books.idle)
+        seen = world.orch.observed()
+        counted = set(seen.running) | set(seen.sleeping)
         for driver in world.drivers:
             if driver.alive:
                 assert id(driver) in owned, f"{driver.name}: a live process no unit owns"

@@ -1,0 +1,117 @@
+"""Sleep and wake, as messages to a unit's owner loop like start and stop.
+
+A sleep asks the server to let its VRAM go (units/sleeper.py) and, when it says it did, moves
+the unit to `sleeping` (the GPU's evidence is the executor's to check: it stops a service
+whose sleep freed nothing). A wake is a start without the launch: the wake call, then the
+health check within the start timeout; a refused wake (a CUDA OOM) leaves it `sleeping`,
+a wake that never becomes healthy ends `failed` with what it woke stopped, like a start.
+Both keep the process's generation: its exit watcher goes on watching through them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from loguru import logger
+
+from gpu_manager.config import SleepConfig
+from gpu_manager.units.owner import S, UnitOwner
+from gpu_manager.units.result import UnitResult
+from gpu_manager.units.sleeper import Outcome
+
+
+class SleepWake(UnitOwner):
+    async def _start_steps(self, gen: int, launch: bool, deadline: float) -> None:
+        raise NotImplementedError  # the start sequence's health loop: units/unit.py
+
+    async def _watch_health(self, gen: int) -> None:
+        raise NotImplementedError
+
+    def _begin_wake(self) -> None:
+        """Wake a sleeping service: the wake call, then the health check as after a start.
+        Same process, same generation: its exit watcher keeps watching."""
+        self._start_began = time.monotonic()
+        self._start_auto = False
+        self._health_fails = 0
+        self._set(S.WAKING, "wake requested")
+        gen = self._gen
+        self._spawn("start", lambda: self._wake_sequence(gen), gen)
+
+    async def _wake_sequence(self, gen: int) -> None:
+        sleep = self.cfg.sleep
+        assert sleep is not None
+        bound = sleep.wake_timeout_s + self.start_sequence_bound_s
+        try:
+            async with asyncio.timeout(bound):
+                outcome = await self.sleeper.wake(self.name, sleep, self._sleep_memo)
+                if not outcome.ok:
+                    self._post("wake_refused", gen, outcome.detail)
+                    return
+                self._post("woken", gen, outcome.detail)
+                await self._start_steps(gen, False, time.monotonic() + self.cfg.start_timeout_s)
+        except TimeoutError:
+            self._post("start_failed", gen, f"wake did not finish within {bound:g}s "
+                                            f"(last: {self.health_detail or 'no answer'})")
+
+    async def _on_woken(self, gen: int, detail: str) -> None:
+        if gen == self._gen and self.state == S.WAKING:
+            self._note(f"woken ({detail}); checking health")
+
+    async def _on_wake_refused(self, gen: int, detail: str) -> None:
+        if gen != self._gen or self.state != S.WAKING:
+            return
+        self._set(S.SLEEPING, f"wake failed: {detail}")
+        self._record()
+        self._finish_waiters(False, f"wake failed: {detail}")
+
+    async def _on_sleep(self, fut: asyncio.Future[UnitResult], reason: str,
+                        requester: str) -> None:
+        t0 = time.monotonic()
+        sleep = self.cfg.sleep
+        if self.state == S.SLEEPING:
+            fut.set_result(UnitResult(True, self.state, "already asleep", 0.0))
+            return
+        if sleep is None or self.state != S.READY:
+            why = "no sleep: block" if sleep is None else f"not ready ({self.state.value})"
+            fut.set_result(UnitResult(False, self.state, f"cannot sleep: {why}", 0.0))
+            return
+        self._cancel("health")  # a sleeping server may well fail its check: not a fault
+        outcome = await self._sleep_call(sleep, requester, reason)
+        took = time.monotonic() - t0
+        if not outcome.ok or self.state != S.READY:
+            if self.state == S.READY and self.cfg.health is not None:
+                gen = self._gen
+                self._spawn("health", lambda: self._watch_health(gen), gen)
+            fut.set_result(UnitResult(False, self.state, outcome.detail, took))
+            return
+        self._sleep_memo = outcome.memo
+        self.sleeps += 1
+        self._set(S.SLEEPING, f"{reason}: {outcome.detail}")
+        self._record()
+        fut.set_result(UnitResult(True, self.state, outcome.detail, took))
+
+    async def _sleep_call(self, sleep: SleepConfig, requester: str, reason: str) -> Outcome:
+        """The sleeper bounds itself; this bounds any sleeper, and turns a raise into an
+        answer (the unit stays `ready`, the executor stops it instead)."""
+        bound = sleep.timeout_s + self.bounds.answer_margin_s
+        try:
+            async with asyncio.timeout(bound):
+                return await self.sleeper.sleep(self.name, sleep, requester, reason)
+        except TimeoutError:
+            return Outcome(False, f"no answer to sleep within {bound:g}s")
+        except Exception as exc:
+            logger.opt(exception=exc).error(f"{self.name}: sleep raised {exc!r}")
+            return Outcome(False, f"sleep failed: {type(exc).__name__}: {exc}")
+
+    async def _on_woke(self, fut: asyncio.Future[UnitResult], detail: str) -> None:
+        if self.state != S.SLEEPING:
+            fut.set_result(UnitResult(False, self.state, f"not asleep ({self.state.value})", 0))
+            return
+        self._set(S.READY, f"awake on its own: {detail}")
+        self._record()
+        if self.cfg.health is not None:
+            gen = self._gen
+            self._spawn("health", lambda: self._watch_health(gen), gen)
+        fut.set_result(UnitResult(True, self.state, detail, 0.0))
+
