@@ -117,6 +117,7 @@ class Daemon:
             on_lock_change=self._lock_dirty.set, bounds=self.bounds,
         )
         self.orchestrator.redis_url = s.redis_url
+        self.orchestrator.executor.serial = s.plan_mode == "serial"
         for name, cfg in inv.services.items():
             unit = self.unit(name, cfg)
             unit.start_loop()

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     lock_wait_s: float = Field(default=0.0, ge=0)
     # After stopping services, how long to wait for their VRAM to come back.
     reclaim_timeout_s: float = Field(default=30.0, gt=0)
+    # `graph`: each step waits only for the steps it needs (the planner's edges); `serial`:
+    # every step waits for all before it (stops, then starts one by one), as before the
+    # graph; kept for comparison (bench/transitions.py) and as a fallback.
+    plan_mode: Literal["graph", "serial"] = "graph"
     log_level: str = "INFO"
     # Operations queued or running at once through the API (`wait=false` ones pile up):
     # beyond this a request answers 429 with the queue length.

@@ -87,6 +87,7 @@ class Executor:
         self._failures: list[BaseException] = []
         self._began = 0.0
         self._fallbacks: dict[str, asyncio.Future[str | None]] = {}
+        self.serial = False  # settings.plan_mode == "serial": each step after all before it
 
     async def run(self, op: Operation, lease: Lease, result: Plan) -> None:
         orch = self.orch
@@ -98,10 +99,11 @@ class Executor:
 
         async def one(i: int) -> None:
             step, record = steps[i], op.steps[i]
+            waits = range(i) if self.serial else step.after
             try:
-                for d in step.after:
+                for d in waits:
                     await finished[d].wait()
-                if failures or any(op.steps[d].status != "done" for d in step.after):
+                if failures or any(op.steps[d].status != "done" for d in waits):
                     _skip(record)
                     return
                 await self._step(op, lease, step, record,
@@ -241,8 +243,8 @@ class Executor:
                 blind[0] = True
                 return True
             # a process that let go of everything leaves the GPU's list: it holds 0
-            seen[0] = sum(mb for mb in held if mb is not None)
-            return seen[0] <= residual
+            total = seen[0] = sum(mb for mb in held if mb is not None)
+            return total <= residual
 
         if not slept(orch.poller.latest):
             async with orch.poller.fast():
