@@ -121,7 +121,7 @@ def _plan_stop(inv: PlannerInventory, state: ObservedState, req: StopService) ->
         return unknown_service(inv, req, req.name)
     if req.name not in state.running and req.name not in state.sleeping:
         return finish(inv, state, req, [])
-    refusal = _needed(inv, state, req, req.name, req.force, "stop")
+    refusal = _needed(inv, state, req, req.name, req.force, "stop it")
     return refusal or finish(inv, state, req, [release(inv, state, req.name, "requested")])
 
 
@@ -133,7 +133,7 @@ def _needed(inv: PlannerInventory, state: ObservedState, req: Request, name: str
         return None
     label = _label(inv, state.current_phase)
     return Refusal(req, "needed_by_phase",
-                   f"{name} is needed by the current {label}; pass force=true to {verb} it")
+                   f"{name} is needed by the current {label}; pass force=true to {verb}")
 
 
 def _plan_sleep(inv: PlannerInventory, state: ObservedState, req: SleepService) -> Plan | Refusal:
@@ -149,7 +149,7 @@ def _plan_sleep(inv: PlannerInventory, state: ObservedState, req: SleepService) 
         return Refusal(req, "not_running", f"{req.name} is not running: nothing to put to sleep")
     if not can_sleep(inv, state, req.name):
         return Refusal(req, "cannot_sleep", f"{req.name} is not serving (failed): stop it")
-    refusal = _needed(inv, state, req, req.name, req.force, "put to sleep")
+    refusal = _needed(inv, state, req, req.name, req.force, "put it to sleep")
     return refusal or finish(inv, state, req,
                              [release(inv, state, req.name, "requested", sleep=True)])
 

@@ -4,7 +4,8 @@ Paths, methods, bodies and status codes follow the real servers, so the orchestr
 can be tested in CI against the simulated GPU:
 
 - vllm:     POST /sleep?level=1|2, POST /wake_up[?tags=weights&tags=kv_cache],
-            GET /is_sleeping -> {"is_sleeping": bool}, GET /v1/models
+            GET /is_sleeping -> {"is_sleeping": bool}, GET /v1/models,
+            POST /collective_rpc {"method": "reload_weights"} (after a level 2 sleep)
 - sglang:   POST|GET /release_memory_occupation {"tags": [...]?},
             POST|GET /resume_memory_occupation {"tags": [...]?}
 - comfyui:  POST /free {"unload_models", "free_memory"} (answers first; a worker frees later),
@@ -116,6 +117,7 @@ class Vllm(Api):
         self.routes.update({
             ("POST", "/sleep"): self.sleep, ("POST", "/wake_up"): self.wake_up,
             ("GET", "/is_sleeping"): self.is_sleeping, ("GET", "/v1/models"): self.models,
+            ("POST", "/collective_rpc"): self.collective_rpc,
         })
 
     def sleep(self, req: Request) -> Reply:
@@ -128,6 +130,14 @@ class Vllm(Api):
 
     def wake_up(self, req: Request) -> Reply:
         return self.wake_or_500(req.query.get("tags") or None) or Reply(200)
+
+    def collective_rpc(self, req: Request) -> Reply:
+        """After a level 2 sleep the weights are reloaded with `reload_weights` between the
+        wake of the weights and that of the KV cache; the stand-in's wake already did it."""
+        method = req.body.get("method") if isinstance(req.body, dict) else None
+        if not isinstance(method, str):
+            return self.error(400, "method is required")
+        return Reply(200, {"results": [None]})
 
     def is_sleeping(self, req: Request) -> Reply:
         return Reply(200, {"is_sleeping": self.memory.asleep})

@@ -13,7 +13,13 @@ from gpu_manager.aio import Supervisor, settle
 from gpu_manager.config import load_inventory
 from gpu_manager.orchestrator import Operation, OperationError
 from gpu_manager.orchestrator.ledger import ClientLease, Ledger
-from gpu_manager.planner import PreparePhase, StartService, StopService, used_mb
+from gpu_manager.planner import (
+    PreparePhase,
+    SleepService,
+    StartService,
+    StopService,
+    used_mb,
+)
 from gpu_manager.units import ServiceState
 from gpu_manager.units.states import TRANSITIONS, InvalidTransition, allowed
 from tests.faults.fakes import BASE_SERVICES, Fault, World, base_config, service_yaml
@@ -22,7 +28,7 @@ from tests.support.env import until
 S = ServiceState
 
 
-async def run(w: World, req: StartService | StopService | PreparePhase,
+async def run(w: World, req: StartService | StopService | PreparePhase | SleepService,
               limit: float = 20) -> tuple[Operation, OperationError | None, float]:
     op = Operation(req)
     t0 = time.monotonic()
@@ -285,3 +291,45 @@ async def test_unit_refuses_an_invalid_transition(world: World) -> None:
     with pytest.raises(InvalidTransition):
         unit._set(S.STARTING, "bug")  # ready -> starting is not allowed
     assert unit.state == S.READY
+
+
+@pytest.mark.parametrize("kind", ["late", "hang", "raise"])
+async def test_a_wake_that_fails_starts_the_service_cold(world: World, kind: str) -> None:
+    await run(world, StartService("vllm"))  # 5000, sleeps to 300
+    await run(world, SleepService("vllm"))
+    assert world.units["vllm"].state == S.SLEEPING
+    # late: a refused wake (CUDA OOM); hang: no answer within wake_timeout_s; raise: a bug
+    world.faults.arm("vllm", "resume", Fault(kind))
+    op, error, _ = await run(world, StartService("vllm"))
+    assert error is None, op.error
+    (wake,) = op.steps
+    assert wake.action == "wake" and "started cold instead" in (wake.detail or ""), wake
+    assert world.units["vllm"].state == S.READY
+    assert lock_free(world) and world.gpu.oom == []
+    alive = [d for d in world.drivers if d.name == "vllm" and d.alive]
+    assert len(alive) == 1  # the sleeper was stopped before the cold start
+
+
+async def test_a_sleep_that_raises_is_stopped_and_the_unit_stays_consistent(
+        world: World) -> None:
+    await run(world, StartService("vllm"))
+    world.faults.arm("vllm", "release", Fault("raise"))
+    op, error, _ = await run(world, SleepService("vllm"))
+    assert error is None, op.error
+    step = next(s for s in op.steps if s.service == "vllm")
+    assert step.action == "sleep" and "sleep failed" in (step.detail or ""), step
+    assert "stopped instead" in (step.detail or "")
+    assert world.units["vllm"].state == S.STOPPED and world.units["vllm"].faults == 0
+
+
+async def test_a_sleeping_service_that_takes_its_memory_back_is_awake(world: World) -> None:
+    await run(world, StartService("vllm"))
+    await run(world, SleepService("vllm"))
+    unit = world.units["vllm"]
+    assert unit.state == S.SLEEPING
+    driver = world.driver_of("vllm")
+    assert driver.pid is not None
+    world.gpu.set_mb(driver.pid, 5000)  # a request made it load its model again
+    await until(lambda: world.orch.measured("vllm") == 5000, 2, "the GPU to show it")
+    await world.orch.refresh_pids()
+    assert unit.state == S.READY and "more than its 600 MB residual" in unit.reason
