@@ -126,10 +126,11 @@ class Executor:
             await asyncio.gather(*tasks, return_exceptions=True)  # cancelled with us
         finally:
             refresher.cancel()
+        # what ran is what it is, whether or not a sibling failed
+        orch.note_prewarm(op.request, {s.service: s.action for s in op.steps
+                                       if s.status == "done"})
         if failures:
             raise failures[0]
-        done = {s.service: s.action for s in op.steps if s.status == "done"}
-        orch.note_prewarm(op.request, done)
         if isinstance(op.request, PreparePhase):
             orch.set_phase(op.request.phase)
         if result.steps:
