@@ -350,3 +350,17 @@ async def test_a_failing_branch_of_a_graph_ends_the_plan_cleanly(world: World) -
     assert world.units["vidi"].state == S.FAILED and not world.driver_of("vidi").alive
     assert lock_free(world) and not world.orch.busy and world.gpu.oom == []
     assert world.orch.current_phase == 6  # the phase did not change
+
+
+async def test_a_sleeper_that_waits_for_room_wakes_after_a_stop(world: World) -> None:
+    await run(world, StartService("whisper"))  # sleep: {api: pause, wake_when_free: true}
+    await run(world, StartService("vidi"))
+    await run(world, StartService("comfyui"))  # 12000 beside 10000: whisper (30) sleeps
+    assert world.units["whisper"].state == S.SLEEPING
+    await run(world, PreparePhase(2))  # a phase releases comfyui: not a reason to wake it
+    assert not world.orch._background and world.units["whisper"].state == S.SLEEPING
+    await run(world, StartService("comfyui"))
+    await run(world, StopService("comfyui", force=True))  # a release: whisper fits again
+    await until(lambda: world.units["whisper"].state == S.READY, 3, "whisper awake")
+    wakes = [op for op in world.orch.ops.recent(10) if op.label.startswith("Prewarm:whisper")]
+    assert wakes and wakes[-1].status == "succeeded" and wakes[-1].steps[0].action == "wake"
