@@ -9,7 +9,9 @@ It sleeps and wakes for gpu-manager (`sleep: {api: http}` in services.yaml):
   the pause between epochs is cut short), writes a checkpoint under `--checkpoint-dir` and
   drops its tensors; the device memory goes back to the driver. Answers
   `{"asleep": true, "session_id", "epoch", "checkpoint"}` (nulls when no run was going).
-  The session's status is then "sleeping". New runs are refused (409) while asleep.
+  The session's status is then "sleeping". New runs are refused (409) while asleep. (A
+  checkpoint that cannot be written fails the session, reported in its status; the service
+  sleeps all the same: the GPU is what was asked for.)
 - `POST /training/wake`: takes the memory back and resumes the session from its checkpoint
   (503 and still asleep when the memory is not there: CUDA out of memory).
 - `GET /training/sleeping`: `{"asleep": bool, ...}`. Both calls are idempotent.
@@ -99,10 +101,10 @@ class Service:
 
     async def wake(self) -> JSONResponse:
         async with self.lock:
-            resumed = self.sleep_state() if self.asleep else {}
+            resumed: dict[str, Any] = {}
             if self.asleep:
                 try:
-                    await self._take_back()
+                    resumed = await self._take_back()
                 except OutOfMemory as exc:
                     await asyncio.to_thread(release_device_memory)
                     if self.gpu is not None:
@@ -110,15 +112,17 @@ class Service:
                     return JSONResponse({"error": "out_of_memory", "detail": str(exc),
                                          **self.sleep_state()}, status_code=503)
                 self.asleep = False
-            return JSONResponse({**self.sleep_state(),
+            return JSONResponse({"asleep": False, "session_id": resumed.get("session_id"),
+                                 "epoch": resumed.get("epoch"),
                                  "resumed_from": resumed.get("checkpoint")})
 
-    async def _take_back(self) -> None:
+    async def _take_back(self) -> dict[str, Any]:
+        """Take the memory back and resume the sleeping session, if any: what was resumed."""
         if self.gpu is not None:
             await asyncio.to_thread(self.gpu.wake)  # raises OutOfMemory
         s = next((s for s in self.sessions.values() if s.status == "sleeping"), None)
         if s is None:
-            return
+            return {}
         try:
             run, history = await asyncio.to_thread(Run.restore, s.checkpoint_path, s.params,
                                                    s.device)
@@ -126,9 +130,11 @@ class Service:
             if is_oom(exc):
                 raise OutOfMemory(f"{type(exc).__name__}: {exc}") from exc
             s.fail(f"resuming from {s.checkpoint_path} failed: {type(exc).__name__}: {exc}")
-            return
+            return {}
         s.history, s.epoch = history, run.epoch
+        resumed = {"session_id": s.id, "epoch": run.epoch, "checkpoint": str(s.checkpoint_path)}
         s.launch(lambda: run)
+        return resumed
 
 
 def create_app(checkpoint_dir: Path | None = None, gpu: SimGpu | None = None) -> FastAPI:

@@ -141,7 +141,7 @@ class Run:
             loss = t.nn.functional.binary_cross_entropy_with_logits(x @ self.w, y)
             loss.backward()
             self.opt.step()
-            return float(loss)
+            return float(loss.detach())
         x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
         pred = 1 / (1 + np.exp(-(x @ self.w)))
         self.w -= lr * x.T @ (pred - y) / len(y)
@@ -234,28 +234,35 @@ class Session:
         self.cancel.set()
         self.interrupt.set()
         if self.status == "sleeping":  # no thread: it ends here
-            self.status = "stopped"
-            self._finish()
+            self._end("stopped")
 
     def fail(self, error: str) -> None:
-        self.status, self.error = "failed", error
-        self._finish()
+        self.error = error
+        self._end("failed")
+
+    def _end(self, status: str) -> None:
+        """The final status, set last: whoever sees it sees the run's final state."""
+        self.finished_at = time.time()
+        with contextlib.suppress(OSError):
+            self.checkpoint_path.unlink(missing_ok=True)
+        self.status = status
 
     def _train(self, make_run: Callable[[], Run]) -> None:
         p = self.params
         run: Run | None = None
+        outcome = "completed"
         try:
             run = make_run()
             while run.epoch < p.epochs:
                 if self.cancel.is_set():
-                    self.status = "stopped"
+                    outcome = "stopped"
                     break
                 if self.pause.is_set():
                     # at an epoch boundary: the epoch in progress has finished and is counted
                     run.save(self.checkpoint_path, self.history)
                     self.sleeps += 1
                     self.status = "sleeping"
-                    return
+                    return  # the sleep joins this thread: its tensors are gone by then
                 index = run.epoch
                 loss = run.train_epoch()
                 self.history.append({"epoch": index, "loss": loss})
@@ -264,17 +271,9 @@ class Session:
                     self.interrupt.wait(p.epoch_delay_s)
             self.weights, self.test_set = run.weights(), (run.xt, run.yt)
             self.accuracy = accuracy(self.weights, run.xt, run.yt)
-            if self.status == "running":
-                self.status = "completed"
         except Exception as exc:  # a failed session is reported, never kills the service
-            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            outcome, self.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             if run is not None:
                 run.free()
-            if self.status != "sleeping":
-                self._finish()
-
-    def _finish(self) -> None:
-        self.finished_at = time.time()
-        with contextlib.suppress(OSError):
-            self.checkpoint_path.unlink(missing_ok=True)
+        self._end(outcome)
