@@ -185,7 +185,7 @@ def create_app(checkpoint_dir: Path | None = None, gpu: SimGpu | None = None) ->
                                 status_code=409)
         dev = device()
         sid = uuid.uuid4().hex[:12]
-        s = Session(sid, body, dev, ckpt / f"{sid}.npz")
+        s = Session(sid, body, dev, svc.checkpoint_dir / f"{sid}.npz")
         sessions[s.id] = s
         s.launch(lambda: Run(body, dev))
         return JSONResponse({"session_id": s.id, "status": "started",
