@@ -255,3 +255,31 @@ async def test_unit_owner_survives_concurrent_commands(h: Harness) -> None:
     assert stops[1].reason == "not running"
     assert "stopped while starting" in stops[2].reason
     assert unit.state == S.STOPPED and not tagged(driver.token)
+
+
+async def test_pid_reads_find_the_family_without_a_full_walk_each_time(
+        h: Harness, tmp_path: Path, decoy: psutil.Process) -> None:
+    cmd, pidfile = family(tmp_path, "--children", "2", "--grandchild")
+    unit = h.native("fam", cmd, stop_timeout_s=2.0)
+    assert (await unit.ensure_ready()).ok
+    pids = await read_family(pidfile)
+    everyone = {int(pids["leader"]), *map(int, pids["children"]),  # type: ignore[call-overload]
+                int(pids["grandchild"])}  # type: ignore[call-overload]
+    driver = unit.driver
+    assert isinstance(driver, NativeDriver)
+    first = set(await driver.pids())  # a full walk: the grandchild left the group
+    assert first == everyone and decoy.pid not in first
+    walks = 0
+    full = driver._members
+
+    def counted() -> list[psutil.Process]:
+        nonlocal walks
+        walks += 1
+        return full()
+
+    driver._members = counted  # type: ignore[method-assign]
+    for _ in range(3):  # quick reads: the group by getpgid, the grandchild from the walk
+        assert set(await driver.pids()) == everyone
+    assert walks == 0
+    assert (await unit.stop()).ok
+    assert await driver.pids() == []

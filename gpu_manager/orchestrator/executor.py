@@ -150,8 +150,7 @@ class Executor(SleepSteps):
             orch.set_phase(op.request.phase)
         if result.steps:
             # One fresh poll, so /gpu/status read right after this answer shows the result.
-            await orch.poller.next_snapshot(timeout=2)
-            await orch.refresh_pids()
+            await orch.poller.next_snapshot(timeout=2)  # (the pids: after the lock drop)
 
     async def _join_starts(self, op: Operation) -> None:
         """A service the request wants that the plan found already starting (a prewarm that
