@@ -121,15 +121,17 @@ def main() -> None:
     ap.add_argument("--profile", choices=("known", "real"), default="known",
                     help="known: 0.3 s stand-ins, one per phase (this file); real: see "
                          "bench/transitions_real.py (its own options follow)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=None, help="[3; real: 2]")
     args, rest = ap.parse_known_args()
     if args.profile == "real":
         from bench import transitions_real
 
-        transitions_real.main([*rest, "--rounds", str(args.rounds)])
+        rounds = [] if args.rounds is None else ["--rounds", str(args.rounds)]
+        transitions_real.main([*rest, *rounds])
         return
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rounds = 3 if args.rounds is None else args.rounds
     print("transitions: AC-1 (phases 2 -> 3 -> 4), gpu-manager vs the seed's stop/sleep/poll")
     ours: list[dict[str, Any]] = []
     base: list[dict[str, Any]] = []

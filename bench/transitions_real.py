@@ -1,7 +1,7 @@
 """Phase transitions with services that look like real ones: a cold start many times longer than
 a wake (3 s cold / 0.3 s wake / 0.1-0.2 s sleep, times `--scale`), four ways side by side.
 
-    python -m bench.transitions --profile real [--rounds 3] [--scale 0.5]
+    python -m bench.transitions --profile real [--rounds 2] [--scale 0.5]
     python -m bench.transitions_real ...           (the same)
 
 Sequences: AC-1 (phases 2 -> 3 -> 4) and a back-and-forth (2 -> 3 -> 2 -> 3), each from an
@@ -45,12 +45,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.common import pct, row, write
 from gpu_manager.sim.registry import SimRegistry
@@ -407,7 +408,9 @@ def summarize(records: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
 def report(summary: dict[str, Any]) -> None:
     m = summary["modes"]
     for seq in SEQUENCES:
-        print(f"\n  {SEQ_LABEL[seq]} (mean of rounds; every prepare-phase call)")
+        if not any(f"{mode}/{seq}" in m for mode in MODES):
+            continue
+        print(f"\n  {SEQ_LABEL[seq]} (every prepare-phase call: median of rounds; total: mean)")
         print(f"  {'mode':<28} {'calls (s)':>28} {'total':>8} {'wall-own p50/p95':>20} "
               f"{'wall-floor p50/p95':>20}")
         for mode, label in MODES.items():
@@ -456,7 +459,7 @@ def report(summary: dict[str, Any]) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.transitions --profile real")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--scale", type=float, default=0.5,
                     help="multiplies every service time (3 s cold, 0.3 s wake, ...) [0.5]")
     ap.add_argument("--modes", default="abcd", help="which of a, b, c, d to run [abcd]")
@@ -465,21 +468,31 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="gpu.fast_poll_interval_s of the daemon [0.1, its default]")
     ap.add_argument("--health-interval", type=float, default=0.05,
                     help="health.startup_interval_s of every service [0.05, its default]")
-    ap.add_argument("--dwell", type=float, default=0.5,
-                    help="seconds spent in each phase between calls, not counted [0.5]")
+    ap.add_argument("--dwell", type=float, default=0.3,
+                    help="seconds spent in each phase between calls, not counted [0.3]")
+    ap.add_argument("--host-procs", type=int, default=0,
+                    help="idle processes to add to the host for the run (a desktop or a GPU "
+                         "server runs hundreds; this container ~80) [0]")
     ap.add_argument("--out", default="transitions_real", help="bench/results/NAME.json")
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
-    modes = [m for m in MODES if m in args.modes]
-    seqs = [s for s in args.sequences.split(",") if s in SEQUENCES]
-    print(f"transitions, real-looking profile (scale {args.scale:g}: cold "
-          f"{3 * args.scale:g} s, wake {0.3 * args.scale:g} s), modes {''.join(modes)}, "
-          f"{args.rounds} round(s)")
+@contextlib.contextmanager
+def idle_processes(n: int) -> Iterator[int]:
+    """`n` more (sleeping) processes on the host while inside; yields the host's count."""
+    procs = [subprocess.Popen(["sleep", "3600"]) for _ in range(n)]
+    try:
+        yield len(psutil.pids())
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def run_rounds(args: argparse.Namespace, modes: list[str], seqs: list[str],
+               t0: float) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
-    t0 = time.monotonic()
     for i in range(args.rounds):
         for seq in seqs:
             for mode in modes:
@@ -492,13 +505,32 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         records += daemon_sequence(Path(tmp), setup, mode, seq)
         print(f"  round {i + 1}/{args.rounds} done ({time.monotonic() - t0:.0f} s)")
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    modes = [m for m in MODES if m in args.modes]
+    seqs = [s for s in args.sequences.split(",") if s in SEQUENCES]
+    print(f"transitions, real-looking profile (scale {args.scale:g}: cold "
+          f"{3 * args.scale:g} s, wake {0.3 * args.scale:g} s), modes {''.join(modes)}, "
+          f"{args.rounds} round(s)")
+    load_before = os.getloadavg()
+    if load_before[0] > 1.0:
+        print(f"  note: load average {load_before[0]:.2f} before the run: something else "
+              "shares the machine, the figures will be noisy")
+    t0 = time.monotonic()
+    with idle_processes(args.host_procs) as host_procs:
+        records = run_rounds(args, modes, seqs, t0)
     summary = summarize(records, args.rounds)
     report(summary)
     path = write(args.out, {
         "command": "python -m bench.transitions --profile real " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "rounds": args.rounds, "scale": args.scale, "fast_poll_s": args.fast_poll,
-        "health_interval_s": args.health_interval,
+        "health_interval_s": args.health_interval, "seconds": time.monotonic() - t0,
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "host_processes": host_procs,
         "dwell_s": args.dwell, "services": [asdict(s) for s in SERVICES],
         **summary, "records": records,
     })
