@@ -56,7 +56,10 @@ def test_examples_inventory_is_valid(repo_root: Path) -> None:
     ollama = inv.services["ollama"]
     assert ollama.sleep is not None and ollama.sleep.api == "ollama"
     assert ollama.residual_mb == 300
-    assert {n for n, s in inv.services.items() if s.sleep} >= {"comfyui", "ollama", "llm"}
+    assert {n for n, s in inv.services.items() if s.sleep} >= {"comfyui", "ollama", "llm",
+                                                                "training"}
+    training = inv.services["training"].sleep
+    assert training is not None and training.api == "http" and training.asleep is not None
     assert not inv.warnings
 
 

@@ -6,12 +6,14 @@ shortcuts (priority ceiling, largest-first count, greedy fill) are verified, not
 
 from __future__ import annotations
 
+import dataclasses
 from itertools import combinations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpu_manager.planner import (
+    RELEASES,
     ObservedState,
     PhaseSpec,
     Plan,
@@ -38,6 +40,12 @@ def scenarios(draw: st.DrawFn) -> tuple[PlannerInventory, ObservedState]:
                        draw(st.integers(0, 4)), draw(st.booleans()))
         for n in names
     }
+    return draw(_state(services, names))
+
+
+@st.composite
+def _state(draw: st.DrawFn, services: dict[str, ServiceSpec],
+           names: list[str]) -> tuple[PlannerInventory, ObservedState]:
     phases = {}
     for num in range(draw(st.integers(0, 3))):
         members = draw(st.lists(st.sampled_from(names), max_size=3, unique=True))
@@ -56,6 +64,24 @@ def scenarios(draw: st.DrawFn) -> tuple[PlannerInventory, ObservedState]:
         current_phase=draw(st.one_of(st.none(), st.sampled_from(sorted(phases) or [0]))),
     )
     return PlannerInventory(services, phases), state
+
+
+@st.composite
+def sleepy_scenarios(draw: st.DrawFn) -> tuple[PlannerInventory, ObservedState]:
+    """Scenarios where some services can sleep (a residual) and some of those sleep."""
+    inv, state = draw(scenarios())
+    services = {n: dataclasses.replace(s, residual_mb=draw(st.one_of(
+        st.none(), st.integers(0, s.vram_mb // 2 // 100).map(lambda x: x * 100))))
+        for n, s in inv.services.items()}
+    sleepers = [n for n in state.running if services[n].residual_mb is not None]
+    asleep = draw(st.lists(st.sampled_from(sleepers), unique=True)) if sleepers else []
+    running = {n: mb for n, mb in state.running.items() if n not in asleep}
+    sleeping = {n: draw(st.one_of(st.none(), st.integers(0, services[n].residual_mb or 0)))
+                for n in asleep}
+    unready = frozenset(draw(st.lists(st.sampled_from(sorted(running)), unique=True,
+                                      max_size=1))) if running else frozenset()
+    return PlannerInventory(services, inv.phases), dataclasses.replace(
+        state, running=running, sleeping=sleeping, unready=unready)
 
 
 def simulate(inv: PlannerInventory, state: ObservedState, result: Plan) -> set[str]:
@@ -215,18 +241,80 @@ def test_any_order_the_graph_allows_stays_within_budget(
         assert all(steps[d].action == "stop" and d != i for d in step.after), step
         if step.action == "stop":
             assert step.after == ()  # stops never wait: they run side by side
+    adversary_order(result, data)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(sleepy_scenarios(), st.data())
+def test_with_sleepers_any_order_stays_within_budget_and_ends_as_asked(
+        scn: tuple[PlannerInventory, ObservedState], data: st.DataObject) -> None:
+    """With services that can sleep (and some asleep): the same graph property, and the end
+    state is the one asked for: a phase's services awake, the unlisted ones asleep or
+    stopped; a sleep only where there is a sleep: block, and a stop of a service that could
+    have slept only when the sleepers' residuals did not fit."""
+    inv, state = scn
+    requests = [StartService(n) for n in inv.services] + [PreparePhase(n) for n in inv.phases]
+    request = data.draw(st.sampled_from([*requests, StopAll()]))
+    result = plan(inv, state, request)
+    if not isinstance(result, Plan):
+        assert result.code in ("insufficient_vram", "unknown_service")
+        return
+    adversary_order(result, data)
+    awake, asleep = set(state.running), set(state.sleeping) - set(state.running)
+    for step in result.steps:
+        if step.action == "sleep":
+            assert inv.services[step.service].residual_mb is not None
+            assert step.service in awake and step.service not in state.unready
+            awake.discard(step.service)
+            asleep.add(step.service)
+        elif step.action == "stop":
+            awake.discard(step.service)
+            asleep.discard(step.service)
+        else:
+            assert (step.action == "wake") == (step.service in asleep), step
+            asleep.discard(step.service)
+            awake.add(step.service)
+    if isinstance(request, PreparePhase):
+        phase = inv.phases[request.phase]
+        assert set(phase.services) <= awake
+        assert not (awake - set(phase.services) - set(phase.keep))
+        # sleepers stopped (running ones that could sleep, or ones already asleep): only
+        # when what they would have kept asleep did not fit
+        kept = 0
+        for stop in result.steps:
+            name = stop.service
+            if stop.action != "stop" or name in phase.keep or name in phase.services:
+                continue
+            if name in state.running and inv.services[name].residual_mb is not None \
+                    and name not in state.unready:
+                kept += inv.services[name].residual_mb or 0
+            elif name in state.sleeping and name not in state.running:
+                kept += stop.mb
+        if kept:
+            assert result.used_after_mb + kept > result.budget_mb
+    if isinstance(request, StartService):
+        assert request.name in awake
+
+
+def adversary_order(result: Plan, data: st.DataObject) -> None:
+    """Run the steps in an order the graph allows, drawn by an adversary: every start or wake
+    the graph lets begin begins before any release ends (a start allocates when it begins,
+    a release frees when it ends); the budget must hold after each."""
+    steps = result.steps
+    for i, step in enumerate(steps):
+        assert all(steps[d].action in RELEASES and d != i for d in step.after), step
+        if step.action in RELEASES:
+            assert step.after == ()  # releases never wait: they run side by side
     used = result.used_before_mb
     done: set[int] = set()
     while len(done) < len(steps):
         ready = sorted(i for i in range(len(steps)) if i not in done
                        and set(steps[i].after) <= done)
         assert ready, "the graph has a cycle"
-        # The adversary: every start the graph lets begin begins before any stop ends (the
-        # worst case for the budget); which one, and which stop ends next, is drawn.
-        starts = [j for j in ready if steps[j].action == "start"]
+        starts = [j for j in ready if steps[j].action not in RELEASES]
         i = data.draw(st.sampled_from(starts or ready))
         done.add(i)
-        if steps[i].action == "stop":
+        if steps[i].action in RELEASES:
             used -= steps[i].mb
         else:
             used += steps[i].mb

@@ -4,178 +4,205 @@ A small FastAPI app that trains a real (small) model: logistic regression on syn
 with torch on CUDA (or MPS) when torch is installed, otherwise numpy on the CPU. One session
 at a time; progress at /training/status/{id}.
 
+It sleeps and wakes for gpu-manager (`sleep: {api: http}` in services.yaml):
+- `POST /training/sleep`: a running session finishes the epoch in progress (it is counted;
+  the pause between epochs is cut short), writes a checkpoint under `--checkpoint-dir` and
+  drops its tensors; the device memory goes back to the driver. Answers
+  `{"asleep": true, "session_id", "epoch", "checkpoint"}` (nulls when no run was going).
+  The session's status is then "sleeping". New runs are refused (409) while asleep. (A
+  checkpoint that cannot be written fails the session, reported in its status; the service
+  sleeps all the same: the GPU is what was asked for.)
+- `POST /training/wake`: takes the memory back and resumes the session from its checkpoint
+  (503 and still asleep when the memory is not there: CUDA out of memory).
+- `GET /training/sleeping`: `{"asleep": bool, ...}`. Both calls are idempotent.
+Every epoch is counted once: a session's status lists `history` (epoch index and loss).
+
     python examples/training_service/app.py [--host 127.0.0.1] [--port 5002]
+        [--checkpoint-dir DIR] [--sim-vram-mb N [--sim-residual-mb R] [--sim-dir DIR]]
+
+`--sim-vram-mb N` is for gpu-manager's simulated GPU (tests, demos): the process holds N MB in
+its registry while awake and R (default 0) while asleep, as a CUDA process holds its model.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import threading
+import asyncio
+import shutil
+import sys
+import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
+from trainer import (
+    OutOfMemory,
+    Run,
+    Session,
+    StartBody,
+    accuracy,
+    device,
+    is_oom,
+    release_device_memory,
+    torch_module,
+)
+
+if TYPE_CHECKING:
+    from simgpu import SimGpu
 
 MAX_CONCURRENT_SESSIONS = 1
 SESSION_TIMEOUT_MINUTES = 60
-
-
-def _torch() -> Any:
-    try:
-        return importlib.import_module("torch")
-    except ImportError:
-        return None
-
-
-def device() -> str:
-    torch = _torch()
-    if torch is None:
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    return "mps" if mps is not None and mps.is_available() else "cpu"
-
-
-class StartBody(BaseModel):
-    epochs: int = Field(default=200, ge=1, le=100_000)
-    learning_rate: float = Field(default=0.1, gt=0, le=10)
-    samples: int = Field(default=2000, ge=10, le=1_000_000)
-    features: int = Field(default=20, ge=1, le=1000)
-    seed: int = 0
+EXIT_OOM = 3
 
 
 class SessionRef(BaseModel):
     session_id: str
 
 
-@dataclass
-class Session:
-    id: str
-    params: StartBody
-    device: str
-    status: str = "running"  # running, completed, stopped, failed
-    epoch: int = 0
-    loss: float | None = None
-    accuracy: float | None = None
-    error: str | None = None
-    started_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    weights: Any = None
-    data: Any = None
+class Service:
+    def __init__(self, checkpoint_dir: Path, gpu: SimGpu | None) -> None:
+        self.sessions: dict[str, Session] = {}
+        self.checkpoint_dir = checkpoint_dir
+        self.gpu = gpu
+        self.asleep = False
+        self.lock = asyncio.Lock()  # one sleep, wake or stop at a time
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"session_id": self.id, "status": self.status, "device": self.device,
-                "epoch": self.epoch, "epochs": self.params.epochs,
-                "progress": round(self.epoch / self.params.epochs, 4),
-                "loss": self.loss, "accuracy": self.accuracy, "error": self.error,
-                "started_at": self.started_at, "finished_at": self.finished_at}
+    def current(self) -> Session | None:
+        """The session that holds the service's one slot: running, or asleep to resume."""
+        return next((s for s in self.sessions.values()
+                     if s.status in ("running", "sleeping")), None)
 
+    def sleep_state(self) -> dict[str, Any]:
+        s = next((s for s in self.sessions.values() if s.status == "sleeping"), None)
+        return {"asleep": self.asleep, "session_id": s.id if s else None,
+                "epoch": s.epoch if s else None,
+                "checkpoint": str(s.checkpoint_path) if s else None}
 
-def make_data(p: StartBody) -> tuple[Any, Any, Any, Any]:
-    rng = np.random.default_rng(p.seed)
-    x = rng.normal(size=(p.samples, p.features)).astype(np.float32)
-    true_w = rng.normal(size=p.features)
-    y = (x @ true_w + 0.3 * rng.normal(size=p.samples) > 0).astype(np.float32)
-    cut = int(p.samples * 0.8)
-    return x[:cut], y[:cut], x[cut:], y[cut:]
+    async def sleep(self) -> dict[str, Any]:
+        async with self.lock:
+            if not self.asleep:
+                self.asleep = True  # no new run from here on
+                s = self.current()
+                if s is not None and s.status == "running" and s.thread is not None:
+                    s.pause.set()
+                    s.interrupt.set()
+                    await asyncio.to_thread(s.thread.join)  # the epoch ends, the checkpoint
+                await asyncio.to_thread(release_device_memory)
+                if self.gpu is not None:
+                    await asyncio.to_thread(self.gpu.sleep)
+            return self.sleep_state()
 
+    async def wake(self) -> JSONResponse:
+        async with self.lock:
+            resumed: dict[str, Any] = {}
+            if self.asleep:
+                try:
+                    resumed = await self._take_back()
+                except OutOfMemory as exc:
+                    await asyncio.to_thread(release_device_memory)
+                    if self.gpu is not None:
+                        await asyncio.to_thread(self.gpu.sleep)
+                    return JSONResponse({"error": "out_of_memory", "detail": str(exc),
+                                         **self.sleep_state()}, status_code=503)
+                self.asleep = False
+            return JSONResponse({"asleep": False, "session_id": resumed.get("session_id"),
+                                 "epoch": resumed.get("epoch"),
+                                 "resumed_from": resumed.get("checkpoint")})
 
-def train(s: Session) -> None:
-    p = s.params
-    try:
-        x, y, _, _ = s.data = make_data(p)
-        torch = _torch()
-        if torch is not None:
-            dev = torch.device(s.device)
-            xs, ys = torch.tensor(x, device=dev), torch.tensor(y, device=dev)
-            w = torch.zeros(p.features, device=dev, requires_grad=True)
-            opt = torch.optim.SGD([w], lr=p.learning_rate)
-            for epoch in range(p.epochs):
-                if s.cancel.is_set():
-                    s.status = "stopped"
-                    break
-                opt.zero_grad()
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w, ys)
-                loss.backward()
-                opt.step()
-                s.epoch, s.loss = epoch + 1, float(loss)
-            s.weights = w.detach().cpu().numpy()
-        else:
-            w = np.zeros(p.features, dtype=np.float32)
-            for epoch in range(p.epochs):
-                if s.cancel.is_set():
-                    s.status = "stopped"
-                    break
-                pred = 1 / (1 + np.exp(-(x @ w)))
-                w -= p.learning_rate * x.T @ (pred - y) / len(y)
-                eps = 1e-7
-                s.epoch = epoch + 1
-                s.loss = float(-np.mean(y * np.log(pred + eps) + (1 - y) * np.log(1 - pred + eps)))
-            s.weights = w
-        s.accuracy = evaluate(s)
-        if s.status == "running":
-            s.status = "completed"
-    except Exception as exc:  # a failed session is reported, never kills the service
-        s.status, s.error = "failed", f"{type(exc).__name__}: {exc}"
-    finally:
-        s.finished_at = time.time()
+    async def _take_back(self) -> dict[str, Any]:
+        """Take the memory back and resume the sleeping session, if any: what was resumed."""
+        if self.gpu is not None:
+            await asyncio.to_thread(self.gpu.wake)  # raises OutOfMemory
+        s = next((s for s in self.sessions.values() if s.status == "sleeping"), None)
+        if s is None:
+            return {}
+        try:
+            run, history = await asyncio.to_thread(Run.restore, s.checkpoint_path, s.params,
+                                                   s.device)
+        except Exception as exc:
+            if is_oom(exc):
+                raise OutOfMemory(f"{type(exc).__name__}: {exc}") from exc
+            s.fail(f"resuming from {s.checkpoint_path} failed: {type(exc).__name__}: {exc}")
+            return {}
+        s.history, s.epoch = history, run.epoch
+        resumed = {"session_id": s.id, "epoch": run.epoch, "checkpoint": str(s.checkpoint_path)}
+        s.launch(lambda: run)
+        return resumed
 
 
-def evaluate(s: Session) -> float | None:
-    if s.weights is None or s.data is None:
-        return None
-    _, _, xt, yt = s.data
-    return float(np.mean(((xt @ s.weights) > 0).astype(np.float32) == yt))
+def create_app(checkpoint_dir: Path | None = None, gpu: SimGpu | None = None) -> FastAPI:
+    own_dir = checkpoint_dir is None
+    ckpt = Path(tempfile.mkdtemp(prefix="training-checkpoints-")) if own_dir else checkpoint_dir
+    assert ckpt is not None
+    ckpt.mkdir(parents=True, exist_ok=True)
 
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if own_dir:
+            shutil.rmtree(ckpt, ignore_errors=True)
 
-def create_app() -> FastAPI:
-    app = FastAPI(title="training host service")
-    sessions: dict[str, Session] = {}
-
-    def current() -> Session | None:
-        return next((s for s in sessions.values() if s.status == "running"), None)
+    app = FastAPI(title="training host service", lifespan=lifespan)
+    svc = Service(ckpt, gpu)
+    sessions = svc.sessions
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        busy = current()
+        busy = svc.current()
         return {"healthy": True, "service": "training-host", "timestamp": time.time(),
                 "status": "ok", "worker_status": "busy" if busy else "idle",
-                "current_operation": busy.id if busy else None}
+                "current_operation": busy.id if busy else None, "asleep": svc.asleep}
 
     @app.get("/health/detailed")
     async def detailed() -> dict[str, Any]:
-        torch = _torch()
-        gpu: dict[str, Any] = {"cuda_available": bool(torch and torch.cuda.is_available())}
-        if gpu["cuda_available"]:
-            gpu["name"] = torch.cuda.get_device_name(0)
+        torch = torch_module()
+        gpu_info: dict[str, Any] = {"cuda_available": bool(torch and torch.cuda.is_available())}
+        if gpu_info["cuda_available"]:
+            gpu_info["name"] = torch.cuda.get_device_name(0)
             free, total = torch.cuda.mem_get_info()
-            gpu.update(free_mb=free // 2**20, total_mb=total // 2**20)
+            gpu_info.update(free_mb=free // 2**20, total_mb=total // 2**20)
+        if gpu is not None:
+            gpu_info["simulated_held_mb"] = gpu.held_mb()
         return {**(await health()), "device": device(), "torch": torch is not None,
-                "gpu": gpu, "sessions": len(sessions)}
+                "gpu": gpu_info, "sessions": len(sessions)}
 
     @app.post("/training/start")
     async def start(body: StartBody) -> JSONResponse:
-        busy = current()
+        if svc.asleep:
+            return JSONResponse({"error": "asleep", "detail": "the service is asleep: "
+                                 "POST /training/wake first"}, status_code=409)
+        busy = svc.current()
         if busy is not None:
-            return JSONResponse({"error": "busy", "detail": f"session {busy.id} is running "
+            return JSONResponse({"error": "busy", "detail": f"session {busy.id} is {busy.status} "
                                  f"(max_concurrent_sessions={MAX_CONCURRENT_SESSIONS})"},
                                 status_code=409)
         dev = device()
-        s = Session(uuid.uuid4().hex[:12], body, dev)
+        sid = uuid.uuid4().hex[:12]
+        s = Session(sid, body, dev, svc.checkpoint_dir / f"{sid}.npz")
         sessions[s.id] = s
-        threading.Thread(target=train, args=(s,), daemon=True).start()
+        s.launch(lambda: Run(body, dev))
         return JSONResponse({"session_id": s.id, "status": "started",
                              "message": f"training {body.epochs} epochs on {dev}",
                              "gpu_allocated": dev != "cpu", "device": dev})
+
+    @app.post("/training/sleep")
+    async def sleep() -> dict[str, Any]:
+        return await svc.sleep()
+
+    @app.post("/training/wake")
+    async def wake() -> JSONResponse:
+        return await svc.wake()
+
+    @app.get("/training/sleeping")
+    async def sleeping() -> dict[str, Any]:
+        return svc.sleep_state()
 
     def find(session_id: str) -> Session | JSONResponse:
         s = sessions.get(session_id)
@@ -186,16 +213,18 @@ def create_app() -> FastAPI:
 
     @app.post("/training/stop")
     async def stop(body: SessionRef) -> Any:
-        s = find(body.session_id)
-        if isinstance(s, JSONResponse):
-            return s
-        s.cancel.set()
-        return {"session_id": s.id, "status": "stopping" if s.status == "running" else s.status}
+        async with svc.lock:
+            s = find(body.session_id)
+            if isinstance(s, JSONResponse):
+                return s
+            s.stop()
+            return {"session_id": s.id,
+                    "status": "stopping" if s.status == "running" else s.status}
 
     @app.get("/training/status/{session_id}")
     async def status(session_id: str) -> Any:
         s = find(session_id)
-        return s if isinstance(s, JSONResponse) else s.as_dict()
+        return s if isinstance(s, JSONResponse) else s.as_dict(history=True)
 
     @app.get("/training/sessions")
     async def list_sessions() -> dict[str, Any]:
@@ -206,27 +235,54 @@ def create_app() -> FastAPI:
         s = find(body.session_id)
         if isinstance(s, JSONResponse):
             return s
-        return {"session_id": s.id, "accuracy": evaluate(s), "status": s.status}
+        acc = None if s.weights is None or s.test_set is None else accuracy(s.weights,
+                                                                             *s.test_set)
+        return {"session_id": s.id, "accuracy": acc, "status": s.status}
 
     @app.delete("/training/sessions/{session_id}")
     async def delete(session_id: str) -> Any:
-        s = find(session_id)
-        if isinstance(s, JSONResponse):
-            return s
-        s.cancel.set()
-        del sessions[session_id]
-        return {"session_id": session_id, "status": "deleted"}
+        async with svc.lock:
+            s = find(session_id)
+            if isinstance(s, JSONResponse):
+                return s
+            s.stop()
+            del sessions[session_id]
+            return {"session_id": session_id, "status": "deleted"}
 
     return app
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="127.0.0.1")  # localhost only by default
     ap.add_argument("--port", type=int, default=5002)
+    ap.add_argument("--checkpoint-dir", type=Path, default=None,
+                    help="where a sleeping run's checkpoint goes [default: a temporary "
+                         "folder, removed at exit]")
+    ap.add_argument("--sim-vram-mb", type=int, default=None,
+                    help="hold this many MB on gpu-manager's simulated GPU while awake")
+    ap.add_argument("--sim-residual-mb", type=int, default=0,
+                    help="MB still held there while asleep [default: 0]")
+    ap.add_argument("--sim-dir", type=Path, default=None,
+                    help="the simulated GPU's registry [default: $GPU_MANAGER_SIM_DIR]")
+    ap.add_argument("--name", default="training", help="its name in that registry")
     args = ap.parse_args()
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+    gpu = None
+    if args.sim_vram_mb is not None:
+        if not 0 <= args.sim_residual_mb <= args.sim_vram_mb:
+            ap.error("--sim-residual-mb must be between 0 and --sim-vram-mb")
+        # only here: the service itself needs no gpu-manager package
+        from simgpu import SimGpu  # noqa: PLC0415
+
+        try:
+            gpu = SimGpu(args.sim_vram_mb, args.sim_residual_mb, args.sim_dir, args.name)
+        except OutOfMemory as exc:  # as a CUDA service that cannot load its model
+            print(exc, file=sys.stderr, flush=True)
+            return EXIT_OOM
+    uvicorn.run(create_app(args.checkpoint_dir, gpu), host=args.host, port=args.port,
+                log_level="warning")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -115,8 +115,9 @@ class SleepConfig(_Strict):
     # The most it keeps on the GPU while asleep (CUDA context, buffers); None: a quarter of
     # vram_mb, at most 1024 MB. Counted by the planner until it is measured.
     residual_mb: int | None = Field(default=None, ge=0)
-    # Wake it as soon as it fits again without moving anything (the pause protocol's
-    # resume: a 24/7 service that lends the GPU and takes it back).
+    # Wake it after a release (a stop, release-all, the end of a client lease) once it fits
+    # without moving anything (the pause protocol's resume: a 24/7 service that lends the
+    # GPU and takes it back). Not after a phase: a phase that let it sleep meant it.
     wake_when_free: bool = False
     # api: http
     sleep: HttpCall | None = None

@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import httpx
 import psutil
 from loguru import logger
 
-from gpu_manager.aio import Held, guarded, retrieve, settle
+from gpu_manager.aio import Held, retrieve, settle
 from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import Inventory
 from gpu_manager.lock import GpuLock, LockHeld, LockLost, LockUnavailable
@@ -31,6 +30,7 @@ from gpu_manager.orchestrator.executor import (
     plan_bound,
     refusal_error,
 )
+from gpu_manager.orchestrator.followups import Followups
 from gpu_manager.orchestrator.ledger import Ledger
 from gpu_manager.orchestrator.operations import Operation, OperationError, OperationLog
 from gpu_manager.orchestrator.reconfig import ReloadResult, UnitFactory, apply_inventory
@@ -39,7 +39,6 @@ from gpu_manager.planner import (
     Plan,
     PlannerInventory,
     PreparePhase,
-    Prewarm,
     Refusal,
     Request,
     ServiceSpec,
@@ -57,7 +56,7 @@ REFUSAL_CODES = frozenset({"unknown_service", "unknown_phase", "insufficient_vra
 PREWARM_PRIORITY = -(10**9)
 
 
-class Orchestrator:
+class Orchestrator(Followups):
     def __init__(
         self, inventory: Inventory, units: dict[str, Unit], poller: Poller, lock: GpuLock,
         bus: EventBus, store: StateStore, *, lock_wait_s: float = 0.0,
@@ -227,20 +226,6 @@ class Orchestrator:
     def count_preemption(self, name: str) -> None:
         self.preemptions[name] = self.preemptions.get(name, 0) + 1
 
-    def note_prewarm(self, request: Request, done: dict[str, str]) -> None:
-        """After a plan: what prewarm started is prewarmed; what a phase lists, a start asks
-        for, or a release let go is not any more."""
-        names = set(self.prewarmed)
-        if isinstance(request, Prewarm) and request.phase is not None:
-            names |= {n for n, action in done.items() if action in ("start", "wake")}
-        elif isinstance(request, PreparePhase) and request.phase in self.inventory.phases:
-            phase = self.inventory.phases[request.phase]
-            names -= {*phase.services, *phase.keep}
-        elif isinstance(request, StartService):
-            names.discard(request.name)
-        names -= {n for n, action in done.items() if action in ("stop", "sleep")}
-        self.prewarmed = frozenset(n for n in names if n in self.units)
-
     # -- execution ----------------------------------------------------------------------------
     async def execute(self, op: Operation) -> Operation:
         """Run `op` to its end; raises OperationError (or a lock error) when it fails."""
@@ -312,44 +297,6 @@ class Orchestrator:
             await lock_call("release", self.keeper.drop(label), self.bounds.lock_io_s)
         except Exception as exc:  # Redis gone: the key expires by its TTL
             logger.opt(exception=exc).error(f"could not release the GPU lock ({label}): {exc}")
-
-    async def wake_when_free(self) -> None:
-        """After a release: wake the sleepers that asked for it (`wake_when_free`, the pause
-        protocol's resume) if they fit without moving anything. Never queues behind a
-        transition (the next release tries again); refusals and failures are logged."""
-        names = tuple(n for n, u in list(self.units.items())
-                      if u.state == S.SLEEPING and u.cfg.sleep is not None
-                      and u.cfg.sleep.wake_when_free and n in self.inventory.services)
-        if not names or not self.accepting or self.busy:
-            return
-        try:
-            await self.execute(Operation(Prewarm(None, names)))
-        except Exception as exc:  # LockHeld, a failed wake: the op log has it
-            logger.info(f"wake when free ({', '.join(names)}): {exc}")
-
-    def _after(self, request: Request) -> None:
-        """After a phase: prewarm the phase that usually follows, when asked to."""
-        if not isinstance(request, PreparePhase) or not self.inventory.prewarm:
-            return
-        phase = self.inventory.phases.get(request.phase)
-        if phase is not None and phase.next is not None:
-            self.background(self.prewarm(phase.next), f"prewarm-{phase.next}")
-
-    def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        """Run `work` beside the caller (a wake after a release, a prewarm after a phase):
-        guarded (a crash is logged with its traceback), cancelled at close."""
-        task = asyncio.create_task(guarded(lambda: work, name, lambda exc: None), name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def prewarm(self, phase: int) -> None:
-        """Ready `phase`'s services in the background where they fit (settings: prewarm)."""
-        if not self.accepting:
-            return
-        try:
-            await self.execute(Operation(Prewarm(phase)))
-        except Exception as exc:
-            logger.info(f"prewarm for phase {phase}: {exc}")
 
     async def _try_serial(self) -> bool:
         """Take the transition lock only if nobody holds or waits for it. `locked()` alone is

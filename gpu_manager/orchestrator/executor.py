@@ -126,10 +126,15 @@ class Executor:
             await asyncio.gather(*tasks, return_exceptions=True)  # cancelled with us
         finally:
             refresher.cancel()
+        # what ran is what it is, whether or not a sibling failed
+        orch.note_prewarm(op.request, {s.service: s.action for s in op.steps
+                                       if s.status == "done"})
         if failures:
-            raise failures[0]
-        done = {s.service: s.action for s in op.steps if s.status == "done"}
-        orch.note_prewarm(op.request, done)
+            first = failures[0]
+            if isinstance(first, OperationError) and "gpu_state" in first.extra:
+                # as it is now that every branch has ended, not as it was at the failure
+                first.extra["gpu_state"] = orch.gpu_state()
+            raise first
         if isinstance(op.request, PreparePhase):
             orch.set_phase(op.request.phase)
         if result.steps:

@@ -2,6 +2,7 @@
 
 from gpu_manager.planner.core import FOREIGN, choose_victims, plan, usage_mb, used_mb
 from gpu_manager.planner.model import (
+    RELEASES,
     Blocker,
     ObservedState,
     PhaseSpec,
@@ -21,6 +22,7 @@ from gpu_manager.planner.model import (
 
 __all__ = [
     "FOREIGN",
+    "RELEASES",
     "Blocker",
     "ObservedState",
     "PhaseSpec",

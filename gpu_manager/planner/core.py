@@ -92,11 +92,14 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
         return unknown_service(inv, req, req.name)
     if req.name in state.running and req.name not in state.unready:
         return finish(inv, state, req, [])
+    again: list[Step] = []
     if req.name in state.running:  # failed, with a process left: stop it, start it again
-        return finish(inv, state, req, [release(inv, state, req.name, AGAIN),
-                                        Step("start", req.name, spec.vram_mb, "requested")])
-    start = acquire(inv, state, req.name, "requested")
-    shortfall = start.mb - (state.budget_mb - used_mb(inv, state))
+        again = [release(inv, state, req.name, AGAIN)]
+        start = Step("start", req.name, spec.vram_mb, "requested")
+    else:
+        start = acquire(inv, state, req.name, "requested")
+    freed = sum(s.mb for s in again)
+    shortfall = start.mb - (state.budget_mb - used_mb(inv, state) + freed)
     others = [n for n in (*state.running, *state.sleeping) if n != req.name]
     # First by sleeping what can sleep; if what the sleepers keep is too much, by stopping.
     for sleep in (True, False):
@@ -113,7 +116,7 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
                 f"{spec.priority})", preemption=True, sleep=sleep)
         for v in stop_order(inv, state, victims)
     ]
-    return finish(inv, state, req, [*steps, start])
+    return finish(inv, state, req, [*again, *steps, start])
 
 
 def _plan_stop(inv: PlannerInventory, state: ObservedState, req: StopService) -> Plan | Refusal:

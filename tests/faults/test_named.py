@@ -333,3 +333,34 @@ async def test_a_sleeping_service_that_takes_its_memory_back_is_awake(world: Wor
     await until(lambda: world.orch.measured("vllm") == 5000, 2, "the GPU to show it")
     await world.orch.refresh_pids()
     assert unit.state == S.READY and "more than its 600 MB residual" in unit.reason
+
+
+async def test_a_failing_branch_of_a_graph_ends_the_plan_cleanly(world: World) -> None:
+    # phase 6 (vllm) running; phase 5 puts it to sleep and starts vidi and cosyvoice side by
+    # side. vidi's launch raises: cosyvoice (an independent branch) still finishes, the
+    # operation fails with vidi's reason and the GPU state, and nothing is left half-done.
+    await run(world, PreparePhase(6))
+    world.faults.arm("vidi", "start", Fault("raise"))
+    op, error, _ = await run(world, PreparePhase(5))
+    assert error is not None and error.code == "start_failed", op.error
+    assert "vidi" in error.detail and error.extra["gpu_state"]["cosyvoice"] == "ready"
+    status = {s.service: (s.action, s.status) for s in op.steps}
+    assert status == {"vllm": ("sleep", "done"), "vidi": ("start", "failed"),
+                      "cosyvoice": ("start", "done")}, status
+    assert world.units["vidi"].state == S.FAILED and not world.driver_of("vidi").alive
+    assert lock_free(world) and not world.orch.busy and world.gpu.oom == []
+    assert world.orch.current_phase == 6  # the phase did not change
+
+
+async def test_a_sleeper_that_waits_for_room_wakes_after_a_stop(world: World) -> None:
+    await run(world, StartService("whisper"))  # sleep: {api: pause, wake_when_free: true}
+    await run(world, StartService("vidi"))
+    await run(world, StartService("comfyui"))  # 12000 beside 10000: whisper (30) sleeps
+    assert world.units["whisper"].state == S.SLEEPING
+    await run(world, PreparePhase(2))  # a phase releases comfyui: not a reason to wake it
+    assert not world.orch._background and world.units["whisper"].state == S.SLEEPING
+    await run(world, StartService("comfyui"))
+    await run(world, StopService("comfyui", force=True))  # a release: whisper fits again
+    await until(lambda: world.units["whisper"].state == S.READY, 3, "whisper awake")
+    wakes = [op for op in world.orch.ops.recent(10) if op.label.startswith("Prewarm:whisper")]
+    assert wakes and wakes[-1].status == "succeeded" and wakes[-1].steps[0].action == "wake"
