@@ -108,7 +108,7 @@ def real_profile(tr: dict[str, Any]) -> list[str]:
         if not present:
             continue
         calls = list(present[0][1]["per_call"])
-        head = " | ".join(c.split(":", 1)[1].replace("None", "-") for c in calls)
+        head = " | ".join(c.split(":", 1)[1].replace("None", "empty") for c in calls)
         lines += [f"{label}:", "", f"| mode | {head} | total | wall - own p50 / p95 | "
                   "wall - floor p50 / p95 |", "|---|" + "---|" * (len(calls) + 3)]
         for mode, x in present:

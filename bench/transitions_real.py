@@ -202,6 +202,21 @@ def settle(d: DaemonProc, setup: Setup, prewarms: int) -> bool:
     return wait_until(done, bound)
 
 
+def mismatches(d: DaemonProc) -> list[str]:
+    """Where the daemon's word and the simulated GPU disagree: a service it calls ready that
+    holds no more than its residual (asleep), or one it calls sleeping that holds more. Such
+    a call's figures are not to be trusted (the daemon skipped a wake or a sleep)."""
+    held: dict[int, int] = {r.pid: r.mb for r in SimRegistry(d.sim_dir).active()}
+    out = []
+    for name, svc in d.status()["services"].items():
+        mb = sum(held.get(pid, 0) for pid in svc["pids"])
+        if svc["state"] == "ready" and mb <= RESIDUAL_MB and BY_NAME[name].api != "comfyui":
+            out.append(f"{name}: ready, but holds {mb} MB (asleep)")
+        elif svc["state"] == "sleeping" and mb > RESIDUAL_MB:
+            out.append(f"{name}: sleeping, but holds {mb} MB")
+    return out
+
+
 def daemon_sequence(tmp: Path, setup: Setup, mode: str, seq: str) -> list[dict[str, Any]]:
     env = {"GPU_MANAGER_PLAN_MODE": "serial" if mode == "b" else "graph"}
     d = DaemonProc(tmp, env=env)
@@ -242,10 +257,12 @@ def daemon_sequence(tmp: Path, setup: Setup, mode: str, seq: str) -> list[dict[s
                           for s in steps],
             })
             out[-1].update(split_overhead(out[-1]))
+            out[-1]["mismatches"] = mismatches(d)
             previous = phase
             if mode == "d" and phase in NEXT[seq]:
                 prewarms += 1
             out[-1]["settled"] = settle(d, setup, prewarms)
+            out[-1]["mismatches"] += [f"after settling: {m}" for m in mismatches(d)]
             if mode == "d" and phase in NEXT[seq]:
                 last = prewarm_ops(d)[-1]
                 out[-1]["prewarm_after"] = {
@@ -386,6 +403,9 @@ def summarize(records: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
             return None
         return float(m[f"{a}/bf"][key] / m[f"{b}/bf"][key])
 
+    summary["suspect"] = [
+        {k: r[k] for k in ("mode", "sequence", "index", "from", "to", "mismatches")}
+        for r in records if r.get("mismatches")]
     summary["ratios"] = {
         f"{a}/{b}": {"transitions": ratio(a, b), "with_entry": ratio(a, b, "total_s")}
         for a, b in (("a", "c"), ("a", "d"), ("b", "c"))}
@@ -400,6 +420,7 @@ def summarize(records: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
         if warm else None,
         "d_prewarmed_wall_ms_max": max(r["wall_s"] for r in warm) * 1000 if warm else None,
         "d_prewarmed_calls": len(warm),
+        "suspect_calls": len(summary["suspect"]),
         "bf_speedup_a_over_c": summary["ratios"]["a/c"]["transitions"],
     }
     return summary
@@ -431,6 +452,10 @@ def report(summary: dict[str, Any]) -> None:
                       f"the steps, {split['in_steps']:.0f} in them (beyond own), "
                       f"{split['after_steps']:.0f} after")
     print()
+    for rec in summary["suspect"]:
+        print(f"  WARNING: ({rec['mode']}) {rec['sequence']} call {rec['index']} "
+              f"({rec['from']} -> {rec['to']}): the daemon and the GPU disagree: "
+              f"{'; '.join(rec['mismatches'])}")
     r = summary["ratios"]
     for key in ("a/c", "a/d", "b/c"):
         if r[key]["transitions"] is not None:
@@ -508,7 +533,8 @@ def run_rounds(args: argparse.Namespace, modes: list[str], seqs: list[str],
     return records
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None,
+         prog: str = "python -m bench.transitions --profile real") -> None:
     args = parse(argv)
     modes = [m for m in MODES if m in args.modes]
     seqs = [s for s in args.sequences.split(",") if s in SEQUENCES]
@@ -525,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(records, args.rounds)
     report(summary)
     path = write(args.out, {
-        "command": "python -m bench.transitions --profile real " + " ".join(
+        "command": f"{prog} " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "rounds": args.rounds, "scale": args.scale, "fast_poll_s": args.fast_poll,
         "health_interval_s": args.health_interval, "seconds": time.monotonic() - t0,
