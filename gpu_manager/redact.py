@@ -14,7 +14,8 @@ from typing import Any
 # (which redis-py accepts) must not leave the tail of the password behind.
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s'\"<>]*@")
 # redis-py also reads the password from the query string.
-_QUERY_PASSWORD = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&\s'\"<>#]*",
+_QUERY_PASSWORD = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|api_key|apikey|key|"
+                             r"secret|access_token)=)[^&\s'\"<>#]*",
                              re.IGNORECASE)
 
 

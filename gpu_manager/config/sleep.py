@@ -112,6 +112,10 @@ class SleepConfig(_Strict):
     models: list[str] = Field(default_factory=list)
     timeout_s: float = Field(default=30.0, gt=0, le=600)  # the call and the GPU's evidence
     wake_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    # The name of an environment variable (of the daemon) holding an API key, sent as
+    # `Authorization: Bearer <key>` (TabbyAPI's admin key, SGLang's --api-key). The key
+    # itself never goes in this file, nor in logs or answers.
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # The most it keeps on the GPU while asleep (CUDA context, buffers); None: a quarter of
     # vram_mb, at most 1024 MB. Counted by the planner until it is measured.
     residual_mb: int | None = Field(default=None, ge=0)
@@ -153,7 +157,8 @@ def legacy_sleep(data: dict[str, Any]) -> dict[str, Any]:
     """Fold the deprecated `evict:` and `preempt:` keys into `sleep:` (the loader warns)."""
     evict, preempt = data.get("evict"), data.get("preempt")
     if evict is None and preempt is None:
-        return data
+        # `evict: null` / `preempt: null` were accepted before: still nothing
+        return {k: v for k, v in data.items() if k not in ("evict", "preempt")}
     keys = [k for k in ("evict", "preempt", "sleep") if data.get(k) is not None]
     if len(keys) > 1:
         raise ValueError(f"{' and '.join(keys)} are one concept: keep only sleep:")
@@ -164,7 +169,8 @@ def legacy_sleep(data: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(preempt, dict):
         pause = PauseConfig.model_validate(preempt)
         out["sleep"] = {"api": "pause", "pause": pause, "wake_when_free": True,
-                        "timeout_s": pause.ack_timeout_s + pause.freed_timeout_s + 5}
+                        "timeout_s": min(600.0, pause.ack_timeout_s + pause.freed_timeout_s
+                                         + 5)}
     else:
         raise ValueError("evict:/preempt: must be a mapping")
     return out

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import psutil
@@ -39,6 +40,7 @@ from gpu_manager.planner import (
     Plan,
     PlannerInventory,
     PreparePhase,
+    Prewarm,
     Refusal,
     Request,
     ServiceSpec,
@@ -89,6 +91,7 @@ class Orchestrator(Followups):
         # rank below everything (PREWARM_PRIORITY) until then.
         self.prewarmed: frozenset[str] = frozenset()
         self._background: set[asyncio.Task[None]] = set()
+        self._current: tuple[Operation, asyncio.Task[Any]] | None = None  # the one running
 
     # -- observation --------------------------------------------------------------------------
     @property
@@ -136,12 +139,14 @@ class Orchestrator(Followups):
         self.ledger.set_pids(fresh, errors)
         if prune:
             self.prune(self.poller.latest)
-        books = self.ledger.view()
         for name, unit in list(self.units.items()):
             residual = unit.cfg.residual_mb
-            if unit.state != S.SLEEPING or residual is None or name in books.releasing:
-                continue  # (a sleep still being confirmed: any reading may predate it)
-            mb = self.measured(name)
+            snap = self.poller.latest
+            if unit.state != S.SLEEPING or residual is None \
+                    or name in self.ledger.view().releasing or snap.taken_at <= unit.since_mono:
+                # a sleep still being confirmed, or a reading from before it fell asleep
+                continue
+            mb = self.measured(name, snap)
             if mb is not None and mb > residual:
                 # Ollama and ComfyUI load the model again for the next request on their own
                 await unit.woke(f"holds {mb} MB, more than its {residual} MB residual")
@@ -190,11 +195,21 @@ class Orchestrator(Followups):
                              sleeping, unready)
 
     def planner_inventory(self) -> PlannerInventory:
+        """The inventory as the planner must see it now: client leases as unstoppable
+        services, prewarmed ones below every priority, and each unit's sleep ability as its
+        running instance has it (a reload that adds or drops `sleep:` applies at its next
+        start)."""
         leases = self.ledger.view().leases
-        if not leases and not self.prewarmed:
+        prewarmed = self.live_prewarmed()
+        live = {n: u.cfg.residual_mb for n, u in list(self.units.items())
+                if n in self.pinv.services and self.pinv.services[n].residual_mb
+                != u.cfg.residual_mb}
+        if not leases and not prewarmed and not live:
             return self.pinv
         services = dict(self.pinv.services)
-        for name in self.prewarmed & set(services):
+        for name, residual in live.items():
+            services[name] = dataclasses.replace(services[name], residual_mb=residual)
+        for name in prewarmed & set(services):
             services[name] = dataclasses.replace(services[name], priority=PREWARM_PRIORITY,
                                                  preemptible=True)
         for name, lease in leases.items():
@@ -231,12 +246,23 @@ class Orchestrator(Followups):
         """Run `op` to its end; raises OperationError (or a lock error) when it fails."""
         self.ops.add(op)
         self.bus.publish(Event("operation", None, {"id": op.id, "status": "queued"}))
+        running = self._current
+        if running is not None and isinstance(running[0].request, Prewarm) \
+                and not isinstance(op.request, Prewarm):
+            # a prewarm is a guess: it gives way to any real request (what it started goes on
+            # starting in its unit; the request's plan sees it and waits for it if it wants it)
+            logger.info(f"{running[0].label} gives way to {op.label}")
+            running[0].superseded_by = op.label
+            running[1].cancel()
         try:
             await self._serial.acquire()
         except asyncio.CancelledError:  # cancelled while queued (shutdown): it ends here
             op.finish("failed", {"error": "cancelled", "detail": "cancelled while queued"})
             raise
         async with Held(self._serial):
+            task = asyncio.current_task()
+            assert task is not None
+            self._current = (op, task)
             op.status, op.started_at = "running", time.time()
             self.store.set_operation(op.id, op.as_dict())
             t0 = time.monotonic()
@@ -250,12 +276,17 @@ class Orchestrator(Followups):
                 op.finish("failed", {"error": type(exc).__name__, "detail": str(exc)})
                 raise
             except BaseException as exc:  # cancelled or a bug: never leave it "running"
-                op.finish("failed", {"error": "internal", "detail": repr(exc)})
+                if op.superseded_by is not None:
+                    op.finish("failed", {"error": "superseded",
+                                         "detail": f"gave way to {op.superseded_by}"})
+                else:
+                    op.finish("failed", {"error": "internal", "detail": repr(exc)})
                 raise
             else:
                 op.finish("succeeded")
                 self._after(op.request)
             finally:
+                self._current = None
                 self.store.set_operation(op.id, None)
                 self.bus.publish(Event("operation", None, op.as_dict()))
                 why = f" ({op.error})" if op.error else ""
@@ -310,6 +341,11 @@ class Orchestrator(Followups):
         except TimeoutError:
             return False
         return True
+
+    async def settle_background(self) -> None:
+        """Shutdown: end prewarm and wake-when-free operations before anything else goes
+        (their `finally` drops the GPU lock)."""
+        await settle(list(self._background), 5.0)
 
     async def aclose(self) -> None:
         await settle(list(self._background), 2.0)

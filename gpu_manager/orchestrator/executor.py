@@ -24,7 +24,8 @@ from loguru import logger
 from gpu_manager.lock import Lease, LockUnavailable
 from gpu_manager.orchestrator.ledger import Releasing
 from gpu_manager.orchestrator.operations import Operation, OperationError, StepRecord
-from gpu_manager.planner import Plan, PreparePhase, Refusal, Step
+from gpu_manager.orchestrator.sleeps import SleepSteps
+from gpu_manager.planner import Plan, PreparePhase, Refusal, SleepService, StartService, Step
 from gpu_manager.probe import Snapshot
 from gpu_manager.units import Event, ServiceState
 
@@ -56,6 +57,14 @@ def plan_bound(orch: Orchestrator, plan: Plan) -> float:
             total += 2 * orch.reclaim_timeout_s + unit.start_bound_s
             if step.action == "wake":
                 total += unit.wake_bound_s + unit.stop_bound_s
+    # a wanted service found starting (no step of its own) is joined: its start's bound
+    req = plan.request
+    wanted = ([req.name] if isinstance(req, StartService) else
+              list(orch.inventory.phases[req.phase].services)
+              if isinstance(req, PreparePhase) and req.phase in orch.inventory.phases else [])
+    stepped = {s.service for s in plan.steps}
+    total += max((max(u.start_bound_s, u.wake_bound_s) for n in wanted if n not in stepped
+                  and (u := orch.units.get(n)) is not None), default=0.0)
     return total
 
 
@@ -69,7 +78,7 @@ async def lock_call(what: str, aw: Awaitable[Any], bound: float) -> None:
                               f"{bound:g}s") from exc
 
 
-class Executor:
+class Executor(SleepSteps):
     """Runs one plan as the graph the planner drew: every step is a task that waits for the
     steps it names in `after` (a start for the stops whose VRAM it needs), so independent
     stops run side by side, the starts of a phase run side by side, and a start that fits
@@ -126,9 +135,11 @@ class Executor:
             await asyncio.gather(*tasks, return_exceptions=True)  # cancelled with us
         finally:
             refresher.cancel()
-        # what ran is what it is, whether or not a sibling failed
-        orch.note_prewarm(op.request, {s.service: s.action for s in op.steps
-                                       if s.status == "done"})
+            # what ran is what it is, whether a sibling failed or the deadline struck
+            orch.note_prewarm(op.request, {s.service: s.action for s in op.steps
+                                           if s.status == "done"})
+        if not failures:
+            await self._join_starts(op)
         if failures:
             first = failures[0]
             if isinstance(first, OperationError) and "gpu_state" in first.extra:
@@ -141,6 +152,27 @@ class Executor:
             # One fresh poll, so /gpu/status read right after this answer shows the result.
             await orch.poller.next_snapshot(timeout=2)
             await orch.refresh_pids()
+
+    async def _join_starts(self, op: Operation) -> None:
+        """A service the request wants that the plan found already starting (a prewarm that
+        gave way, a restart in flight) is waited for: the answer means ready."""
+        orch = self.orch
+        if isinstance(op.request, PreparePhase):
+            phase = orch.inventory.phases.get(op.request.phase)
+            wanted = list(phase.services) if phase is not None else []
+        elif isinstance(op.request, StartService):
+            wanted = [op.request.name]
+        else:
+            return
+        stepped = {s.service for s in op.steps}
+        for name in wanted:
+            unit = orch.units.get(name)
+            if unit is None or name in stepped or unit.state not in (S.STARTING, S.WAKING):
+                continue
+            result = await unit.ensure_ready()  # joins the start in flight
+            if not result.ok:
+                raise OperationError("start_failed", f"{name} did not become ready: "
+                                     f"{result.reason}", gpu_state=orch.gpu_state())
 
     async def _step(self, op: Operation, lease: Lease, step: Step, record: StepRecord,
                     deps: list[str]) -> None:
@@ -155,7 +187,8 @@ class Executor:
                 record.detail = await self.stop(step.service, step.reason, step.preemption)
             elif step.action == "sleep":
                 record.detail = await self.sleep(step.service, step.reason, step.preemption,
-                                                 orch.owner(op.request))
+                                                 orch.owner(op.request),
+                                                 isinstance(op.request, SleepService))
             else:
                 record.reclaim_wait_s, record.detail = await self.start(
                     step.service, step.mb, lease, deps)
@@ -193,69 +226,6 @@ class Executor:
                                              pids_known=pid_error is None))
         return "; ".join(notes) or None
 
-    async def sleep(self, name: str, reason: str, preemption: bool,
-                    requester: str) -> str | None:
-        """Put `name` to sleep and see its VRAM come off the GPU; if it refuses, or answers
-        but keeps its memory past its timeout, stop it instead, and say so."""
-        orch = self.orch
-        unit = orch.units[name]
-        sleep = unit.cfg.sleep
-        assert sleep is not None and sleep.residual_mb is not None
-        pids, pid_error = await orch.read_pids(name)
-        before = max(unit.cfg.vram_mb, orch.measured(name) or 0)
-        result = await unit.sleep(reason, requester)
-        if not result.ok:
-            logger.warning(f"{name}: sleep failed ({result.reason}); stopping it instead")
-            orch.bus.publish(Event("sleep_fallback", name, {"reason": result.reason}))
-            return await self.stop(name, reason, preemption,
-                                   [f"sleep failed ({result.reason}); stopped instead"])
-        if preemption:
-            orch.count_preemption(name)
-        acked = time.monotonic()
-        orch.ledger.released(name, Releasing(pids, max(0, before - sleep.residual_mb), acked,
-                                             must_exit=False, pids_known=pid_error is None))
-        held = await self._confirm_sleep(name, sleep.residual_mb, sleep.timeout_s, acked)
-        if held is None:  # the GPU cannot tell per process: the starts judge by free memory
-            return f"{result.reason}; release judged by free memory (no per-process data)"
-        if held > sleep.residual_mb:
-            why = (f"answered sleep ({result.reason}) but still holds {held} MB after "
-                   f"{sleep.timeout_s:g}s (residual_mb {sleep.residual_mb})")
-            logger.warning(f"{name}: {why}; stopping it instead")
-            orch.bus.publish(Event("sleep_fallback", name, {"reason": why}))
-            return await self.stop(name, reason, False, [f"{why}; stopped instead"])
-        orch.ledger.settle_soft([name])
-        return f"{result.reason}; {held} MB left on the GPU"
-
-    async def _confirm_sleep(self, name: str, residual: int, timeout: float,
-                             since: float) -> int | None:
-        """What `name`'s pids hold once it is at most `residual` (or at the timeout); None
-        when the probe cannot attribute memory to processes."""
-        orch = self.orch
-        seen: list[int | None] = [None]
-
-        pids = set(orch.ledger.view().unit_pids.get(name, ()))
-        blind = [False]
-
-        def slept(snap: Snapshot) -> bool:
-            if snap.taken_at < since:
-                return False
-            dev = snap.device(orch.inventory.gpu.device)
-            if dev is None or dev.processes is None:
-                blind[0] = True
-                return True
-            held = [p.used_mb for p in dev.processes if p.pid in pids]
-            if any(mb is None for mb in held):
-                blind[0] = True
-                return True
-            # a process that let go of everything leaves the GPU's list: it holds 0
-            total = seen[0] = sum(mb for mb in held if mb is not None)
-            return total <= residual
-
-        if not slept(orch.poller.latest):
-            async with orch.poller.fast():
-                await orch.poller.wait_until(slept, timeout)
-        return None if blind[0] or seen[0] is None else seen[0]
-
     async def start(self, name: str, need_mb: int, lease: Lease,
                     deps: list[str] | None = None) -> tuple[float, str | None]:
         orch = self.orch
@@ -289,11 +259,8 @@ class Executor:
             logger.warning(f"{name}: wake failed ({result.reason}); starting it cold")
             note = "; ".join(x for x in (note, f"wake failed ({result.reason}); started "
                                          "cold instead") if x)
-            stopped = await unit.stop(f"wake failed: {result.reason}")
-            if not stopped.ok:
-                raise OperationError("start_failed", f"{name} did not wake ({result.reason}) "
-                                     f"and could not be stopped: {stopped.reason}",
-                                     gpu_state=orch.gpu_state())
+            await self.stop(name, f"wake failed: {result.reason}", False)
+            await self.await_reclaim(name, unit.cfg.vram_mb, [name])  # its memory back first
             result = await unit.ensure_ready()
         if not result.ok:
             # The unit has already stopped what it launched; say where that leaves the GPU.
@@ -356,7 +323,9 @@ class Executor:
             room = (need_mb <= 0 or dev.free_mb is None
                     or dev.free_mb - gpu.reserve_mb - self._claimed(name, snap) >= need_mb)
             if gone and room:
-                self._claims[name] = need_mb  # granted: no await between check and claim
+                # granted: no await between check and claim. A wake's need is on top of what
+                # it holds asleep, which `_claimed` subtracts as shown: claim both.
+                self._claims[name] = need_mb + (orch.measured(name, snap) or 0)
             return gone and room
 
         note = (f"judged by free memory alone for {', '.join(blind)} (pid list unavailable)"

@@ -5,7 +5,7 @@ ordinary operations (under the GPU lock, in the operation log), in the backgroun
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from loguru import logger
@@ -47,7 +47,13 @@ class Followups:
         elif isinstance(request, StartService):
             names.discard(request.name)
         names -= {n for n, action in done.items() if action in ("stop", "sleep")}
-        self.prewarmed = frozenset(n for n in names if n in self.units)
+        self.prewarmed = frozenset(n for n in names if n in self.units
+                                   and self.units[n].holds_gpu)
+
+    def live_prewarmed(self) -> frozenset[str]:
+        """Prewarmed and still up: one that died or was stopped since is itself again."""
+        return frozenset(n for n in self.prewarmed
+                         if n in self.units and self.units[n].holds_gpu)
 
     async def wake_when_free(self) -> None:
         """After a release: wake the sleepers that asked for it (`wake_when_free`, the pause
@@ -67,17 +73,18 @@ class Followups:
         """After a release (a stop, release-all): wake the sleepers that wait for room. After
         a phase: prewarm the phase that usually follows, when asked to."""
         if isinstance(request, StopService | StopAll):
-            self.background(self.wake_when_free(), "wake-when-free")
+            self.background(self.wake_when_free, "wake-when-free")
         if not isinstance(request, PreparePhase) or not self.inventory.prewarm:
             return
         phase = self.inventory.phases.get(request.phase)
         if phase is not None and phase.next is not None:
-            self.background(self.prewarm(phase.next), f"prewarm-{phase.next}")
+            nxt = phase.next
+            self.background(lambda: self.prewarm(nxt), f"prewarm-{nxt}")
 
-    def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+    def background(self, work: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
         """Run `work` beside the caller (a wake after a release, a prewarm after a phase):
         guarded (a crash is logged with its traceback), cancelled at close."""
-        task = asyncio.create_task(guarded(lambda: work, name, lambda exc: None), name=name)
+        task = asyncio.create_task(guarded(work, name, lambda exc: None), name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -66,6 +66,8 @@ class Operation:
     dry_run: bool = False
     # The plan's overall deadline: the sum of its steps' own deadlines.
     deadline_s: float | None = None
+    # A prewarm cancelled for a real request: that request's label.
+    superseded_by: str | None = None
 
     @property
     def done(self) -> bool:

@@ -114,7 +114,8 @@ class UnitOwner:
         return self.start_sequence_bound_s + 2 * self.stop_bound_s
 
     async def ensure_ready(self) -> UnitResult:
-        return await self._ask(self.start_bound_s, "ensure_ready")
+        # a start, or a wake (its call plus the health check) when it sleeps
+        return await self._ask(max(self.start_bound_s, self.wake_bound_s), "ensure_ready")
 
     async def sleep(self, reason: str, requester: str = "gpu-manager") -> UnitResult:
         """Ask the service to let its VRAM go (the `sleep:` block). ok: it said it did; the

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,7 +82,7 @@ class HttpSleeper:
         except TimeoutError:
             return Outcome(False, f"{what} ({cfg.api}): no answer within {timeout:g}s")
         except _Refused as exc:
-            return Outcome(False, f"{what} ({cfg.api}): {exc}")
+            return Outcome(False, redact_url(f"{what} ({cfg.api}): {exc}"))
         except httpx.HTTPError as exc:
             return Outcome(False, redact_url(f"{what} ({cfg.api}) failed: "
                                              f"{type(exc).__name__}: {exc}"))
@@ -93,7 +94,9 @@ class HttpSleeper:
                     body: Any = None, ok: tuple[int, ...] = ()) -> httpx.Response:
         assert cfg.url is not None
         url = cfg.url.rstrip("/") + path
-        resp = await self.client.request(method, url, timeout=timeout,
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        resp = await self.client.request(method, url, timeout=timeout, headers=headers,
                                          json=body if body is not None else None)
         if not (200 <= resp.status_code < 300 or resp.status_code in ok):
             text = resp.text[:200].strip()

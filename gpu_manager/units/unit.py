@@ -215,6 +215,7 @@ class Unit(SleepWake):
             self.wakes += 1
             detail = f"awake: {detail}"
         self._set(S.READY, detail)
+        self._record()  # (after a wake: the record no longer says asleep)
         self._finish_waiters(True, detail)
         if self.cfg.health is not None:
             self._spawn("health", lambda: self._watch_health(gen), gen)
