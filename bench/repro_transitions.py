@@ -7,28 +7,26 @@
     python -m bench.repro_transitions woke-race [--cycles 15]
 
 prewarm-blocks: a phase call that arrives while a prewarm is still cold-starting the services
-    of the *predicted* next phase queues behind that prewarm operation for the rest of its cold
-    start, even when the call wants none of those services (the pipeline went 2 -> 4, prewarm
-    guessed 3). Prewarmed services rank below everything in the planner, but the operation
-    that starts them holds the transition lock until they are ready.
+    of the *predicted* next phase used to queue behind that prewarm for the rest of its cold
+    start, even when the call wanted none of those services (the pipeline went 2 -> 4,
+    prewarm guessed 3). Fixed on main in baf37ad (a prewarm gives way to any real request):
+    3.0 s queued before, 0.01 s after.
 pid-walks: the native driver's pid read (`NativeDriver._members`) walks every process on the
     host and reads its environment; the orchestrator reads every unit's pids ~3 times per
     operation (before planning, after the steps, after dropping the lock) and once per
     release step. The cost of one walk grows with the host's process count, and so does every
     transition's overhead: `bench.transitions_real --modes cd --host-procs 300` shows it
     end to end.
-woke-race: a service put to sleep is marked awake ("awake on its own: holds 9000 MB, more
-    than its 512 MB residual") by a pid refresh that runs beside the sleep and reads a GPU
-    snapshot taken before the sleep released the memory: the unit turns `sleeping` in its
-    owner loop a moment before the executor records the release in the ledger
-    (Orchestrator.refresh_pids skips only units in `releasing`). The sleep step still reports
-    "512 MB left on the GPU", the unit stays `ready`, and the next start or phase does not
-    wake it: the server is left asleep while the daemon says ready. Any concurrent
-    refresh_pids can hit the window (the daemon's 1 s refresher, a dry run); dry runs in a
-    loop make it frequent.
 cheap-pids: bench.transitions_real with a daemon whose pid read is replaced by one that costs
     next to nothing (the group leader alone; no walk of the host), to show what the walks cost
     a transition. Diagnosis only, not a fix: it misses every other process of the service.
+woke-race: a service put to sleep used to be marked awake ("awake on its own: holds 9000 MB,
+    more than its 512 MB residual") by a pid refresh running beside the sleep on a GPU
+    snapshot taken before the sleep released the memory (the unit turned `sleeping` a moment
+    before the executor recorded the release); the daemon then said ready while the server
+    slept, and the next start or phase did not wake it. Dry runs in a loop (each refreshes
+    the pids) make the window easy to hit. Fixed on main in baf37ad (a refresh ignores
+    snapshots older than the state): 5 of 15 sleeps before, 0 of 30 after.
 """
 
 from __future__ import annotations
