@@ -7,7 +7,8 @@ import importlib
 import sys
 import time
 
-SCRIPTS = ["planner", "probe", "reclaim", "lock", "footprint", "status_load", "transitions"]
+SCRIPTS = ["planner", "probe", "reclaim", "lock", "footprint", "status_load", "transitions",
+           "transitions_real"]
 
 
 def main() -> None:

@@ -2,6 +2,9 @@
 the seed manager's method run on the same stand-ins in the same invocation.
 
     python -m bench.transitions [--rounds 5]
+    python -m bench.transitions --profile real [...]   (bench/transitions_real.py: services
+        whose cold start is many times longer than a wake; seed vs serial vs graph+sleep vs
+        graph+sleep+prewarm)
 
 Overhead = a transition's total minus what the services themselves take: each stopped
 stand-in's exit, the simulated driver's release delay (500 ms), and each started stand-in's own
@@ -115,8 +118,20 @@ def baseline_round(tmp: Path) -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--profile", choices=("known", "real"), default="known",
+                    help="known: 0.3 s stand-ins, one per phase (this file); real: see "
+                         "bench/transitions_real.py (its own options follow)")
+    ap.add_argument("--rounds", type=int, default=None, help="[3; real: 2]")
+    args, rest = ap.parse_known_args()
+    if args.profile == "real":
+        from bench import transitions_real
+
+        rounds = [] if args.rounds is None else ["--rounds", str(args.rounds)]
+        transitions_real.main([*rest, *rounds])
+        return
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rounds = 3 if args.rounds is None else args.rounds
     print("transitions: AC-1 (phases 2 -> 3 -> 4), gpu-manager vs the seed's stop/sleep/poll")
     ours: list[dict[str, Any]] = []
     base: list[dict[str, Any]] = []
