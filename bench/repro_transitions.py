@@ -44,7 +44,8 @@ import httpx
 import psutil
 
 from bench import transitions_real
-from bench.transitions_real import SERVICES, Setup, phases_yaml, prewarm_ops, services_yaml
+from bench.transitions_real import prewarm_ops
+from bench.transitions_setup import SERVICES, Setup, phases_yaml, services_yaml
 from gpu_manager.sim.registry import SimRegistry
 from gpu_manager.units.drivers.native import MARKER_ENV, NativeDriver
 from tests.support.daemon import DaemonProc

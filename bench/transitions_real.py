@@ -46,134 +46,39 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
-from bench.common import pct, row, write
+from bench.common import write
+from bench.transitions_report import (
+    MODES,
+    NEXT,
+    SEQUENCES,
+    report,
+    summarize,
+)
+from bench.transitions_setup import (
+    BY_NAME,
+    PHASES,
+    RELEASE_DELAY_MS,
+    RESERVE_MB,
+    RESIDUAL_MB,
+    SERVICES,
+    TOTAL_MB,
+    Setup,
+    minimums,
+    phases_yaml,
+    services_yaml,
+)
 from gpu_manager.sim.registry import SimRegistry
 from tests.support.daemon import DaemonProc
 from tests.support.env import free_port
 
-MODES = {"a": "seed stop/sleep(2)/poll", "b": "serial stop-then-start",
-         "c": "graph + sleep", "d": "graph + sleep + prewarm"}
-SEQUENCES = {"ac1": [2, 3, 4], "bf": [2, 3, 2, 3]}
-SEQ_LABEL = {"ac1": "AC-1 2->3->4", "bf": "back-and-forth 2->3->2->3"}
-NEXT = {"ac1": {2: 3, 3: 4}, "bf": {2: 3, 3: 2}}
-TOTAL_MB, RESERVE_MB, RELEASE_DELAY_MS, RESIDUAL_MB = 24576, 1024, 500, 512
-STOP_S = 0.1  # a stand-in's shutdown (times the scale)
-TARGET_MS = 150.0
-TARGET_SPEEDUP = 5.0
 
-
-@dataclass(frozen=True, slots=True)
-class Svc:
-    name: str
-    api: str
-    vram_mb: int
-    cold_s: float  # --startup-s: loading from disk, CUDA init, warm-up
-    wake_s: float
-    sleep_s: float
-    priority: int
-
-
-# Budget 23552 MB: phases 2 and 3 fit awake side by side (21000), 3 and 4 do not (26000), all
-# four never (35000); every residual (4 x 512) fits beside any one phase.
-SERVICES = [
-    Svc("vision", "vllm", 9000, 3.0, 0.3, 0.15, 40),
-    Svc("tts", "vllm", 5000, 2.0, 0.2, 0.1, 50),
-    Svc("llm", "sglang", 7000, 3.0, 0.3, 0.15, 50),
-    Svc("image", "comfyui", 14000, 3.0, 0.3, 0.2, 100),
-]
-BY_NAME = {s.name: s for s in SERVICES}
-PHASES = {2: ("vision", ["vision"]), 3: ("speak", ["tts", "llm"]), 4: ("draw", ["image"])}
-
-
-@dataclass(frozen=True, slots=True)
-class Setup:
-    scale: float
-    ports: dict[str, int]
-    fast_poll_s: float
-    health_interval_s: float
-    dwell_s: float
-
-    def t(self, seconds: float) -> float:
-        return round(seconds * self.scale, 4)
-
-    def command(self, svc: Svc) -> list[str]:
-        return ["{python}", "-m", "gpu_manager.sim.workload", "--name", svc.name,
-                "--vram-mb", str(svc.vram_mb), "--port", str(self.ports[svc.name]),
-                "--startup-s", str(self.t(svc.cold_s)), "--stop-s", str(self.t(STOP_S)),
-                "--api", svc.api, "--sleep-s", str(self.t(svc.sleep_s)),
-                "--wake-s", str(self.t(svc.wake_s)), "--sleep-vram-mb", str(RESIDUAL_MB)]
-
-    def health_url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.ports[name]}/health"
-
-
-def services_yaml(setup: Setup, sleep: bool, prewarm: bool) -> str:
-    lines = ["gpu:", "  backend: simulated", f"  total_mb: {TOTAL_MB}",
-             f"  reserve_mb: {RESERVE_MB}", f"  release_delay_ms: {RELEASE_DELAY_MS}",
-             f"  fast_poll_interval_s: {setup.fast_poll_s}"]
-    if prewarm:
-        lines.append("prewarm: true")
-    lines.append("services:")
-    for svc in SERVICES:
-        command = ", ".join(f'"{a}"' for a in setup.command(svc))
-        lines += [f"  {svc.name}:", "    type: native", f"    vram_mb: {svc.vram_mb}",
-                  f"    priority: {svc.priority}", f"    command: [{command}]",
-                  f'    health: {{url: "{setup.health_url(svc.name)}", timeout_s: 2, '
-                  f"interval_s: 5, startup_interval_s: {setup.health_interval_s}}}",
-                  "    start_timeout_s: 60", "    stop_timeout_s: 10"]
-        if sleep:
-            lines.append(f'    sleep: {{api: {svc.api}, url: "http://127.0.0.1:'
-                         f'{setup.ports[svc.name]}", residual_mb: {RESIDUAL_MB}, '
-                         "timeout_s: 10, wake_timeout_s: 30}")
-    return "\n".join(lines) + "\n"
-
-
-def phases_yaml(links: dict[int, int]) -> str:
-    lines = ["phases:"]
-    for number, (name, services) in PHASES.items():
-        lines += [f"  {number}:", f"    name: {name}", f"    services: [{', '.join(services)}]"]
-        if number in links:
-            lines.append(f"    next: {links[number]}")
-    return "\n".join(lines) + "\n"
-
-
-# -- the services' own times --------------------------------------------------------------------
-def own_start_s(setup: Setup, name: str) -> float:
-    """A stand-in's own cold start: process creation to /health turning 200 (it reports it)."""
-    body = httpx.get(setup.health_url(name), trust_env=False, timeout=5).json()
-    return float(body["startup_total_s"])
-
-
-def release_own_s(setup: Setup, action: str, name: str) -> float:
-    """How long a release takes the service itself before its VRAM is free."""
-    if action == "sleep":
-        return setup.t(BY_NAME[name].sleep_s)
-    return setup.t(STOP_S) + RELEASE_DELAY_MS / 1000
-
-
-def minimums(setup: Setup, steps: list[dict[str, Any]]) -> tuple[float, float]:
-    """(own, floor) of a plan's steps (see the module docstring)."""
-    own = floor = 0.0
-    for step in steps:
-        action, name = step["action"], step["service"]
-        if action in ("stop", "sleep"):
-            floor = max(floor, release_own_s(setup, action, name))
-            continue
-        mine = own_start_s(setup, name) if action == "start" else setup.t(BY_NAME[name].wake_s)
-        before = max((release_own_s(setup, steps[d]["action"], steps[d]["service"])
-                      for d in step["after"]), default=0.0)
-        own, floor = max(own, mine), max(floor, before + mine)
-    return own, floor
-
-
-# -- (b), (c), (d): the daemon --------------------------------------------------------------------
 def prewarm_ops(d: DaemonProc) -> list[dict[str, Any]]:
     ops = d.get("/gpu/operations", params={"limit": 200}).json()["operations"]
     return [op for op in ops if op["request"]["kind"] == "Prewarm"]
@@ -367,121 +272,6 @@ def _poll_every_second(client: httpx.Client, url: str, proc: subprocess.Popen[by
 
 
 # -- report ---------------------------------------------------------------------------------------
-def _ms(values: list[float]) -> str:
-    return f"{pct(values, 50) * 1000:.0f} / {pct(values, 95) * 1000:.0f} ms"
-
-
-def summarize(records: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
-    summary: dict[str, Any] = {"modes": {}}
-    for seq in SEQUENCES:
-        for mode in MODES:
-            mine = [r for r in records if r["mode"] == mode and r["sequence"] == seq]
-            if not mine:
-                continue
-            arrows = [r for r in mine if r["index"] > 0]
-            summary["modes"][f"{mode}/{seq}"] = {
-                "total_s": sum(r["wall_s"] for r in mine) / rounds,
-                "transitions_s": sum(r["wall_s"] for r in arrows) / rounds,
-                "gap_ms_p50": pct([r["wall_s"] - r["own_s"] for r in mine], 50) * 1000,
-                "gap_ms_p95": pct([r["wall_s"] - r["own_s"] for r in mine], 95) * 1000,
-                "overhead_ms_p50": pct([r["wall_s"] - r["floor_s"] for r in mine], 50) * 1000,
-                "overhead_ms_p95": pct([r["wall_s"] - r["floor_s"] for r in mine], 95) * 1000,
-                "split_ms_p50": {
-                    key: pct([r[f"{key}_s"] for r in mine], 50) * 1000
-                    for key in ("before_steps", "in_steps", "after_steps")} if mode != "a"
-                else None,
-                "per_call": {
-                    f"{r['index']}:{r['from']}->{r['to']}": {
-                        key: pct([x[key] for x in mine if x["index"] == r["index"]], 50)
-                        for key in ("wall_s", "own_s", "floor_s")}
-                    for r in mine},
-            }
-    m = summary["modes"]
-
-    def ratio(a: str, b: str, key: str = "transitions_s") -> float | None:
-        if f"{a}/bf" not in m or f"{b}/bf" not in m:
-            return None
-        return float(m[f"{a}/bf"][key] / m[f"{b}/bf"][key])
-
-    summary["suspect"] = [
-        {k: r[k] for k in ("mode", "sequence", "index", "from", "to", "mismatches")}
-        for r in records if r.get("mismatches")]
-    summary["ratios"] = {
-        f"{a}/{b}": {"transitions": ratio(a, b), "with_entry": ratio(a, b, "total_s")}
-        for a, b in (("a", "c"), ("a", "d"), ("b", "c"))}
-    graph = [r for r in records if r["mode"] == "c"]
-    warm = [r for r in records if r["mode"] == "d" and r["all_prewarmed"]]
-    summary["targets"] = {
-        "c_gap_ms_p95": pct([r["wall_s"] - r["own_s"] for r in graph], 95) * 1000
-        if graph else None,
-        "c_overhead_ms_p95": pct([r["wall_s"] - r["floor_s"] for r in graph], 95) * 1000
-        if graph else None,
-        "d_prewarmed_wall_ms_p95": pct([r["wall_s"] for r in warm], 95) * 1000
-        if warm else None,
-        "d_prewarmed_wall_ms_max": max(r["wall_s"] for r in warm) * 1000 if warm else None,
-        "d_prewarmed_calls": len(warm),
-        "suspect_calls": len(summary["suspect"]),
-        "bf_speedup_a_over_c": summary["ratios"]["a/c"]["transitions"],
-    }
-    return summary
-
-
-def report(summary: dict[str, Any]) -> None:
-    m = summary["modes"]
-    for seq in SEQUENCES:
-        if not any(f"{mode}/{seq}" in m for mode in MODES):
-            continue
-        print(f"\n  {SEQ_LABEL[seq]} (every prepare-phase call: median of rounds; total: mean)")
-        print(f"  {'mode':<28} {'calls (s)':>28} {'total':>8} {'wall-own p50/p95':>20} "
-              f"{'wall-floor p50/p95':>20}")
-        for mode, label in MODES.items():
-            s = m.get(f"{mode}/{seq}")
-            if s is None:
-                continue
-            calls = " ".join(f"{v['wall_s']:.2f}" for v in s["per_call"].values())
-            print(f"  ({mode}) {label:<23} {calls:>28} {s['total_s']:>7.2f}s "
-                  f"{s['gap_ms_p50']:>8.0f} /{s['gap_ms_p95']:>6.0f} ms "
-                  f"{s['overhead_ms_p50']:>8.0f} /{s['overhead_ms_p95']:>6.0f} ms")
-        own = " ".join(f"{v['own_s']:.2f}" for v in m[f"c/{seq}"]["per_call"].values()) \
-            if f"c/{seq}" in m else ""
-        print(f"  {'(c) own minimum per call':<32} {own:>24}")
-        for mode in "bcd":
-            split = m.get(f"{mode}/{seq}", {}).get("split_ms_p50")
-            if split:
-                print(f"  ({mode}) wall - floor, p50 split: {split['before_steps']:.0f} ms before "
-                      f"the steps, {split['in_steps']:.0f} in them (beyond own), "
-                      f"{split['after_steps']:.0f} after")
-    print()
-    for rec in summary["suspect"]:
-        print(f"  WARNING: ({rec['mode']}) {rec['sequence']} call {rec['index']} "
-              f"({rec['from']} -> {rec['to']}): the daemon and the GPU disagree: "
-              f"{'; '.join(rec['mismatches'])}")
-    r = summary["ratios"]
-    for key in ("a/c", "a/d", "b/c"):
-        if r[key]["transitions"] is not None:
-            row(f"back-and-forth {key} (3 transitions; with entry)",
-                f"{r[key]['transitions']:.1f}x; {r[key]['with_entry']:.1f}x")
-    t = summary["targets"]
-
-    def verdict(value: float | None, ok: bool) -> str:
-        return "n/a" if value is None else "PASS" if ok else "MISS"
-
-    c = t["c_gap_ms_p95"]
-    if c is not None:
-        row("(c) wall - own minimum, p95", f"{c:.0f} ms",
-            f"<= {TARGET_MS:.0f} ms: {verdict(c, c <= TARGET_MS)} "
-            f"(wall - floor p95 {t['c_overhead_ms_p95']:.0f} ms)")
-    w = t["d_prewarmed_wall_ms_p95"]
-    row("(d) prewarmed calls: wall p95 (max)",
-        "none" if w is None else f"{w:.0f} ms ({t['d_prewarmed_wall_ms_max']:.0f})",
-        f"<= {TARGET_MS:.0f} ms: {verdict(w, w is not None and w <= TARGET_MS)} "
-        f"({t['d_prewarmed_calls']} calls)")
-    s = t["bf_speedup_a_over_c"]
-    if s is not None:
-        row("back-and-forth (a)/(c)", f"{s:.1f}x",
-            f">= {TARGET_SPEEDUP:.0f}x: {verdict(s, s >= TARGET_SPEEDUP)}")
-
-
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.transitions --profile real")
     ap.add_argument("--rounds", type=int, default=2)
