@@ -317,3 +317,28 @@ def test_old_import_style_works_with_the_package(monkeypatch: pytest.MonkeyPatch
     assert mgr.release_gpu("vidi") is True
     with pytest.raises(AttributeError):
         _ = gpu_manager.no_such_name
+
+
+async def test_status_says_who_holds_the_lock_now_not_who_took_it(
+        daemon: DaemonProc, rdb: redis.Redis) -> None:
+    """The Redis key keeps the label of the operation that first took the lock while client
+    leases go on holding it; the status's `held_for` says who holds it now."""
+    assert daemon.status()["lock"]["held_for"]["kind"] == "none"
+    first, second = client(daemon, vram_mb=2000), client(daemon, vram_mb=2000)
+    try:
+        a = await first.request_gpu("ctgan")
+        b = await second.request_gpu("xgboost")
+        assert a.acquired and b.acquired and a.task_id and b.task_id
+        held = daemon.status()["lock"]["held_for"]
+        assert held == {"kind": "leases", "operations": [], "legacy": None,
+                        "leases": sorted([a.task_id, b.task_id])}, held
+        assert rdb.get("gpu_mutex") is not None  # legacy code sees the GPU as owned
+        assert await first.release_gpu()
+        held = daemon.status()["lock"]["held_for"]
+        assert held["kind"] == "leases" and held["leases"] == [b.task_id], held
+        assert await second.release_gpu()
+        wait_for(lambda: daemon.status()["lock"]["held_for"]["kind"] == "none", 5,
+                 "the lock to be free")
+    finally:
+        await first.close()
+        await second.close()

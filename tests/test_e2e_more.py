@@ -44,6 +44,8 @@ def test_legacy_holder_gets_423_and_is_shown(redis_daemon: DaemonProc,
     assert 55 < body["ttl"] <= 60
     wait_for(lambda: redis_daemon.status()["lock"]["holder"] == "legacy-worker", 3,
              "status to show the legacy holder")
+    assert redis_daemon.status()["lock"]["held_for"] == {
+        "kind": "legacy", "operations": [], "leases": [], "legacy": "legacy-worker"}
     assert redis_daemon.states()["vidi"] == "stopped"
     r.delete("gpu_mutex")
     assert redis_daemon.post("/gpu/prepare-phase/2").status_code == 200

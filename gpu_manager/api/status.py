@@ -74,9 +74,33 @@ def services(daemon: Daemon) -> dict[str, Any]:
     return out
 
 
+def held_for(daemon: Daemon) -> dict[str, Any]:
+    """Who holds the GPU lock and why, from the daemon's own books (now, not the label the
+    lock was first taken under, which the key keeps while leases come and go): operations
+    in flight, client leases, someone outside the daemon (legacy code), or nobody."""
+    orch = daemon.orchestrator
+    info = daemon.lock_info
+    holders = orch.keeper.holders
+    running = {op.label: op for op in orch.ops.in_flight()}
+    operations = [{"id": running[h].id, "label": h} for h in sorted(holders) if h in running]
+    leases = sorted(h.removeprefix("lease:") for h in holders if h.startswith("lease:"))
+    if holders:
+        kind = "operation" if operations and not leases else \
+            "leases" if leases and not operations else "daemon"
+    elif info.holder is not None and not info.by_daemon:
+        kind = "legacy"
+    elif info.holder is not None:
+        kind = "releasing"  # the daemon dropped it; the backend has not been read since
+    else:
+        kind = "none" if info.ok else "unknown"
+    return {"kind": kind, "operations": operations, "leases": leases,
+            "legacy": info.holder if kind == "legacy" else None}
+
+
 def lock(daemon: Daemon) -> dict[str, Any]:
     info = daemon.lock_info
     return {
+        "held_for": held_for(daemon),
         "holder": info.holder,
         "ttl": round(info.ttl_ms / 1000, 3) if info.ttl_ms is not None else None,
         "ttl_ms": info.ttl_ms,
