@@ -197,7 +197,7 @@ class Daemon:
 
     async def stop(self) -> None:
         self.accepting = self.orchestrator.accepting = False
-        await self._quietly("prewarm and wake-when-free", self.orchestrator.settle_background())
+        await self._quietly("prewarm and wake-when-free", self.orchestrator.followups.settle())
         await self._quietly("background tasks", self.supervisor.close(self.bounds.shutdown_step_s))
         await self._quietly("units", asyncio.gather(*(u.close() for u in self.units.values())))
         await self._quietly("config watch", self.reloader.close())

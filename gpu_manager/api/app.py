@@ -61,7 +61,7 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
                     "the managed services")
         deadline = time.monotonic() + settings.shutdown_timeout_s
         # prewarm and wake-when-free first: they would hold the queue a stop-all waits in
-        await daemon.orchestrator.settle_background()
+        await daemon.orchestrator.followups.settle()
         pending = [t for t in background if not t.done()]
         if pending:
             # Each operation is bounded by its own deadline; the shutdown budget caps the

@@ -59,7 +59,7 @@ class DaemonCollector(Collector):
             restarts.add_metric([name], unit.restarts.count)
             sleeps.add_metric([name], unit.sleeps)
             wakes.add_metric([name], unit.wakes)
-            prewarmed.add_metric([name], int(name in d.orchestrator.live_prewarmed()))
+            prewarmed.add_metric([name], int(name in d.orchestrator.followups.live()))
         yield from (state, measured, health, restarts, sleeps, wakes, prewarmed)
         pre = CounterMetricFamily("gpu_manager_preemptions", "Services stopped or put to "
                                   "sleep to make room for a higher priority",

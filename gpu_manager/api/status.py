@@ -65,7 +65,7 @@ def services(daemon: Daemon) -> dict[str, Any]:
             # how it sleeps (its `sleep:` api) and what it keeps asleep; None: it cannot
             "sleep": cfg.sleep.api if cfg.sleep else None,
             "residual_mb": cfg.residual_mb,
-            "prewarmed": name in orch.live_prewarmed(),
+            "prewarmed": name in orch.followups.live(),
             "sleeps": unit.sleeps,
             "wakes": unit.wakes,
             **({"removed": True} if name not in inv.services else {}),
@@ -122,6 +122,6 @@ def status(daemon: Daemon) -> dict[str, Any]:
                     "priority": x.priority} for x in daemon.leases.active],
         "sleeping": sorted(n for n, u in list(daemon.units.items())
                            if u.state.value == "sleeping"),
-        "prewarmed": sorted(daemon.orchestrator.live_prewarmed()),
+        "prewarmed": sorted(daemon.orchestrator.followups.live()),
         "operations": [op.id for op in daemon.orchestrator.ops.in_flight()],
     }

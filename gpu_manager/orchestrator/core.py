@@ -20,7 +20,7 @@ import httpx
 import psutil
 from loguru import logger
 
-from gpu_manager.aio import Held, retrieve, settle
+from gpu_manager.aio import Held, retrieve
 from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import Inventory
 from gpu_manager.lock import GpuLock, LockHeld, LockLost, LockUnavailable
@@ -58,7 +58,7 @@ REFUSAL_CODES = frozenset({"unknown_service", "unknown_phase", "insufficient_vra
 PREWARM_PRIORITY = -(10**9)
 
 
-class Orchestrator(Followups):
+class Orchestrator:
     def __init__(
         self, inventory: Inventory, units: dict[str, Unit], poller: Poller, lock: GpuLock,
         bus: EventBus, store: StateStore, *, lock_wait_s: float = 0.0,
@@ -87,10 +87,7 @@ class Orchestrator(Followups):
         self._pid_reads: dict[tuple[str, int], asyncio.Future[list[int]]] = {}
         # False from the start of shutdown: no restarts, no new leases.
         self.accepting = True
-        # Started (or woken) by prewarm and not yet asked for by a phase or a start: they
-        # rank below everything (PREWARM_PRIORITY) until then.
-        self.prewarmed: frozenset[str] = frozenset()
-        self._background: set[asyncio.Task[None]] = set()
+        self.followups = Followups(self)  # prewarm, wake when free
         self._current: tuple[Operation, asyncio.Task[Any]] | None = None  # the one running
 
     # -- observation --------------------------------------------------------------------------
@@ -200,7 +197,7 @@ class Orchestrator(Followups):
         running instance has it (a reload that adds or drops `sleep:` applies at its next
         start)."""
         leases = self.ledger.view().leases
-        prewarmed = self.live_prewarmed()
+        prewarmed = self.followups.live()
         live = {n: u.cfg.residual_mb for n, u in list(self.units.items())
                 if n in self.pinv.services and self.pinv.services[n].residual_mb
                 != u.cfg.residual_mb}
@@ -284,7 +281,7 @@ class Orchestrator(Followups):
                 raise
             else:
                 op.finish("succeeded")
-                self._after(op.request)
+                self.followups.after(op.request)
             finally:
                 self._current = None
                 self.store.set_operation(op.id, None)
@@ -342,13 +339,8 @@ class Orchestrator(Followups):
             return False
         return True
 
-    async def settle_background(self) -> None:
-        """Shutdown: end prewarm and wake-when-free operations before anything else goes
-        (their `finally` drops the GPU lock)."""
-        await settle(list(self._background), 5.0)
-
     async def aclose(self) -> None:
-        await settle(list(self._background), 2.0)
+        await self.followups.settle(2.0)
         for read in self._pid_reads.values():  # a read still hung in a driver: not awaited
             read.cancel()
         await self.http.aclose()

@@ -22,10 +22,17 @@ import psutil
 from loguru import logger
 
 from gpu_manager.lock import Lease, LockUnavailable
-from gpu_manager.orchestrator.ledger import Releasing
 from gpu_manager.orchestrator.operations import Operation, OperationError, StepRecord
-from gpu_manager.orchestrator.sleeps import SleepSteps
-from gpu_manager.planner import Plan, PreparePhase, Refusal, SleepService, StartService, Step
+from gpu_manager.orchestrator.releases import Releases
+from gpu_manager.planner import (
+    Plan,
+    PreparePhase,
+    Refusal,
+    Request,
+    SleepService,
+    StartService,
+    Step,
+)
 from gpu_manager.probe import Snapshot
 from gpu_manager.units import Event, ServiceState
 
@@ -58,14 +65,20 @@ def plan_bound(orch: Orchestrator, plan: Plan) -> float:
             if step.action == "wake":
                 total += unit.wake_bound_s + unit.stop_bound_s
     # a wanted service found starting (no step of its own) is joined: its start's bound
-    req = plan.request
-    wanted = ([req.name] if isinstance(req, StartService) else
-              list(orch.inventory.phases[req.phase].services)
-              if isinstance(req, PreparePhase) and req.phase in orch.inventory.phases else [])
+    wanted = wanted_by(orch, plan.request)
     stepped = {s.service for s in plan.steps}
     total += max((max(u.start_bound_s, u.wake_bound_s) for n in wanted if n not in stepped
                   and (u := orch.units.get(n)) is not None), default=0.0)
     return total
+
+
+def wanted_by(orch: Orchestrator, request: Request) -> list[str]:
+    """The services a request wants ready when it answers: a start's, a phase's."""
+    if isinstance(request, StartService):
+        return [request.name]
+    if isinstance(request, PreparePhase) and request.phase in orch.inventory.phases:
+        return list(orch.inventory.phases[request.phase].services)
+    return []
 
 
 async def lock_call(what: str, aw: Awaitable[Any], bound: float) -> None:
@@ -78,7 +91,7 @@ async def lock_call(what: str, aw: Awaitable[Any], bound: float) -> None:
                               f"{bound:g}s") from exc
 
 
-class Executor(SleepSteps):
+class Executor(Releases):
     """Runs one plan as the graph the planner drew: every step is a task that waits for the
     steps it names in `after` (a start for the stops whose VRAM it needs), so independent
     stops run side by side, the starts of a phase run side by side, and a start that fits
@@ -136,7 +149,7 @@ class Executor(SleepSteps):
         finally:
             refresher.cancel()
             # what ran is what it is, whether a sibling failed or the deadline struck
-            orch.note_prewarm(op.request, {s.service: s.action for s in op.steps
+            orch.followups.note(op.request, {s.service: s.action for s in op.steps
                                            if s.status == "done"})
         if not failures:
             await self._join_starts(op)
@@ -156,13 +169,7 @@ class Executor(SleepSteps):
         """A service the request wants that the plan found already starting (a prewarm that
         gave way, a restart in flight) is waited for: the answer means ready."""
         orch = self.orch
-        if isinstance(op.request, PreparePhase):
-            phase = orch.inventory.phases.get(op.request.phase)
-            wanted = list(phase.services) if phase is not None else []
-        elif isinstance(op.request, StartService):
-            wanted = [op.request.name]
-        else:
-            return
+        wanted = wanted_by(orch, op.request)
         stepped = {s.service for s in op.steps}
         for name in wanted:
             unit = orch.units.get(name)
@@ -204,26 +211,6 @@ class Executor(SleepSteps):
             f"{step.action} {step.service} done in {record.duration_s:.3f}s "
             f"({step.reason})" + (f"; {record.detail}" if record.detail else ""))
         orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
-
-    async def stop(self, name: str, reason: str, preemption: bool,
-                   notes: list[str] | None = None) -> str | None:
-        orch = self.orch
-        cfg = orch.inventory.services[name]
-        pids, pid_error = await orch.read_pids(name)
-        mb = max(cfg.vram_mb, orch.measured(name) or 0)
-        notes = list(notes or [])
-        if pid_error is not None:
-            notes.append(f"pid list unavailable ({pid_error}): reclaim judged by free memory "
-                         "alone")
-        if preemption:
-            orch.count_preemption(name)
-        result = await orch.units[name].stop(reason)
-        if not result.ok:
-            raise OperationError("stop_failed", f"could not stop {name}: {result.reason}",
-                                 gpu_state=orch.gpu_state())
-        orch.ledger.released(name, Releasing(pids, mb, time.monotonic(),
-                                             pids_known=pid_error is None))
-        return "; ".join(notes) or None
 
     async def start(self, name: str, need_mb: int, lease: Lease,
                     deps: list[str] | None = None) -> tuple[float, str | None]:

@@ -6,77 +6,73 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from gpu_manager.aio import guarded
-from gpu_manager.config import Inventory
+from gpu_manager.aio import guarded, settle
 from gpu_manager.orchestrator.operations import Operation
 from gpu_manager.planner import PreparePhase, Prewarm, Request, StartService, StopAll, StopService
-from gpu_manager.units import ServiceState, Unit
+from gpu_manager.units import ServiceState
+
+if TYPE_CHECKING:
+    from gpu_manager.orchestrator.core import Orchestrator
 
 S = ServiceState
 
 
 class Followups:
-    """Mixed into the Orchestrator (orchestrator/core.py), which provides these."""
+    """Owned by the Orchestrator: the prewarmed set (its only writer) and the background
+    operations that follow a transition."""
 
-    inventory: Inventory
-    units: dict[str, Unit]
-    accepting: bool
-    prewarmed: frozenset[str]
-    _background: set[asyncio.Task[None]]
+    def __init__(self, orch: Orchestrator) -> None:
+        self.orch = orch
+        # Started (or woken) by prewarm and not yet asked for by a phase or a start: they
+        # rank below everything (PREWARM_PRIORITY) while they are up.
+        self.prewarmed: frozenset[str] = frozenset()
+        self.tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def busy(self) -> bool:
-        raise NotImplementedError
-
-    async def execute(self, op: Operation) -> Operation:
-        raise NotImplementedError
-
-    def note_prewarm(self, request: Request, done: dict[str, str]) -> None:
+    def note(self, request: Request, done: dict[str, str]) -> None:
         """After a plan: what prewarm started is prewarmed; what a phase lists, a start asks
         for, or a release let go is not any more."""
         names = set(self.prewarmed)
         if isinstance(request, Prewarm) and request.phase is not None:
             names |= {n for n, action in done.items() if action in ("start", "wake")}
-        elif isinstance(request, PreparePhase) and request.phase in self.inventory.phases:
-            phase = self.inventory.phases[request.phase]
+        elif isinstance(request, PreparePhase) and request.phase in self.orch.inventory.phases:
+            phase = self.orch.inventory.phases[request.phase]
             names -= {*phase.services, *phase.keep}
         elif isinstance(request, StartService):
             names.discard(request.name)
         names -= {n for n, action in done.items() if action in ("stop", "sleep")}
-        self.prewarmed = frozenset(n for n in names if n in self.units
-                                   and self.units[n].holds_gpu)
+        self.prewarmed = frozenset(n for n in names if n in self.orch.units)
 
-    def live_prewarmed(self) -> frozenset[str]:
+    def live(self) -> frozenset[str]:
         """Prewarmed and still up: one that died or was stopped since is itself again."""
         return frozenset(n for n in self.prewarmed
-                         if n in self.units and self.units[n].holds_gpu)
+                         if n in self.orch.units and self.orch.units[n].holds_gpu)
 
     async def wake_when_free(self) -> None:
         """After a release: wake the sleepers that asked for it (`wake_when_free`, the pause
         protocol's resume) if they fit without moving anything. Never queues behind a
         transition (the next release tries again); refusals and failures are logged."""
-        names = tuple(n for n, u in list(self.units.items())
+        names = tuple(n for n, u in list(self.orch.units.items())
                       if u.state == S.SLEEPING and u.cfg.sleep is not None
-                      and u.cfg.sleep.wake_when_free and n in self.inventory.services)
-        if not names or not self.accepting or self.busy:
+                      and u.cfg.sleep.wake_when_free and n in self.orch.inventory.services)
+        if not names or not self.orch.accepting or self.orch.busy:
             return
         try:
-            await self.execute(Operation(Prewarm(None, names)))
+            await self.orch.execute(Operation(Prewarm(None, names)))
         except Exception as exc:  # LockHeld, a failed wake: the op log has it
             logger.info(f"wake when free ({', '.join(names)}): {exc}")
 
-    def _after(self, request: Request) -> None:
+    def after(self, request: Request) -> None:
         """After a release (a stop, release-all): wake the sleepers that wait for room. After
         a phase: prewarm the phase that usually follows, when asked to."""
         if isinstance(request, StopService | StopAll):
             self.background(self.wake_when_free, "wake-when-free")
-        if not isinstance(request, PreparePhase) or not self.inventory.prewarm:
+        if not isinstance(request, PreparePhase) or not self.orch.inventory.prewarm:
             return
-        phase = self.inventory.phases.get(request.phase)
+        phase = self.orch.inventory.phases.get(request.phase)
         if phase is not None and phase.next is not None:
             nxt = phase.next
             self.background(lambda: self.prewarm(nxt), f"prewarm-{nxt}")
@@ -85,14 +81,19 @@ class Followups:
         """Run `work` beside the caller (a wake after a release, a prewarm after a phase):
         guarded (a crash is logged with its traceback), cancelled at close."""
         task = asyncio.create_task(guarded(work, name, lambda exc: None), name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def prewarm(self, phase: int) -> None:
         """Ready `phase`'s services in the background where they fit (settings: prewarm)."""
-        if not self.accepting:
+        if not self.orch.accepting:
             return
         try:
-            await self.execute(Operation(Prewarm(phase)))
+            await self.orch.execute(Operation(Prewarm(phase)))
         except Exception as exc:
             logger.info(f"prewarm for phase {phase}: {exc}")
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Shutdown: end prewarm and wake-when-free operations before anything else goes
+        (their `finally` drops the GPU lock)."""
+        await settle(list(self.tasks), timeout)

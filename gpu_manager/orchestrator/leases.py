@@ -173,7 +173,7 @@ class LeaseManager:
                                                     "requester": lease.requester,
                                                     "status": why}))
         self._notify()
-        self.orch.background(self.orch.wake_when_free, "wake-when-free")
+        self.orch.followups.background(self.orch.followups.wake_when_free, "wake-when-free")
         return lease
 
     async def expire_loop(self) -> None:

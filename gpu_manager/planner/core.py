@@ -101,12 +101,7 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
     freed = sum(s.mb for s in again)
     shortfall = start.mb - (state.budget_mb - used_mb(inv, state) + freed)
     others = [n for n in (*state.running, *state.sleeping) if n != req.name]
-    # First by sleeping what can sleep; if what the sleepers keep is too much, by stopping.
-    for sleep in (True, False):
-        cands, blockers = candidates(inv, state, others, below=spec.priority, sleep=sleep)
-        victims = choose_victims(cands, shortfall)
-        if victims is not None:
-            break
+    victims, sleep, cands, blockers = _victims(inv, state, others, spec.priority, shortfall)
     if victims is None:
         short = shortfall - sum(mb for _, mb, _ in cands)
         return insufficient(state, req, req.name, start.mb, short, blockers)
@@ -117,6 +112,20 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
         for v in stop_order(inv, state, victims)
     ]
     return finish(inv, state, req, [*again, *steps, start])
+
+
+def _victims(inv: PlannerInventory, state: ObservedState, names: list[str], below: int | None,
+             shortfall: int) -> tuple[list[str] | None, bool, list[tuple[str, int, int]],
+                                      list[Blocker]]:
+    """Victims for `shortfall`: first by sleeping what can sleep, and if what the sleepers
+    keep is too much, by stopping. (victims or None, whether they sleep, the candidates and
+    blockers of the last try)."""
+    for sleep in (True, False):
+        cands, blockers = candidates(inv, state, names, below=below, sleep=sleep)
+        victims = choose_victims(cands, shortfall)
+        if victims is not None:
+            return victims, sleep, cands, blockers
+    return None, False, cands, blockers
 
 
 def _plan_stop(inv: PlannerInventory, state: ObservedState, req: StopService) -> Plan | Refusal:
@@ -182,11 +191,7 @@ def _plan_phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) 
         steps, shortfall = _wake_less(inv, state, steps, wanted, keep, shortfall)
     touched = {s.service for s in steps}
     kept = [n for n in (*managed, *state.sleeping) if n in keep and n not in touched]
-    for sleep in (True, False):
-        cands, blockers = candidates(inv, state, kept, below=None, sleep=sleep)
-        victims = choose_victims(cands, shortfall)
-        if victims is not None:
-            break
+    victims, sleep, cands, blockers = _victims(inv, state, kept, None, shortfall)
     if victims is None:
         short = shortfall - sum(mb for _, mb, _ in cands)
         blockers += [Blocker(n, usage_mb(inv, state, n), f"needed by {label}")

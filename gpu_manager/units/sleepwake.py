@@ -16,18 +16,13 @@ import time
 from loguru import logger
 
 from gpu_manager.config import SleepConfig
-from gpu_manager.units.owner import S, UnitOwner
+from gpu_manager.units.owner import S
 from gpu_manager.units.result import UnitResult
 from gpu_manager.units.sleeper import Outcome
+from gpu_manager.units.watchers import Watchers
 
 
-class SleepWake(UnitOwner):
-    async def _start_steps(self, gen: int, launch: bool, deadline: float) -> None:
-        raise NotImplementedError  # the start sequence's health loop: units/unit.py
-
-    async def _watch_health(self, gen: int) -> None:
-        raise NotImplementedError
-
+class SleepWake(Watchers):
     def _begin_wake(self) -> None:
         """Wake a sleeping service: the wake call, then the health check as after a start.
         Same process, same generation: its exit watcher keeps watching."""

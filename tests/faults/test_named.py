@@ -358,7 +358,7 @@ async def test_a_sleeper_that_waits_for_room_wakes_after_a_stop(world: World) ->
     await run(world, StartService("comfyui"))  # 12000 beside 10000: whisper (30) sleeps
     assert world.units["whisper"].state == S.SLEEPING
     await run(world, PreparePhase(2))  # a phase releases comfyui: not a reason to wake it
-    assert not world.orch._background and world.units["whisper"].state == S.SLEEPING
+    assert not world.orch.followups.tasks and world.units["whisper"].state == S.SLEEPING
     await run(world, StartService("comfyui"))
     await run(world, StopService("comfyui", force=True))  # a release: whisper fits again
     await until(lambda: world.units["whisper"].state == S.READY, 3, "whisper awake")

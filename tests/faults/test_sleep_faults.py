@@ -55,10 +55,10 @@ async def test_a_reading_from_before_the_sleep_does_not_wake_it(world: World) ->
 
 async def test_a_prewarmed_service_that_died_is_itself_again(world: World) -> None:
     assert (await run(world, Prewarm(2))).status == "succeeded"  # vidi, prewarmed
-    assert world.orch.live_prewarmed() == {"vidi"}
+    assert world.orch.followups.live() == {"vidi"}
     world.driver_of("vidi").crash()
     await until(lambda: world.units["vidi"].state in (S.FAILED, S.STOPPED), 2, "vidi down")
-    assert world.orch.live_prewarmed() == frozenset()
+    assert world.orch.followups.live() == frozenset()
     await run(world, StartService("comfyui"))
     await run(world, StartService("vllm"))
     op = await run(world, StartService("vidi"))  # 40 > 20: the sleeping vllm makes room
@@ -119,4 +119,4 @@ async def test_a_prewarm_gives_way_to_a_real_request(world: World) -> None:
     # what it began goes on in its unit; a request that wants it waits for it
     op = await run(world, PreparePhase(5))  # vidi and cosyvoice
     assert op.status == "succeeded", op.error
-    assert world.units["vidi"].state == S.READY and "vidi" not in world.orch.live_prewarmed()
+    assert world.units["vidi"].state == S.READY and "vidi" not in world.orch.followups.live()

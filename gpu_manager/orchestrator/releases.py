@@ -1,4 +1,5 @@
-"""A plan's sleep step: ask the service, then see its VRAM come off the GPU, else stop it."""
+"""A plan's release steps: stop, and sleep (ask the service, then see its VRAM come off the
+GPU, else stop it)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,30 @@ if TYPE_CHECKING:
 S = ServiceState
 
 
-class SleepSteps:
-    """Mixed into the Executor, which provides `orch` and `stop`."""
+class Releases:
+    """A plan's release steps, stop and sleep; mixed into the Executor (which sets `orch`)."""
 
     orch: Orchestrator
 
     async def stop(self, name: str, reason: str, preemption: bool,
                    notes: list[str] | None = None) -> str | None:
-        raise NotImplementedError
+        orch = self.orch
+        cfg = orch.inventory.services[name]
+        pids, pid_error = await orch.read_pids(name)
+        mb = max(cfg.vram_mb, orch.measured(name) or 0)
+        notes = list(notes or [])
+        if pid_error is not None:
+            notes.append(f"pid list unavailable ({pid_error}): reclaim judged by free memory "
+                         "alone")
+        if preemption:
+            orch.count_preemption(name)
+        result = await orch.units[name].stop(reason)
+        if not result.ok:
+            raise OperationError("stop_failed", f"could not stop {name}: {result.reason}",
+                                 gpu_state=orch.gpu_state())
+        orch.ledger.released(name, Releasing(pids, mb, time.monotonic(),
+                                             pids_known=pid_error is None))
+        return "; ".join(notes) or None
 
     async def sleep(self, name: str, reason: str, preemption: bool, requester: str,
                     explicit: bool = False) -> str | None:
