@@ -55,7 +55,7 @@ class Daemon:
         self.bounds = bounds
         self._inventory = inventory or load_inventory(settings.config_dir)
         self.started_at = time.time()
-        self.bus = EventBus()
+        self.bus = EventBus(settings.event_buffer)
         self.store = StateStore(settings.state_dir / "state.json")
         self.sim_dir = sim_dir(settings.state_dir)
         self.lock_info = LockInfo("unknown", None, None, ok=False, error="not checked yet")

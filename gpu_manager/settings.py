@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     # On SIGTERM: how long operations in flight may go on before they are cancelled.
     shutdown_timeout_s: float = Field(default=20.0, ge=0, le=600)
 
+    # The event stream: how many recent events a reconnecting client can get back
+    # (`Last-Event-ID`), how far one client may fall behind before it is sent a `gap`, the
+    # keep-alive ping interval (proxies cut idle connections, often at 60 s), and how long one
+    # write to a client that stopped reading may block before its stream is closed.
+    event_buffer: int = Field(default=1000, ge=1, le=1_000_000)
+    sse_queue: int = Field(default=1000, ge=1, le=1_000_000)
+    sse_ping_s: float = Field(default=15.0, gt=0, le=3600)
+    sse_send_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+
     @field_validator("allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _comma_separated(cls, v: object) -> object:

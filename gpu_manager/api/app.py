@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Depends, FastAPI, Header, Query
+from fastapi.responses import JSONResponse, Response
 from loguru import logger
 
 from gpu_manager import __version__
-from gpu_manager.aio import settle, within
-from gpu_manager.api import errors, leases, metrics
+from gpu_manager.aio import settle
+from gpu_manager.api import errors, events, leases, metrics
 from gpu_manager.api.errors import ApiError
 from gpu_manager.api.security import Policy, SecurityMiddleware
 from gpu_manager.api.status import status as build_status
@@ -37,7 +36,6 @@ from gpu_manager.settings import Settings
 
 DryRun = Annotated[bool, Query(description="Return the plan without acting.")]
 Wait = Annotated[bool, Query(description="false: answer 202 at once with an operation id.")]
-SSE_PING_S = 15.0
 RETRY_AFTER_S = 2  # for a 429: transitions take seconds, a retry sooner would just bounce
 
 
@@ -139,6 +137,7 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
         return {"success": True, **shape, "operation_id": op.id, "plan": op.as_dict()}
 
     app.include_router(leases.make_router(daemon, authorized))
+    app.include_router(events.make_router(daemon))
 
     @app.get("/health", tags=["probes"])
     async def health() -> dict[str, Any]:
@@ -213,23 +212,6 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
         if op is None:
             raise ApiError("unknown_operation", f"no operation {op_id!r} (the last 200 are kept)")
         return op.as_dict()
-
-    @app.get("/gpu/events", tags=["gpu"])
-    async def events(request: Request) -> StreamingResponse:
-        """Server-sent events: every state change, transition and step."""
-        async def stream() -> AsyncIterator[str]:
-            async with daemon.bus.subscribe() as queue:
-                yield ": connected\n\n"
-                while not await request.is_disconnected():
-                    try:
-                        event = await within(queue.get(), SSE_PING_S)
-                    except TimeoutError:
-                        yield ": ping\n\n"
-                        continue
-                    yield f"event: {event.kind}\ndata: {json.dumps(event.as_dict())}\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
 
     @app.get("/metrics", tags=["probes"])
     async def prometheus() -> Response:
