@@ -60,6 +60,9 @@ class Daemon:
         self.sim_dir = sim_dir(settings.state_dir)
         self.lock_info = LockInfo("unknown", None, None, ok=False, error="not checked yet")
         self.lock_checked_at = 0.0
+        # monotonic time the current holder took the lock (None: free); written only by
+        # refresh_lock_info, from what the backend says
+        self.lock_held_since: float | None = None
         self._lock_dirty = asyncio.Event()
         self.poller: Poller
         self.lock: GpuLock
@@ -236,6 +239,7 @@ class Daemon:
     # -- background refreshers: requests read their results, never wait on Redis or /proc ---
     async def refresh_lock_info(self) -> None:
         """Read the lock's holder and TTL now (requests otherwise read the cached copy)."""
+        before = self.lock_info.holder
         try:
             async with asyncio.timeout(self.bounds.lock_io_s):
                 self.lock_info = await self.lock.info()
@@ -243,6 +247,11 @@ class Daemon:
             self.lock_info = LockInfo(self.lock.backend, None, None, ok=False,
                                       error=f"no answer within {self.bounds.lock_io_s:g}s")
         self.lock_checked_at = time.time()
+        holder = self.lock_info.holder
+        if holder is None:
+            self.lock_held_since = None
+        elif holder != before or self.lock_held_since is None:
+            self.lock_held_since = time.monotonic()
 
     async def _refresh_lock_info(self) -> None:
         while True:

@@ -167,7 +167,7 @@ def test_metrics_and_events(tmp_path: Path) -> None:
         assert any(k == "step" for k, _, _ in kinds)
         text = d.get("/metrics").text
         assert 'gpu_manager_service_state{service="vidi",state="ready"} 1.0' in text
-        assert 'gpu_manager_vram_used_mb{device="0"} 4000.0' in text
+        assert 'gpu_manager_vram_used_bytes{device="0"} 4.194304e+09' in text
         assert ('gpu_manager_transition_duration_seconds_count{kind="PreparePhase",'
                 'outcome="succeeded"} 1.0') in text
         ready = d.get("/ready").json()
