@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,9 +16,4 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-ConfigDirOpt = Annotated[
-    Path | None,
-    typer.Option("--config-dir", "-c", help="Folder with services.yaml and phases.yaml "
-                 "[default: $GPU_MANAGER_CONFIG_DIR, else the current folder]"),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

@@ -18,7 +18,8 @@ from gpu_manager.cli.client import (
     fail,
     print_operation,
 )
-from gpu_manager.cli.common import ConfigDirOpt, JsonOpt, app, err, out
+from gpu_manager.cli.common import JsonOpt, app, err, out
+from gpu_manager.cli.options import ConfigDirOpt
 from gpu_manager.config import ConfigError, Inventory, load_inventory
 from gpu_manager.paths import sim_dir
 from gpu_manager.planner import (

@@ -1,4 +1,8 @@
-"""`gpu-manager serve`: run the daemon."""
+"""`gpu-manager serve`: run the daemon.
+
+`gpu-manager serve ...` comes here straight from `cli.main` (`serve_only`), without the
+client verbs' modules; `gpu-manager --help` lists it with the others (`cli.main` adds it).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,12 @@ from typing import Annotated, Any
 import typer
 from loguru import logger
 
-from gpu_manager.cli.common import ConfigDirOpt, app, err
+from gpu_manager.cli.options import ConfigDirOpt
 from gpu_manager.config import ConfigError, load_inventory
 from gpu_manager.logs import setup as setup_logs
 from gpu_manager.settings import Settings
 
 
-@app.command("serve")
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [$GPU_MANAGER_HOST, "
                                              "default 127.0.0.1]")] = None,
@@ -28,14 +31,15 @@ def serve(
     }.items() if v is not None}
     settings = Settings(**overrides)
     if not settings.loopback and settings.token_value() is None:
-        err.print(f"refusing to bind {settings.host}: a non-loopback address needs "
-                  "GPU_MANAGER_TOKEN set (every mutating call then needs it)", style="red")
+        typer.secho(f"refusing to bind {settings.host}: a non-loopback address needs "
+                    "GPU_MANAGER_TOKEN set (every mutating call then needs it)", fg="red",
+                    err=True)
         raise typer.Exit(2)
     try:
         inventory = load_inventory(settings.config_dir)
     except ConfigError as exc:
         for issue in exc.issues:
-            err.print(str(issue), markup=False, highlight=False)
+            typer.echo(str(issue), err=True)
         raise typer.Exit(1) from None
     log_file = setup_logs(settings.state_dir, settings.log_level)
     logger.info(f"logging JSON lines to {log_file}")
@@ -50,3 +54,10 @@ def serve(
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level="warning",
                 lifespan="on", access_log=False,
                 timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s // 2)))
+
+
+def serve_only(args: list[str]) -> None:
+    """`gpu-manager serve ARGS`: the same command, alone on an app of its own."""
+    single = typer.Typer(add_completion=False)
+    single.command()(serve)
+    single(args=args, prog_name="gpu-manager serve")
