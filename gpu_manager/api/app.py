@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query
+from fastapi import Depends, FastAPI, Path, Query
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gpu_manager import __version__
 from gpu_manager.aio import settle
 from gpu_manager.api import errors, events, leases, metrics
+from gpu_manager.api import models as m
+from gpu_manager.api.auth import make_auth
+from gpu_manager.api.docs import TRANSITION, answers
 from gpu_manager.api.errors import ApiError
 from gpu_manager.api.security import Policy, SecurityMiddleware
 from gpu_manager.api.status import status as build_status
@@ -84,18 +87,19 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
     app.add_middleware(SecurityMiddleware, policy=Policy.from_settings(settings))
     token = settings.token_value()
 
-    async def authorized(authorization: Annotated[str | None, Header()] = None,
-                         x_service_token: Annotated[str | None, Header()] = None) -> None:
-        if token is None:
-            return
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer":
-            given = x_service_token or ""  # what the existing GPUClient sends
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise ApiError("unauthorized", "a valid `Authorization: Bearer <token>` is required",
-                           headers={"WWW-Authenticate": "Bearer"})
-
+    authorized = make_auth(token)
     Auth = Depends(authorized)
+    # what every mutating route may answer before it runs: no token, a foreign Origin (403,
+    # always documented), a body that is not JSON, a request that does not fit the schema
+    POST = (*((401,) if token else ()), 415, 422)
+    # Examples from the inventory at start-up (the schema is built once; a reload may change
+    # the names, an example need not be exhaustive): /docs and contract tests start from
+    # requests that reach the planner, not only 404s.
+    inv = daemon.inventory
+    # (defaults, not Annotated aliases: FastAPI resolves annotations in the module's globals)
+    name_ = Path(description="A service of services.yaml",
+                 examples=sorted(inv.services)[:3] or ["comfyui"])
+    phase_ = Path(description="A phase of phases.yaml", examples=sorted(inv.phases)[:3] or [1])
 
     def _forget(task: asyncio.Task[Any]) -> None:
         background.discard(task)
@@ -136,45 +140,57 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
             await daemon.refresh_lock_info()
         return {"success": True, **shape, "operation_id": op.id, "plan": op.as_dict()}
 
-    app.include_router(leases.make_router(daemon, authorized))
+    app.include_router(leases.make_router(daemon, authorized, POST))
     app.include_router(events.make_router(daemon))
 
-    @app.get("/health", tags=["probes"])
+    @app.get("/health", tags=["probes"], responses=answers(ok=m.Health))
     async def health() -> dict[str, Any]:
         """Liveness: the process answers."""
         return {"status": "ok", "version": __version__}
 
-    @app.get("/ready", tags=["probes"])
+    @app.get("/ready", tags=["probes"], responses=answers(503, ok=m.Ready, why={
+        503: "Not ready: the body says which of the probe, the lock or the config is not."}),
+        response_class=JSONResponse)
     async def ready() -> JSONResponse:
         """Readiness: the probe and the lock backend are usable (503 with the reason if not)."""
         ok, detail = daemon.readiness()
         return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
 
-    @app.get("/gpu/status", tags=["gpu"])
+    @app.get("/gpu/status", tags=["gpu"], responses=answers(ok=m.Status))
     async def gpu_status() -> dict[str, Any]:
         return build_status(daemon)
 
-    @app.post("/gpu/prepare-phase/{phase}", tags=["gpu"], dependencies=[Auth])
-    async def prepare_phase(phase: int, dry_run: DryRun = False, wait: Wait = True) -> Any:
+    @app.post("/gpu/prepare-phase/{phase}", tags=["gpu"], dependencies=[Auth],
+              responses=answers(*POST, 404, *TRANSITION, ok=m.Done | m.DryRun,
+                                accepted=m.Accepted))
+    async def prepare_phase(phase: int = phase_, dry_run: DryRun = False, wait: Wait = True) -> Any:
         return await run(PreparePhase(phase), dry_run, wait, phase=phase)
 
-    @app.post("/gpu/service/{name}/start", tags=["gpu"], dependencies=[Auth])
-    async def start_service(name: str, dry_run: DryRun = False, wait: Wait = True) -> Any:
+    @app.post("/gpu/service/{name}/start", tags=["gpu"], dependencies=[Auth],
+              responses=answers(*POST, 404, *TRANSITION, ok=m.Done | m.DryRun,
+                                accepted=m.Accepted))
+    async def start_service(name: str = name_, dry_run: DryRun = False, wait: Wait = True) -> Any:
         return await run(StartService(name), dry_run, wait, service=name)
 
-    @app.post("/gpu/service/{name}/stop", tags=["gpu"], dependencies=[Auth])
-    async def stop_service(name: str, force: bool = False, dry_run: DryRun = False,
+    @app.post("/gpu/service/{name}/stop", tags=["gpu"], dependencies=[Auth],
+              responses=answers(*POST, 404, *TRANSITION, ok=m.Done | m.DryRun,
+                                accepted=m.Accepted))
+    async def stop_service(name: str = name_, force: bool = False, dry_run: DryRun = False,
                            wait: Wait = True) -> Any:
         return await run(StopService(name, force), dry_run, wait, service=name)
 
-    @app.post("/gpu/service/{name}/sleep", tags=["gpu"], dependencies=[Auth])
-    async def sleep_service(name: str, force: bool = False, dry_run: DryRun = False,
+    @app.post("/gpu/service/{name}/sleep", tags=["gpu"], dependencies=[Auth],
+              responses=answers(*POST, 404, *TRANSITION, ok=m.Done | m.DryRun,
+                                accepted=m.Accepted))
+    async def sleep_service(name: str = name_, force: bool = False, dry_run: DryRun = False,
                             wait: Wait = True) -> Any:
         """Put NAME to sleep (its `sleep:` block): the VRAM comes off the GPU, the process
         stays; starting it wakes it. 409 `cannot_sleep` without a `sleep:` block."""
         return await run(SleepService(name, force), dry_run, wait, service=name)
 
-    @app.post("/gpu/release-all", tags=["gpu"], dependencies=[Auth])
+    @app.post("/gpu/release-all", tags=["gpu"], dependencies=[Auth],
+              responses=answers(*POST, *TRANSITION, ok=m.Done | m.DryRun,
+                                accepted=m.Accepted))
     async def release_all(dry_run: DryRun = False, wait: Wait = True) -> Any:
         result = await run(StopAll(), dry_run, wait)
         if isinstance(result, dict) and not dry_run:
@@ -183,7 +199,8 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
                                  else "nothing was running")
         return result
 
-    @app.post("/gpu/lock/release", tags=["gpu"], dependencies=[Auth])
+    @app.post("/gpu/lock/release", tags=["gpu"], dependencies=[Auth],
+              responses=answers(*POST, 503, ok=m.Released))
     async def lock_release() -> dict[str, Any]:
         """Force-release the GPU lock, whoever holds it (an operator's last resort)."""
         try:
@@ -193,7 +210,10 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
         await daemon.refresh_lock_info()
         return {"released": released}
 
-    @app.post("/gpu/reload", tags=["gpu"], dependencies=[Auth])
+    @app.post("/gpu/reload", tags=["gpu"], dependencies=[Auth],
+              responses=answers(*POST, ok=m.Reloaded, why={
+                  422: "`invalid_config`: the files are invalid (file:line); the daemon "
+                       "goes on with the inventory it had."}), response_class=JSONResponse)
     async def reload() -> JSONResponse:
         """Re-read services.yaml and phases.yaml (as SIGHUP does)."""
         ok, detail = await daemon.reloader.reload()
@@ -201,20 +221,25 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
             return ApiError("invalid_config", detail, status=422).response()
         return JSONResponse({"success": True, "detail": detail})
 
-    @app.get("/gpu/operations", tags=["gpu"])
+    @app.get("/gpu/operations", tags=["gpu"], responses=answers(422, ok=m.Operations))
     async def operations(limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:
         """The most recent operations, newest last (interrupted ones included)."""
         return {"operations": [op.as_dict() for op in daemon.orchestrator.ops.recent(limit)]}
 
-    @app.get("/gpu/operations/{op_id}", tags=["gpu"])
+    @app.get("/gpu/operations/{op_id}", tags=["gpu"],
+             responses=answers(404, ok=m.Operation, why={404: "`unknown_operation`: not "
+                                                         "among the last 200."}))
     async def operation(op_id: str) -> dict[str, Any]:
         op = daemon.orchestrator.ops.get(op_id)
         if op is None:
             raise ApiError("unknown_operation", f"no operation {op_id!r} (the last 200 are kept)")
         return op.as_dict()
 
-    @app.get("/metrics", tags=["probes"])
+    @app.get("/metrics", tags=["probes"], response_class=Response, responses={
+        200: {"description": "Prometheus text format",
+              "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+        **answers()})
     async def prometheus() -> Response:
-        return Response(metrics.render(registry), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

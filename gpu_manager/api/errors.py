@@ -71,6 +71,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot decode at all: the same 422 as any other
+            # request that does not fit the schema, so clients handle one shape.
+            return JSONResponse({"error": "invalid_request", "detail": [
+                {"loc": ["body"], "msg": str(exc.detail)}]}, status_code=422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))

@@ -17,6 +17,7 @@ import anyio
 from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from gpu_manager.api.docs import answers
 from gpu_manager.daemon import Daemon
 from gpu_manager.units.events import Event, Gap, Subscription, matches
 
@@ -25,6 +26,18 @@ from gpu_manager.units.events import Event, Gap, Subscription, matches
 RETRY_MS = 2000
 # After uvicorn's shutdown signal, how long a stream may take to send its `shutdown` event.
 SHUTDOWN_GRACE_S = 2.0
+
+# One event on the wire (before OpenAPI 3.2's itemSchema, `schema` describes each event).
+EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["data"],
+    "properties": {
+        "event": {"type": "string", "description": "The kind (`state`, `operation`, ...)"},
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "description": "The event as a JSON object"},
+        "retry": {"type": "integer"},
+    },
+}
 
 EVENT_TYPES = """\
 Each event has an `id` (an integer, increasing across restarts too), an `event` field naming
@@ -58,10 +71,14 @@ def make_router(daemon: Daemon) -> APIRouter:
         "/gpu/events", tags=["gpu"], response_class=EventSourceResponse,
         description=EVENT_TYPES,
         responses={200: {"description": "An endless stream of events.",
-                         "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+                         "content": {"text/event-stream": {"schema": EVENT_SCHEMA}}},
+                   **answers(422)})
     async def events(
-        last_event_id: Annotated[int | None, Header(
-            ge=0, description="The last id the client saw: the stream starts after it.")] = None,
+        # A string with a pattern, not `int | None`: a header has no null, and a schema that
+        # offers one invites clients (and generated tests) to send the text "null".
+        last_event_id: Annotated[str, Header(
+            pattern=r"^[0-9]{1,18}$",
+            description="The last id the client saw: the stream starts after it.")] = "",
         after: Annotated[int | None, Query(
             ge=0, description="As Last-Event-ID, for clients that cannot set headers."
         )] = None,
@@ -72,7 +89,7 @@ def make_router(daemon: Daemon) -> APIRouter:
     ) -> EventSourceResponse:
         """Server-sent events: every state change, transition and step, resumable."""
         shutdown = anyio.Event()
-        since = last_event_id if last_event_id is not None else after
+        since = int(last_event_id) if last_event_id else after
         services, kinds = service or [], kind or []
         return EventSourceResponse(
             _stream(daemon, since, services, kinds, shutdown),

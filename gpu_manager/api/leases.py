@@ -14,42 +14,109 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from gpu_manager.api.docs import answers
+from gpu_manager.api.models import Body, JsonInt, json_int
 from gpu_manager.api.status import vram
 from gpu_manager.daemon import Daemon
 
+# JSON as the schema says: `false` is no number of MB, "5" no priority.
+STRICT = ConfigDict(strict=True)
 SessionId = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class AcquireBody(BaseModel):
+    model_config = STRICT
     session_id: SessionId
     requester: str = Field(min_length=1, max_length=200)
-    priority: Literal[1, 2] = 1
-    timeout_ms: int = Field(default=15_000, ge=0, le=600_000)
-    vram_mb: int | None = Field(default=None, ge=0)
+    priority: Annotated[Literal[1, 2], BeforeValidator(json_int)] = 1
+    timeout_ms: JsonInt = Field(default=15_000, ge=0, le=600_000)
+    # the bound before the validator: after it, pydantic writes `ge` into the schema, not `minimum`
+    vram_mb: Annotated[int, Field(ge=0), BeforeValidator(json_int)] | None = None
     ttl_s: float | None = Field(default=None, gt=0)
     metadata: dict[str, Any] | None = None
 
 
 class ReleaseBody(BaseModel):
+    model_config = STRICT
     session_id: SessionId
     requester: str | None = None
     result: Any = None
 
 
 class RenewBody(BaseModel):
+    model_config = STRICT
     session_id: SessionId
     requester: str | None = None
 
 
 class GemmaRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # the old client sends chat fields we ignore
+    # the old client sends chat fields we ignore
+    model_config = ConfigDict(extra="allow", strict=True)
     task_id: SessionId
     messages: list[Any] = Field(default_factory=list)
     context: list[Any] = Field(default_factory=list)
-    max_tokens: int = 0
+    max_tokens: JsonInt = 0
     temperature: float = 0.0
+
+
+class LeaseAnswer(Body):
+    success: bool
+    session_id: str
+    acquired_at: str | None = Field(description="ISO 8601; null when not acquired")
+    error: str | None
+    wait_time_ms: int
+    vram_mb: int | None
+    ttl_s: float | None
+
+
+class ReleaseAnswer(Body):
+    success: bool
+    session_id: str
+    released_at: str | None
+    session_duration_ms: int | None
+    error: str | None = None
+
+
+class RenewAnswer(Body):
+    success: bool
+    session_id: str
+    expires_in_s: float | None = None
+    error: str | None = None
+
+
+class LeaseState(Body):
+    owner: str | None
+    session_id: str | None
+    requester: str | None
+    acquired_at: str | None
+    state: Literal["acquired", "idle"]
+    redis_connected: bool
+    leases: list[dict[str, Any]]
+
+
+class GemmaAnswer(Body):
+    task_id: str
+    status: str = Field(description="gpu_acquired or failed")
+    message: str | None
+
+
+class GemmaReleased(Body):
+    status: Literal["released", "not_found"]
+    task_id: str
+
+
+class LegacyStatus(Body):
+    status: str
+    gpu_available: bool
+    current_owner: str | None
+    active_sessions: list[str]
+    vram: dict[str, int | None]
+
+
+NOT_GRANTED = {409: "Not granted in time (the body says why, with the same shape).",
+               503: "The lock backend is unavailable."}
 
 
 def iso(ts: float | None) -> str | None:
@@ -61,11 +128,14 @@ def engine_of(task_id: str) -> str:
     return match.group(1) if match else task_id
 
 
-def make_router(daemon: Daemon, auth: Any) -> APIRouter:
+def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
+    """`post`: what every mutating route answers before it runs (app.py's POST)."""
     router = APIRouter(tags=["leases"])
     deps = [Depends(auth)]
 
-    @router.post("/gpu/acquire", dependencies=deps)
+    @router.post("/gpu/acquire", dependencies=deps,
+                 responses=answers(*post, 409, 503, ok=LeaseAnswer, why=NOT_GRANTED,
+                                   body=LeaseAnswer))
     async def acquire(body: AcquireBody) -> JSONResponse:
         res = await daemon.leases.acquire(body.session_id, body.requester, body.priority,
                                           body.timeout_ms, body.vram_mb, body.ttl_s,
@@ -80,7 +150,9 @@ def make_router(daemon: Daemon, auth: Any) -> APIRouter:
         await daemon.refresh_lock_info()
         return JSONResponse(payload, status_code=code)
 
-    @router.post("/gpu/release", dependencies=deps)
+    @router.post("/gpu/release", dependencies=deps, responses=answers(
+        *post, 404, ok=ReleaseAnswer, why={404: "No such active session."},
+        body=ReleaseAnswer))
     async def release(body: ReleaseBody) -> JSONResponse:
         lease = await daemon.leases.release(body.session_id)
         now = time.time()
@@ -93,7 +165,9 @@ def make_router(daemon: Daemon, auth: Any) -> APIRouter:
         return JSONResponse({"success": True, "session_id": body.session_id,
                              "released_at": iso(now), "session_duration_ms": held_ms})
 
-    @router.post("/gpu/renew", dependencies=deps)
+    @router.post("/gpu/renew", dependencies=deps, responses=answers(
+        *post, 404, ok=RenewAnswer, why={404: "No such active session (expired?)."},
+        body=RenewAnswer))
     async def renew(body: RenewBody) -> JSONResponse:
         lease = daemon.leases.renew(body.session_id)
         if lease is None:
@@ -102,7 +176,7 @@ def make_router(daemon: Daemon, auth: Any) -> APIRouter:
         return JSONResponse({"success": True, "session_id": body.session_id,
                              "expires_in_s": lease.ttl_s})
 
-    @router.get("/gpu/state")
+    @router.get("/gpu/state", responses=answers(ok=LeaseState))
     async def state() -> dict[str, Any]:
         leases = daemon.leases.active
         first = leases[0] if leases else None
@@ -121,7 +195,9 @@ def make_router(daemon: Daemon, auth: Any) -> APIRouter:
                        for x in leases],
         }
 
-    @router.post("/gemma/request", dependencies=deps)
+    @router.post("/gemma/request", dependencies=deps,
+                 responses=answers(*post, 409, 503, ok=GemmaAnswer, why=NOT_GRANTED,
+                                   body=GemmaAnswer))
     async def gemma_request(body: GemmaRequest, x_service_id: Annotated[
             str | None, Header()] = None) -> JSONResponse:
         requester = x_service_id or engine_of(body.task_id)
@@ -136,14 +212,16 @@ def make_router(daemon: Daemon, auth: Any) -> APIRouter:
                              "message": f"GPU acquired for {requester} "
                                         f"({res.lease.vram_mb} MB, waited {res.wait_ms} ms)"})
 
-    @router.post("/gemma/release/{task_id}", dependencies=deps)
+    @router.post("/gemma/release/{task_id}", dependencies=deps, responses=answers(
+        *post, 404, ok=GemmaReleased, why={404: "No such task holds the GPU."},
+        body=GemmaReleased))
     async def gemma_release(task_id: str) -> JSONResponse:
         lease = await daemon.leases.release(task_id)
         if lease is None:
             return JSONResponse({"status": "not_found", "task_id": task_id}, status_code=404)
         return JSONResponse({"status": "released", "task_id": task_id})
 
-    @router.get("/status")
+    @router.get("/status", responses=answers(ok=LegacyStatus))
     async def legacy_status() -> dict[str, Any]:
         leases = daemon.leases.active
         v = vram(daemon)

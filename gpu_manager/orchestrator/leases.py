@@ -41,7 +41,7 @@ class AcquireResult:
     lease: ClientLease | None
     error: str | None
     wait_ms: int
-    code: str = "ok"  # ok, timeout, unavailable, invalid
+    code: str = "ok"  # ok, timeout, unavailable, invalid, too_large
 
 
 class LeaseManager:
@@ -84,6 +84,10 @@ class LeaseManager:
         budget = self.orch.observed().total_mb - self.orch.inventory.gpu.reserve_mb
         mb = vram_mb if vram_mb is not None else self.cfg.default_vram_mb
         mb = budget if mb is None else mb
+        if 0 < budget < mb:
+            # no wait can make it fit: say so now rather than at the end of the timeout
+            return AcquireResult(None, f"{mb} MB is more than this GPU can ever give "
+                                 f"({budget} MB: its total less the reserve)", 0, "too_large")
         ttl = min(ttl_s or (self.cfg.legacy_ttl_s if legacy else self.cfg.default_ttl_s),
                   self.cfg.max_ttl_s)
         lease = ClientLease(session_id, requester, self.scale(client_priority), client_priority,
