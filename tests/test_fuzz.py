@@ -1,15 +1,19 @@
-"""Fuzz the HTTP API from its own OpenAPI schema (schemathesis) against a live daemon:
-no 5xx on any input, and the state still adds up afterwards."""
+"""The published contract, checked the way a user would: the stock schemathesis CLI with
+`--checks all` (examples, coverage, fuzzing and stateful phases) against a live daemon, once
+without a token and once with one. Every answer must be one the schema documents, in the
+shape and media type it declares; invalid input must be refused and valid input taken; with a
+token, a call without it must be refused. Then the daemon's state must still add up."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
 
 from tests.support.daemon import DaemonProc
 
@@ -19,54 +23,67 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FAST = {'"--startup-s", "1.5"': '"--startup-s", "0.1"',
         '"--startup-s", "1.0"': '"--startup-s", "0.1"',
         '"--startup-s", "0.5"': '"--startup-s", "0.1"'}
+# Leases expire fast and acquires wait at most briefly, so that one case's lease does not
+# make the next ones wait out their timeouts (every wait is within the request timeout).
+LEASES = "\nleases:\n  legacy_wait_s: 0.3\n  default_ttl_s: 1\n  max_ttl_s: 1\n  max_wait_s: 2\n"
+TOKEN = "fuzz-token-7c1d"
+CLI = Path(sys.executable).with_name("schemathesis")
+
+
+def start(tmp: Path, token: str | None = None) -> DaemonProc:
+    return DaemonProc(tmp, replace=FAST, extra_services=LEASES, token=token).start()
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
-    # Leases the fuzzer takes expire fast, and legacy requests wait briefly, so that one
-    # example's lease does not make every later one wait out its timeout.
-    leases = "leases:\n  legacy_wait_s: 0.3\n  default_ttl_s: 1\n  max_ttl_s: 1\n"
-    d = DaemonProc(tmp_path_factory.mktemp("fuzz"), replace=FAST,
-                   extra_services="\n" + leases).start()
+    d = start(tmp_path_factory.mktemp("fuzz"))
     yield d
     d.close()
 
 
-def check(live: DaemonProc, case: Any) -> None:
-    if isinstance(case.body, dict) and isinstance(case.body.get("timeout_ms"), int):
-        # a valid acquire may wait up to 10 minutes for room; keep the fuzz run short
-        case.body["timeout_ms"] = min(case.body["timeout_ms"], 500)
-    response = case.call(base_url=live.url, timeout=120)
-    # 502/504 report a service that failed to start or VRAM that did not come back: outcomes
-    # of real processes, not of the input. Anything else 5xx is a bug.
-    assert response.status_code < 500 or response.status_code in (502, 503, 504), (
-        case.as_curl_command(), response.status_code, response.text[:500])
-    if response.status_code >= 500:  # then it must be our JSON error, saying what happened
-        assert response.json()["error"] in ("start_failed", "stop_failed", "reclaim_timeout",
-                                            "lock_unavailable", "lock_lost", "shutting_down")
+def schemathesis(d: DaemonProc, *args: str, budget_s: float = 400) -> str:
+    """Run the CLI; fail with its report unless it found nothing."""
+    cmd = [str(CLI), "run", f"{d.url}/openapi.json", "--checks", "all", "--workers", "1",
+           "--no-color", "--generation-database", "none", *args]
+    t0 = time.monotonic()
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=budget_s, check=False)
+    out = result.stdout + result.stderr
+    summary = out[out.rfind("SUMMARY"):] if "SUMMARY" in out else out[-3000:]
+    print(f"{' '.join(cmd[2:])}: {time.monotonic() - t0:.0f} s\n{summary}")
+    assert result.returncode == 0, out[-20000:]
+    # exit 0 and the last line says so: nothing failed, nothing errored
+    last = out.strip().splitlines()[-1]
+    assert re.search(r"(No issues found|\d+ warnings?) in [\d.]+s", last), out[-5000:]
+    assert not re.search(r"\d+ (failures?|errors?)", last), out[-5000:]
+    return out
 
 
-def test_api_never_answers_5xx(live: DaemonProc) -> None:
-    # schemathesis' pytest plugin (from_fixture) does not run under pytest 9 yet, so the
-    # operations' hypothesis strategies are driven directly.
-    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
-    operations = [r.ok() for r in schema.get_all_operations()]
-    # An endless event stream is no request/response pair to fuzz.
-    operations = [op for op in operations if op.path != "/gpu/events"]
-    assert len(operations) >= 15
-    took: dict[str, float] = {}
-    for op in operations:
-        t0 = time.monotonic()
+def test_the_contract_holds_without_a_token(live: DaemonProc) -> None:
+    out = schemathesis(live, "--max-examples", "30", "--exclude-path", "/gpu/events",
+                       "--request-timeout", "20")
+    assert re.search(r"Tested: (\d+)", out) and int(re.findall(r"Tested: (\d+)", out)[0]) >= 19
+    for phase in ("Examples", "Coverage", "Fuzzing", "Stateful"):
+        assert re.search(rf"✅ {phase}", out), f"the {phase} phase did not run clean"
 
-        @settings(max_examples=12, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=op.as_strategy())
-        def fuzz(case: Any) -> None:
-            check(live, case)
 
-        fuzz()
-        took[f"{op.method.upper()} {op.path}"] = round(time.monotonic() - t0, 1)
-    print(sorted(took.items(), key=lambda kv: -kv[1])[:8])
+def test_the_event_stream_keeps_its_contract(live: DaemonProc) -> None:
+    # An endless stream: each case reads until the request timeout, and what it got (the
+    # media type, each event against the declared event schema) is checked.
+    schemathesis(live, "--max-examples", "5", "--include-path", "/gpu/events",
+                 "--request-timeout", "1")
+
+
+def test_the_contract_holds_with_a_token(tmp_path: Path) -> None:
+    d = start(tmp_path, token=TOKEN)
+    try:
+        schema = d.get("/openapi.json").json()
+        assert {"HTTPBearer", "APIKeyHeader"} <= set(schema["components"]["securitySchemes"])
+        # with the token: everything works; the `ignored_auth` check also sends each
+        # mutating call without it and requires a 401
+        schemathesis(d, "--max-examples", "20", "--exclude-path", "/gpu/events",
+                     "--request-timeout", "20", "--header", f"Authorization: Bearer {TOKEN}")
+    finally:
+        d.close()
 
 
 def test_state_adds_up_after_fuzzing(live: DaemonProc) -> None:
@@ -81,3 +98,28 @@ def test_state_adds_up_after_fuzzing(live: DaemonProc) -> None:
             "success"]
     assert live.post("/gpu/release-all").status_code == 200
     assert live.post("/gpu/prepare-phase/2").status_code == 200
+
+
+def test_every_route_declares_its_answers(live: DaemonProc) -> None:
+    schema = live.get("/openapi.json").json()
+    assert schema["openapi"].startswith("3.1")
+    for path, methods in schema["paths"].items():
+        for method, op in methods.items():
+            codes = set(op["responses"])
+            assert "200" in codes and "403" in codes, (method, path, codes)
+            if op.get("parameters") or op.get("requestBody"):
+                invalid = op["responses"]["422"]["content"]["application/json"]["schema"]
+                assert invalid == {"$ref": "#/components/schemas/Invalid"}, (method, path)
+            assert "HTTPValidationError" not in str(op["responses"])
+    metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain; version=0.0.4; charset=utf-8"]
+    events = schema["paths"]["/gpu/events"]["get"]["responses"]["200"]["content"]
+    assert list(events) == ["text/event-stream"]
+
+
+def test_an_acquire_that_can_never_fit_is_refused_at_once(live: DaemonProc) -> None:
+    t0 = time.monotonic()
+    r = live.post("/gpu/acquire", json={"session_id": "huge", "requester": "t",
+                                        "vram_mb": 10**9, "timeout_ms": 60_000})
+    assert r.status_code == 409 and "more than this GPU can ever give" in r.json()["error"]
+    assert time.monotonic() - t0 < 2

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Path, Query
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from gpu_manager import __version__
 from gpu_manager.aio import settle
@@ -227,8 +226,8 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
         return {"operations": [op.as_dict() for op in daemon.orchestrator.ops.recent(limit)]}
 
     @app.get("/gpu/operations/{op_id}", tags=["gpu"],
-             responses=answers(404, ok=m.Operation, why={404: "`unknown_operation`: not "
-                                                         "among the last 200."}))
+             responses=answers(404, 422, ok=m.Operation, why={
+                 404: "`unknown_operation`: not among the last 200."}))
     async def operation(op_id: str) -> dict[str, Any]:
         op = daemon.orchestrator.ops.get(op_id)
         if op is None:
@@ -237,9 +236,9 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
 
     @app.get("/metrics", tags=["probes"], response_class=Response, responses={
         200: {"description": "Prometheus text format",
-              "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+              "content": {metrics.CONTENT_TYPE: {"schema": {"type": "string"}}}},
         **answers()})
     async def prometheus() -> Response:
-        return Response(metrics.render(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(registry), media_type=metrics.CONTENT_TYPE)
 
     return app

@@ -22,6 +22,9 @@ from gpu_manager.daemon import Daemon
 from gpu_manager.units import Event, ServiceState
 
 TRANSITION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+# What generate_latest writes: the classic text format, which every Prometheus reads
+# (prometheus_client's CONTENT_TYPE_LATEST names a newer version of it).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MIB = 1024 * 1024  # the inventory's and the probe's "MB" are MiB
 LOCK_KINDS = ("operation", "leases", "daemon", "legacy", "releasing")
 

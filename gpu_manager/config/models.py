@@ -202,6 +202,9 @@ class LeaseConfig(_Strict):
     # The legacy wire form cannot renew or wait long: its client times out after 15 s.
     legacy_ttl_s: float = Field(default=600.0, gt=0, le=86400)
     legacy_wait_s: float = Field(default=10.0, ge=0, le=600)
+    # The longest an acquire waits for room, whatever `timeout_ms` it asks for: a client
+    # that asks for 10 minutes holds a request, a queue slot and a priority claim that long.
+    max_wait_s: float = Field(default=600.0, ge=0, le=600)
 
 
 class ServicesFile(_Strict):

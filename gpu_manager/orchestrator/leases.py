@@ -95,7 +95,7 @@ class LeaseManager:
         waiter = _Waiter((-lease.priority, next(self._seq)), session_id)
         self._queue.append(waiter)
         self._queue.sort()
-        deadline = t0 + timeout_ms / 1000
+        deadline = t0 + min(timeout_ms / 1000, self.cfg.max_wait_s)
         last = "waiting for the GPU"
         try:
             while True:
@@ -111,7 +111,7 @@ class LeaseManager:
                         return AcquireResult(None, last, self._ms(t0), "unavailable")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return AcquireResult(None, f"timed out after {timeout_ms} ms: {last}",
+                    return AcquireResult(None, f"timed out after {self._ms(t0)} ms: {last}",
                                          self._ms(t0), "timeout")
                 self._changed.clear()
                 await wait_event(self._changed, min(left, RETRY_S))
