@@ -29,6 +29,8 @@ from gpu_manager.orchestrator.leases import LeaseManager
 from gpu_manager.orchestrator.operations import interrupted
 from gpu_manager.paths import SIM_DIR_ENV, sim_dir
 from gpu_manager.probe import DeclaredProbe, Poller, make_poller, make_probe
+from gpu_manager.probe.history import INTERVAL_S as HISTORY_INTERVAL_S
+from gpu_manager.probe.history import History, Sample
 from gpu_manager.redact import redact_value
 from gpu_manager.reload import Reloader
 from gpu_manager.settings import Settings
@@ -48,6 +50,7 @@ LOCK_INFO_EVERY_S = 0.25
 PIDS_EVERY_S = 1.0
 
 
+
 class Daemon:
     def __init__(self, settings: Settings, inventory: Inventory | None = None,
                  bounds: Bounds = DEFAULT) -> None:
@@ -56,6 +59,7 @@ class Daemon:
         self._inventory = inventory or load_inventory(settings.config_dir)
         self.started_at = time.time()
         self.bus = EventBus(settings.event_buffer)
+        self.history = History()  # written only by the `history` task
         self.store = StateStore(settings.state_dir / "state.json")
         self.sim_dir = sim_dir(settings.state_dir)
         self.lock_info = LockInfo("unknown", None, None, ok=False, error="not checked yet")
@@ -139,6 +143,7 @@ class Daemon:
         sup.spawn("lease-expiry", self.leases.expire_loop)
         sup.spawn("config-watch", self.reloader.watch)
         sup.spawn("child-log-rotation", self.logrotate.run)
+        sup.spawn("history", self._sample_history)
         await self.refresh_lock_info()
         self.start_s = time.monotonic() - t0  # the rebuild after a restart: adoption included
         for issue in inv.warnings:
@@ -258,6 +263,24 @@ class Daemon:
             self._lock_dirty.clear()
             await wait_event(self._lock_dirty, LOCK_INFO_EVERY_S)
             await self.refresh_lock_info()
+
+    async def _sample_history(self) -> None:
+        while True:
+            self.history.add(self.history_sample())
+            await asyncio.sleep(HISTORY_INTERVAL_S)
+
+    def history_sample(self) -> Sample:
+        """The GPU now, from the latest snapshot and the books (no I/O)."""
+        snap, orch = self.poller.latest, self.orchestrator
+        index = self.inventory.gpu.device
+        dev = snap.device(index)
+        used = {n: mb for n, u in list(self.units.items())
+                if u.holds_gpu and (mb := orch.measured(n))}
+        return Sample(snap.wall_time or time.time(), index,
+                      dev.total_mb if dev else None, dev.used_mb if dev else None,
+                      orch.observed().foreign_mb if dev and dev.used_mb is not None else None,
+                      used, dev.temperature_c if dev else None,
+                      dev.utilization_percent if dev else None)
 
     async def _refresh_pids(self) -> None:
         while True:

@@ -14,7 +14,7 @@ from loguru import logger
 
 from gpu_manager import __version__
 from gpu_manager.aio import settle
-from gpu_manager.api import errors, events, leases, metrics
+from gpu_manager.api import errors, events, leases, metrics, web
 from gpu_manager.api import models as m
 from gpu_manager.api.auth import make_auth
 from gpu_manager.api.docs import TRANSITION, answers
@@ -141,6 +141,7 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
 
     app.include_router(leases.make_router(daemon, authorized, POST))
     app.include_router(events.make_router(daemon))
+    web.install(app, daemon)
 
     @app.get("/health", tags=["probes"], responses=answers(ok=m.Health))
     async def health() -> dict[str, Any]:

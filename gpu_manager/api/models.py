@@ -137,6 +137,13 @@ class LeaseSummary(Body):
     priority: int
 
 
+class PhaseInfo(Body):
+    name: str
+    services: list[str]
+    keep: list[str] = Field(description="Kept up through the phase while they still fit")
+    next: int | None = Field(description="The phase that usually follows (prewarm)")
+
+
 class Status(Body):
     vram: Vram
     services: dict[str, ServiceStatus]
@@ -146,6 +153,7 @@ class Status(Body):
     sleeping: list[str]
     prewarmed: list[str]
     operations: list[str] = Field(description="Ids of the operations in flight")
+    phases: dict[str, PhaseInfo] = Field(description="The inventory's phases, by number")
 
 
 # ---- plans and operations -------------------------------------------------------------------
@@ -265,7 +273,11 @@ class Error(Body):
     error: str = Field(description="A stable code: unknown_service, insufficient_vram, "
                        "lock_held, start_failed, ...")
     detail: Any = Field(description="What happened, for a person")
-    plan: RefusedPlan | None = Field(None, description="A refusal: blockers and MB short")
+    plan: RefusedPlan | None = Field(None, description="A refused dry run: the plan's "
+                                     "blockers and MB short")
+    short_mb: int | None = Field(None, description="insufficient_vram: MB missing")
+    blockers: list[Blocker] | None = Field(None, description="insufficient_vram: what stands "
+                                           "in the way, and why")
     operation: Operation | None = Field(None, description="The operation that failed")
     gpu_state: dict[str, Any] | None = Field(None, description="The GPU as a failed "
                                              "transition left it")

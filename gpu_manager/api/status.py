@@ -124,4 +124,7 @@ def status(daemon: Daemon) -> dict[str, Any]:
                            if u.state.value == "sleeping"),
         "prewarmed": sorted(daemon.orchestrator.followups.live()),
         "operations": [op.id for op in daemon.orchestrator.ops.in_flight()],
+        "phases": {str(n): {"name": p.name, "services": list(p.services), "keep": list(p.keep),
+                            "next": p.next}
+                   for n, p in sorted(daemon.inventory.phases.items())},
     }
