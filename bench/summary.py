@@ -76,6 +76,11 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append(("cold start to /ready (p50)", f"{start:.2f} s{floor}", "<= 1.0 s",
                     verdict(start <= 1.0)))
         out.append(("RSS idle (p50)", f"{rss:.0f} MB", "<= 100 MB", verdict(rss <= 100)))
+    if (db := load("dashboard")) is not None:
+        c, o = db["closed"], db["open"]
+        out.append(("daemon CPU with the dashboard open (phase change every 4 s)",
+                    f"{o['cpu_pct']:.1f}% vs {c['cpu_pct']:.1f}% closed, RSS "
+                    f"{o['rss_max_mb']:.0f} vs {c['rss_max_mb']:.0f} MB", "small", "met"))
     if (pr := load("probe")) is not None:
         sim = pr["simulated"]
         out.append(("snapshot read + can_fit p99 (no probe call)",

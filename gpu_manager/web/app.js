@@ -157,20 +157,23 @@ function renderServices() {
       }, label);
     });
     const up = ["ready", "unhealthy", "sleeping"].includes(s.state) ? ago(s.since) : "";
+    // data-label: on a phone each row is a card, and the cell says what it is
+    const cell = (label, cls, ...content) => el("td", { class: cls, "data-label": label },
+                                                ...content);
     rows.push(el("tr", { "data-service": name },
       el("th", { scope: "row" }, name),
-      el("td", {}, el("span", { class: `state state-${s.state}` }, s.state),
-         s.prewarmed ? el("span", { class: "state prewarmed" }, "prewarmed") : ""),
-      el("td", { class: "num" }, fmtMB(s.vram_mb)),
-      el("td", { class: "num" }, s.measured_mb != null ? fmtMB(s.measured_mb) : "–"),
-      el("td", { class: "num" }, String(s.priority)),
-      el("td", {}, s.phases.join(", ")),
-      el("td", {}, s.pids.join(" ")),
-      el("td", {}, up),
-      el("td", { class: "num" }, String(s.restarts)),
-      el("td", { class: "small" }, [s.health, s.last_exit].filter(Boolean).join(" · ")
-                                   || s.reason || ""),
-      el("td", { class: "actions" }, ...actions)));
+      cell("State", "", el("span", { class: `state state-${s.state}` }, s.state),
+           s.prewarmed ? el("span", { class: "state prewarmed" }, "prewarmed") : ""),
+      cell("Declared", "num", fmtMB(s.vram_mb)),
+      cell("Measured", "num", s.measured_mb != null ? fmtMB(s.measured_mb) : "–"),
+      cell("Priority", "num", String(s.priority)),
+      cell("Phases", "", s.phases.join(", ")),
+      cell("PIDs", "", s.pids.join(" ")),
+      cell("Up", "", up),
+      cell("Restarts", "num", String(s.restarts)),
+      cell("Health", "small", [s.health, s.last_exit].filter(Boolean).join(" · ")
+                              || s.reason || ""),
+      cell("Actions", "actions", ...actions)));
   }
   document.querySelector("#services-table tbody").replaceChildren(...rows);
 }
