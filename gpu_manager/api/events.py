@@ -44,11 +44,13 @@ Each event has an `id` (an integer, increasing across restarts too), an `event` 
 its kind, and a JSON `data` object with `event_id` (the same id), `kind`, `service` (or null)
 and `at` (epoch seconds) plus the fields of its kind:
 
-- `state`: a service changed state: `state`, `previous`, `reason`, `generation`, `pids`.
+- `state`: a service changed state (or its reason did): `state`, `previous`, `reason`.
 - `operation`: an operation was queued (`id`, `status: queued`) or ended (the whole
   operation as `/gpu/operations/{id}` gives it, with `duration_s`).
-- `step`: a step of a plan started or ended: `op`, `action`, `status`, timings.
-- `lease`: a client lease was granted, renewed, released or expired: `session_id`, `event`.
+- `step`: a step of a plan started or ended: `op`, `action`, `mb`, `reason`, `status`,
+  `started_at`, `duration_s`, `reclaim_wait_s`, `detail`, `after`.
+- `lease`: a client lease was granted, released or expired: `session_id`, `requester`,
+  `status`, `vram_mb`.
 - `restart_scheduled`: a failed service is restarted in `in_s` seconds: `reason`.
 - `sleep_fallback`: a sleep failed and the service was stopped instead: `reason`.
 
