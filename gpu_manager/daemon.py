@@ -276,7 +276,8 @@ class Daemon:
         dev = snap.device(index)
         used = {n: mb for n, u in list(self.units.items())
                 if u.holds_gpu and (mb := orch.measured(n))}
-        return Sample(snap.wall_time or time.time(), index,
+        # rounded once here, so that `?since=` a served time is exact
+        return Sample(round(snap.wall_time or time.time(), 3), index,
                       dev.total_mb if dev else None, dev.used_mb if dev else None,
                       orch.observed().foreign_mb if dev and dev.used_mb is not None else None,
                       used, dev.temperature_c if dev else None,

@@ -175,3 +175,29 @@ def test_with_a_token_the_page_is_read_only_until_given_it(browser: Any,
     finally:
         tab.close()
         d.close()
+
+
+def test_status_shows_the_acquires_waiting_for_room(daemon: DaemonProc) -> None:
+    import threading
+
+    daemon.post("/gpu/release-all")
+    first = daemon.post("/gpu/acquire", json={"session_id": "holder", "requester": "a",
+                                              "ttl_s": 60})  # the whole budget
+    assert first.json()["success"], first.text
+    answer: dict[str, Any] = {}
+
+    def second() -> None:
+        answer.update(daemon.post("/gpu/acquire", json={
+            "session_id": "waiter", "requester": "b", "vram_mb": 1000, "priority": 2,
+            "timeout_ms": 20_000}).json())
+
+    t = threading.Thread(target=second, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: daemon.status()["waiting"] == ["waiter"], 10, "the waiter listed")
+    finally:
+        daemon.post("/gpu/release", json={"session_id": "holder"})
+    t.join(20)
+    assert answer.get("success"), answer
+    assert daemon.status()["waiting"] == []
+    daemon.post("/gpu/release", json={"session_id": "waiter"})

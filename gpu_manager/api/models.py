@@ -150,6 +150,7 @@ class Status(Body):
     lock: LockStatus
     phase: int | None
     leases: list[LeaseSummary]
+    waiting: list[str] = Field(description="Sessions whose acquire waits for room, in order")
     sleeping: list[str]
     prewarmed: list[str]
     operations: list[str] = Field(description="Ids of the operations in flight")

@@ -120,6 +120,7 @@ def status(daemon: Daemon) -> dict[str, Any]:
         "phase": daemon.orchestrator.current_phase,
         "leases": [{"session_id": x.session_id, "requester": x.requester, "vram_mb": x.vram_mb,
                     "priority": x.priority} for x in daemon.leases.active],
+        "waiting": daemon.leases.waiting,
         "sleeping": sorted(n for n, u in list(daemon.units.items())
                            if u.state.value == "sleeping"),
         "prewarmed": sorted(daemon.orchestrator.followups.live()),

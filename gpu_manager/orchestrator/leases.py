@@ -56,6 +56,11 @@ class LeaseManager:
     def active(self) -> list[ClientLease]:
         return self.orch.ledger.view().active_leases
 
+    @property
+    def waiting(self) -> list[str]:
+        """Sessions whose acquire waits for room, first served first."""
+        return [w.session_id for w in self._queue]
+
     def get(self, session_id: str) -> ClientLease | None:
         lease = self.orch.ledger.lease(lease_name(session_id))
         return lease if lease is not None and lease.active else None

@@ -23,7 +23,7 @@ class Sample:
     utilization_percent: int | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"at": round(self.at, 3), "device": self.device, "total_mb": self.total_mb,
+        return {"at": self.at, "device": self.device, "total_mb": self.total_mb,
                 "used_mb": self.used_mb, "foreign_mb": self.foreign_mb,
                 "services": self.services, "temperature_c": self.temperature_c,
                 "utilization_percent": self.utilization_percent}

@@ -239,8 +239,11 @@ function renderLock() {
        ...fact("Held by", who),
        ...fact("TTL", l.ttl != null ? `${l.ttl.toFixed(1)} s` : "–"),
        ...fact("Backend", `${l.backend}${l.ok ? "" : ` (${l.error})`}`),
-       ...fact("Queue", page.status.operations.length
-                          ? `${page.status.operations.length} operation(s) in flight` : "empty")),
+       ...fact("Queue", [page.status.operations.length
+                           ? `${page.status.operations.length} operation(s) in flight` : "",
+                         (page.status.waiting || []).length
+                           ? `waiting: ${page.status.waiting.join(", ")}` : ""]
+                          .filter(Boolean).join("; ") || "empty")),
     leases.length ? el("ul", { class: "leases" }, ...leases)
                   : el("p", { class: "muted" }, "No client leases."));
 }
