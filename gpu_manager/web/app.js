@@ -359,8 +359,10 @@ function drawChart() {
     box.replaceChildren();
     page.chart = new window.uPlot({
       width, height: 180, legend: { live: false },
-      scales: { y: { range: (u, min, max) => [0, Math.max(max, 1)] } },
-      axes: [{ stroke: "currentColor" }, { stroke: "currentColor", size: 60,
+      // always the last 15 minutes, so the axis reads in minutes from the first sample on
+      scales: { x: { time: true, range: (u, min, max) => [max - 900, max] },
+                y: { range: (u, min, max) => [0, Math.max(max, 1)] } },
+      axes: [{ stroke: "currentColor" }, { stroke: "currentColor", size: 70,
                values: (u, vals) => vals.map(v => fmtMB(v)) }],
       series: [{}, { label: "used", stroke: "#3b82f6", fill: "rgba(59,130,246,0.15)" },
                { label: "foreign", stroke: "#f59e0b" },
