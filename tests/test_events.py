@@ -263,3 +263,25 @@ async def test_events_published_during_the_replay_are_sent_once() -> None:
     late = stub.bus.publish(Event("state", "b")).id
     assert int((await asyncio.wait_for(stream.__anext__(), 1)).id) == late
     await stream.aclose()
+
+
+async def test_an_id_this_daemon_never_gave_does_not_hide_what_follows() -> None:
+    import anyio
+
+    from gpu_manager.api.events import _stream
+    from gpu_manager.settings import Settings
+
+    class Stub:
+        bus = EventBus()
+        settings = Settings()
+
+    stub = Stub()
+    first = stub.bus.publish(Event("state", "a")).id
+    stream = _stream(stub, first + 10**6, [], [], anyio.Event())  # type: ignore[arg-type]
+    assert (await stream.__anext__()).comment == "connected"
+    gap = await asyncio.wait_for(stream.__anext__(), 1)
+    assert gap.event == "gap" and json.loads(gap.data)["reason"] == "restart"
+    assert int((await asyncio.wait_for(stream.__anext__(), 1)).id) == first  # replayed
+    live = stub.bus.publish(Event("state", "b")).id
+    assert int((await asyncio.wait_for(stream.__anext__(), 1)).id) == live
+    await stream.aclose()

@@ -113,7 +113,7 @@ async def _stream(daemon: Daemon, since: int | None, services: list[str], kinds:
         sent = since or 0
         if gap is not None:
             yield _gap(gap)
-            sent = max(sent, gap.until)
+            sent = gap.until  # a future id (not ours) must not hide what follows
         for event in replay:
             if event.id > sent:
                 sent = event.id
@@ -127,7 +127,7 @@ async def _stream(daemon: Daemon, since: int | None, services: list[str], kinds:
                 return
             if isinstance(item, Gap):
                 yield _gap(item)
-                sent = max(sent, item.until)
+                sent = item.until
             elif item.id > sent:
                 sent = item.id
                 if matches(item, services, kinds):
