@@ -240,21 +240,30 @@ def test_small_buffer_gap_pings_and_a_clean_end_at_shutdown(tmp_path: Path) -> N
         d.close()
 
 
+class StubDaemon:
+    """What the stream reads of a daemon (its bus and settings), for in-process tests where
+    the interleaving of publishing and streaming must be certain."""
+
+    def __init__(self) -> None:
+        from gpu_manager.settings import Settings
+
+        self.bus = EventBus()
+        self.settings = Settings()
+
+    def stream(self, since: int | None) -> Any:
+        import anyio
+
+        from gpu_manager.api.events import _stream
+
+        return _stream(self, since, [], [], anyio.Event())  # type: ignore[arg-type]
+
+
 async def test_events_published_during_the_replay_are_sent_once() -> None:
     # In-process, so the interleaving is certain: events land in the buffer and in the
     # stream's queue both while it is between subscribing and reading the buffer.
-    import anyio
-
-    from gpu_manager.api.events import _stream
-    from gpu_manager.settings import Settings
-
-    class Stub:
-        bus = EventBus()
-        settings = Settings()
-
-    stub = Stub()
+    stub = StubDaemon()
     before = stub.bus.publish(Event("state", "a")).id
-    stream = _stream(stub, before, [], [], anyio.Event())  # type: ignore[arg-type]
+    stream = stub.stream(before)
     hello = await stream.__anext__()
     assert hello.comment == "connected"
     ids = [stub.bus.publish(Event("state", "a", {"n": n})).id for n in range(3)]
@@ -266,18 +275,9 @@ async def test_events_published_during_the_replay_are_sent_once() -> None:
 
 
 async def test_an_id_this_daemon_never_gave_does_not_hide_what_follows() -> None:
-    import anyio
-
-    from gpu_manager.api.events import _stream
-    from gpu_manager.settings import Settings
-
-    class Stub:
-        bus = EventBus()
-        settings = Settings()
-
-    stub = Stub()
+    stub = StubDaemon()
     first = stub.bus.publish(Event("state", "a")).id
-    stream = _stream(stub, first + 10**6, [], [], anyio.Event())  # type: ignore[arg-type]
+    stream = stub.stream(first + 10**6)
     assert (await stream.__anext__()).comment == "connected"
     gap = await asyncio.wait_for(stream.__anext__(), 1)
     assert gap.event == "gap" and json.loads(gap.data)["reason"] == "restart"
