@@ -67,6 +67,7 @@ class Daemon:
         # monotonic time the current holder took the lock (None: free); written only by
         # refresh_lock_info, from what the backend says
         self.lock_held_since: float | None = None
+        self._last_holder: str | None = None  # the holder at the last answer the lock gave
         self._lock_dirty = asyncio.Event()
         self.poller: Poller
         self.lock: GpuLock
@@ -244,7 +245,6 @@ class Daemon:
     # -- background refreshers: requests read their results, never wait on Redis or /proc ---
     async def refresh_lock_info(self) -> None:
         """Read the lock's holder and TTL now (requests otherwise read the cached copy)."""
-        before = self.lock_info.holder
         try:
             async with asyncio.timeout(self.bounds.lock_io_s):
                 self.lock_info = await self.lock.info()
@@ -252,7 +252,10 @@ class Daemon:
             self.lock_info = LockInfo(self.lock.backend, None, None, ok=False,
                                       error=f"no answer within {self.bounds.lock_io_s:g}s")
         self.lock_checked_at = time.time()
-        holder = self.lock_info.holder
+        if not self.lock_info.ok:
+            return  # unknown is not free: how long it has been held is kept, not restarted
+        holder, before = self.lock_info.holder, self._last_holder
+        self._last_holder = holder
         if holder is None:
             self.lock_held_since = None
         elif holder != before or self.lock_held_since is None:

@@ -285,3 +285,45 @@ async def test_an_id_this_daemon_never_gave_does_not_hide_what_follows() -> None
     live = stub.bus.publish(Event("state", "b")).id
     assert int((await asyncio.wait_for(stream.__anext__(), 1)).id) == live
     await stream.aclose()
+
+
+async def test_a_queue_overflow_during_the_replay_is_no_gap_when_the_replay_covered_it() -> None:
+    # Published between subscribing and reading the buffer, these events overflow the
+    # stream's small queue; the replay sends them all, so the queue's loss is no loss.
+    stub = StubDaemon()
+    stub.settings = stub.settings.model_copy(update={"sse_queue": 2})
+    before = stub.bus.publish(Event("state", "a")).id
+    stream = stub.stream(before)
+    assert (await stream.__anext__()).comment == "connected"
+    ids = [stub.bus.publish(Event("state", "a", {"n": n})).id for n in range(5)]
+    got = [await asyncio.wait_for(stream.__anext__(), 1) for _ in range(5)]
+    assert [(f.event, int(f.id)) for f in got] == [("state", i) for i in ids]
+    live = stub.bus.publish(Event("state", "b")).id
+    after = await asyncio.wait_for(stream.__anext__(), 1)
+    assert (after.event, int(after.id)) == ("state", live), "a gap for events already sent"
+    await stream.aclose()
+
+
+def test_an_acquire_that_waits_is_announced_and_so_is_its_end(daemon: DaemonProc) -> None:
+    leases = Listener(daemon, params={"kind": "lease"})
+    leases.wait_connected()
+    try:
+        daemon.post("/gpu/release-all")
+        held = daemon.post("/gpu/acquire", json={"session_id": "ev-holder", "requester": "a",
+                                                 "ttl_s": 60})  # the whole budget
+        assert held.json()["success"], held.text
+        late = daemon.post("/gpu/acquire", json={"session_id": "ev-late", "requester": "b",
+                                                 "vram_mb": 1000, "timeout_ms": 1500})
+        assert late.json()["success"] is False, late.text
+        frames = leases.wait(lambda fs: any(f.data.get("session_id") == "ev-late"
+                                            and f.data["status"] == "timeout" for f in fs))
+        mine = [f.data for f in frames if f.data.get("session_id") == "ev-late"]
+        assert [m["status"] for m in mine] == ["waiting", "timeout"]
+        assert mine[0]["vram_mb"] == 1000 and mine[0]["reason"]
+        assert "timed out" in mine[1]["reason"]
+        # one that is granted at once is not announced as waiting
+        assert [f.data["status"] for f in frames
+                if f.data.get("session_id") == "ev-holder"] == ["acquired"]
+    finally:
+        daemon.post("/gpu/release", json={"session_id": "ev-holder"})
+        leases.close()

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,34 @@ def test_the_probe_age_is_fresh(daemon: DaemonProc) -> None:
         age = sample(daemon.get("/metrics").text, "gpu_manager_probe_age_seconds")
         return age is not None and 0 <= age < 5
     wait_for(fresh, 10, "a probe sample younger than 5 s")
+
+
+async def test_a_lock_backend_that_cannot_answer_does_not_restart_the_held_clock(
+        tmp_path: Path) -> None:
+    # Unknown is not free: a Redis that misses one read must not reset "held for" (and hide a
+    # lock stuck for an hour behind a fresh zero) nor start a new holder's clock.
+    from gpu_manager.daemon import Daemon
+    from gpu_manager.lock.base import LockInfo
+    from gpu_manager.settings import Settings
+
+    answers = [LockInfo("redis", "legacy-job", 5000), LockInfo("redis", None, None, ok=False,
+                                                                  error="timeout"),
+               LockInfo("redis", "legacy-job", 4000), LockInfo("redis", None, None)]
+
+    class Lock:
+        backend = "redis"
+
+        async def info(self) -> LockInfo:
+            return answers.pop(0)
+
+    d = Daemon(Settings(config_dir=ROOT, state_dir=tmp_path))
+    d.lock = Lock()  # type: ignore[assignment]
+    await d.refresh_lock_info()
+    since = d.lock_held_since
+    assert since is not None
+    await d.refresh_lock_info()
+    assert not d.lock_info.ok and d.lock_held_since == since
+    await d.refresh_lock_info()
+    assert d.lock_held_since == since
+    await d.refresh_lock_info()
+    assert d.lock_held_since is None

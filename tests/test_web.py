@@ -146,6 +146,14 @@ def test_history_and_page_headers(daemon: DaemonProc) -> None:
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert daemon.get("/ui/vendor/uplot/LICENSE").status_code == 200
+    # No other site may frame the page (and trick an operator into pressing its buttons),
+    # whichever address it is loaded from.
+    for path in ("/", "/ui/index.html", "/docs", "/gpu/status"):
+        answer = daemon.get(path)
+        assert answer.headers["x-frame-options"] == "DENY", path
+        assert answer.headers["x-content-type-options"] == "nosniff", path
+    assert "frame-ancestors 'none'" in daemon.get("/ui/index.html").headers[
+        "content-security-policy"]
 
 
 def test_with_a_token_the_page_is_read_only_until_given_it(browser: Any,
@@ -201,3 +209,19 @@ def test_status_shows_the_acquires_waiting_for_room(daemon: DaemonProc) -> None:
     assert answer.get("success"), answer
     assert daemon.status()["waiting"] == []
     daemon.post("/gpu/release", json={"session_id": "waiter"})
+
+
+def test_history_keeps_one_sample_per_time() -> None:
+    # A stalled probe repeats its snapshot's time; a second sample of it would be served
+    # twice or never by `?since=`.
+    from gpu_manager.probe.history import History, Sample
+
+    def at(t: float) -> Sample:
+        return Sample(t, 0, 100, 10, 0, {}, None, None)
+
+    h = History(keep=3)
+    assert h.add(at(1.0)) and h.add(at(2.0))
+    assert not h.add(at(2.0)) and not h.add(at(1.5))
+    assert h.add(at(3.0)) and h.add(at(4.0))
+    assert [s.at for s in h.since()] == [2.0, 3.0, 4.0]
+    assert [s.at for s in h.since(2.0)] == [3.0, 4.0]

@@ -149,7 +149,8 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
         return {"status": "ok", "version": __version__}
 
     @app.get("/ready", tags=["probes"], responses=answers(503, ok=m.Ready, why={
-        503: "Not ready: the body says which of the probe, the lock or the config is not."}),
+        503: "Not ready: the body says which of the probe, the lock or the config is not."},
+        body=m.Ready),
         response_class=JSONResponse)
     async def ready() -> JSONResponse:
         """Readiness: the probe and the lock backend are usable (503 with the reason if not)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -49,8 +50,9 @@ and `at` (epoch seconds) plus the fields of its kind:
   operation as `/gpu/operations/{id}` gives it, with `duration_s`).
 - `step`: a step of a plan started or ended: `op`, `action`, `mb`, `reason`, `status`,
   `started_at`, `duration_s`, `reclaim_wait_s`, `detail`, `after`.
-- `lease`: a client lease was granted, released or expired: `session_id`, `requester`,
-  `status`, `vram_mb`.
+- `lease`: a client lease: `session_id`, `requester`, `vram_mb`, `status`: `acquired`,
+  `released`, `expired`; for an acquire that has to wait, `waiting` (with `reason`) and then,
+  unless `acquired`, how it ended: `timeout`, `unavailable` or `cancelled`.
 - `restart_scheduled`: a failed service is restarted in `in_s` seconds: `reason`.
 - `sleep_fallback`: a sleep failed and the service was stopped instead: `reason`.
 
@@ -122,12 +124,16 @@ async def _stream(daemon: Daemon, since: int | None, services: list[str], kinds:
         while True:
             item = await _next(sub, shutdown)
             if item is None:
-                yield ServerSentEvent(json.dumps({"reason": "the daemon is shutting down"}),
-                                      event="shutdown")
+                body = {"kind": "shutdown", "service": None, "at": time.time(),
+                        "reason": "the daemon is shutting down"}
+                yield ServerSentEvent(json.dumps(body), event="shutdown")
                 return
             if isinstance(item, Gap):
-                yield _gap(item)
-                sent = item.until
+                # The queue may have dropped events the replay already sent (they were
+                # published between subscribing and reading the buffer): only the rest is lost.
+                if item.until > sent:
+                    yield _gap(Gap(max(item.after, sent), item.until, item.reason))
+                    sent = item.until
             elif item.id > sent:
                 sent = item.id
                 if matches(item, services, kinds):
@@ -155,7 +161,7 @@ def _event(event: Event) -> ServerSentEvent:
 
 
 def _gap(gap: Gap) -> ServerSentEvent:
-    body: dict[str, Any] = {"kind": "gap", "after": gap.after, "until": gap.until,
-                            "reason": gap.reason}
+    body: dict[str, Any] = {"kind": "gap", "service": None, "at": time.time(),
+                            "after": gap.after, "until": gap.until, "reason": gap.reason}
     # Its id is the last one lost, so a client that reconnects after it is not told twice.
     return ServerSentEvent(json.dumps(body), event="gap", id=str(gap.until))

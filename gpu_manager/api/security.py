@@ -162,6 +162,22 @@ async def _peek_body(receive: Receive) -> tuple[bool, Receive]:
     return has_body, replay
 
 
+# On every answer: no page of ours (the dashboard, /docs) may be framed by another site,
+# which could trick an operator into pressing its buttons; no answer is sniffed as HTML.
+HARDENING = [(b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff")]
+
+
+def _hardened(send: Send) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            present = {k.lower() for k, _ in message.get("headers", [])}
+            extra = [(k, v) for k, v in HARDENING if k not in present]
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return wrapped
+
+
 class SecurityMiddleware:
     def __init__(self, app: ASGIApp, policy: Policy) -> None:
         self.app = app
@@ -191,10 +207,10 @@ class SecurityMiddleware:
                         "unsupported_media_type", "the request body must be JSON "
                         f"(Content-Type: application/json), not {headers.get('content-type')!r}")
         if refusal is None:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _hardened(send))
             return
         # repr(): header values are the caller's, and must not forge log lines
         logger.warning(f"refused {method} {path!r} ({refusal.code}): host={host!r} "
                        f"origin={headers.get('origin')!r} "
                        f"content-type={headers.get('content-type')!r}")
-        await refusal.response()(scope, receive, send)
+        await refusal.response()(scope, receive, _hardened(send))

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
 
 from gpu_manager.api.docs import answers
 from gpu_manager.api.models import Body
@@ -63,4 +64,13 @@ def install(app: FastAPI, daemon: Daemon) -> None:
             "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     app.include_router(router)
-    app.mount("/ui", StaticFiles(directory=WEB), name="ui")
+    app.mount("/ui", _Assets(directory=WEB), name="ui")
+
+
+class _Assets(StaticFiles):
+    """The page's files, under the page's policy too: `/ui/index.html` is the page itself."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Content-Security-Policy"] = CSP
+        return response

@@ -102,27 +102,42 @@ class LeaseManager:
         self._queue.sort()
         deadline = t0 + min(timeout_ms / 1000, self.cfg.max_wait_s)
         last = "waiting for the GPU"
+        announced = False  # a `waiting` event went out: its end is announced too
+
+        def tell(status: str, **more: Any) -> None:
+            self.orch.bus.publish(Event("lease", None, {
+                "session_id": session_id, "requester": requester, "status": status,
+                "vram_mb": mb, **more}))
+
+        result: AcquireResult | None = None
         try:
             while True:
                 if self._queue[0] is waiter:
                     outcome = await self._try(lease)
                     if isinstance(outcome, ClientLease):
-                        self.orch.bus.publish(Event("lease", None, {
-                            "session_id": session_id, "requester": requester,
-                            "status": "acquired", "vram_mb": mb}))
+                        tell("acquired")
                         return AcquireResult(outcome, None, self._ms(t0))
                     code, last = outcome
                     if code == "unavailable":
-                        return AcquireResult(None, last, self._ms(t0), "unavailable")
+                        result = AcquireResult(None, last, self._ms(t0), "unavailable")
+                        return result
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return AcquireResult(None, f"timed out after {self._ms(t0)} ms: {last}",
-                                         self._ms(t0), "timeout")
+                    result = AcquireResult(None, f"timed out after {self._ms(t0)} ms: {last}",
+                                           self._ms(t0), "timeout")
+                    return result
+                if not announced:  # the queue in status (and the dashboard) shows it now
+                    announced = True
+                    tell("waiting", reason=last)
                 self._changed.clear()
                 await wait_event(self._changed, min(left, RETRY_S))
         finally:
             self._queue.remove(waiter)
             self._notify()
+            if announced and result is not None:
+                tell(result.code, reason=result.error)
+            elif announced and self.get(session_id) is None:
+                tell("cancelled", reason="the request ended before the GPU had room")
 
     @staticmethod
     def _ms(t0: float) -> int:

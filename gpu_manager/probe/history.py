@@ -33,8 +33,13 @@ class History:
     def __init__(self, keep: int = KEEP) -> None:
         self._samples: deque[Sample] = deque(maxlen=keep)
 
-    def add(self, sample: Sample) -> None:
+    def add(self, sample: Sample) -> bool:
+        """Keep `sample` unless it is no newer than the last: a stalled probe repeats its
+        snapshot, and two samples of one time would break `since`."""
+        if self._samples and sample.at <= self._samples[-1].at:
+            return False
         self._samples.append(sample)
+        return True
 
     def since(self, at: float | None = None) -> list[Sample]:
         return [s for s in self._samples if at is None or s.at > at]
