@@ -83,6 +83,12 @@ class Inventory:
 
     def summary(self) -> str:
         total = f"{self.gpu.total_mb} MB" if self.gpu.total_mb is not None else "total from NVML"
+        if self.gpu.several:
+            cards = ", ".join(f"{d.index}: {d.total_mb or 'NVML'} MB - {d.reserve_mb}"
+                              for d in self.gpu.managed)
+            return (f"{len(self.services)} services, {len(self.phases)} phases, "
+                    f"gpu backend {self.gpu.backend} on {len(self.gpu.managed)} devices "
+                    f"({cards}), placement {self.gpu.placement}")
         return (
             f"{len(self.services)} services, {len(self.phases)} phases, "
             f"gpu backend {self.gpu.backend} ({total}, reserve {self.gpu.reserve_mb} MB)"
@@ -236,16 +242,9 @@ def _legacy_warnings(sdoc: _Doc) -> list[ConfigIssue]:
 
 def _check_services(sfile: ServicesFile, sdoc: _Doc) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
-    gpu = sfile.gpu
-    budget = gpu.total_mb - gpu.reserve_mb if gpu.total_mb is not None else None
     containers: dict[str, str] = {}
     for name, svc in sfile.services.items():
-        if budget is not None and svc.vram_mb > budget:
-            issues.append(sdoc.issue(
-                ("services", name, "vram_mb"),
-                f"{svc.vram_mb} MB is more than the GPU can ever give "
-                f"({gpu.total_mb} MB total - {gpu.reserve_mb} MB reserve = {budget} MB)",
-            ))
+        issues += _check_placement(sfile.gpu, sdoc, name, svc)
         if svc.residual_mb is not None and svc.residual_mb > svc.vram_mb:
             issues.append(sdoc.issue(
                 ("services", name, "sleep", "residual_mb"),
@@ -259,6 +258,45 @@ def _check_services(sfile: ServicesFile, sdoc: _Doc) -> list[ConfigIssue]:
                 ))
             containers.setdefault(cname, name)
     return issues
+
+
+def _check_placement(gpu: GpuConfig, sdoc: _Doc, name: str,
+                     svc: ServiceConfig) -> list[ConfigIssue]:
+    """An impossible pin, explained: a card that is not managed, more cards than it may
+    use, or a size no card it may use can ever give."""
+    cards = {d.index: d for d in gpu.managed}
+    known = ", ".join(str(i) for i in cards)
+    allowed = svc.allowed_devices
+    where: tuple[str | int, ...] = ("services", name, "device" if isinstance(
+        svc.device, int) else "devices")
+    missing = [i for i in allowed or () if i not in cards]
+    if missing:
+        what = "device" if len(missing) == 1 else "devices"
+        return [sdoc.issue(where, f"{what} {', '.join(map(str, missing))} "
+                           f"{'is' if len(missing) == 1 else 'are'} not managed by this "
+                           f"daemon (gpu devices: {known})")]
+    usable = [cards[i] for i in (allowed or tuple(cards))]
+    if svc.gpus > len(usable):
+        return [sdoc.issue(("services", name, "gpus"),
+                           f"needs {svc.gpus} cards at once but may use only {len(usable)} "
+                           f"(devices {', '.join(str(d.index) for d in usable)})")]
+    budgets = [(d.budget_mb, d) for d in usable if d.budget_mb is not None]
+    fitting = [d for b, d in budgets if svc.vram_mb <= b]
+    if len(budgets) == len(usable) and len(fitting) < svc.gpus:
+        if len(usable) == 1:
+            d = usable[0]
+            gpu_word = "the GPU" if len(cards) == 1 else f"GPU {d.index}"
+            why = (f"{svc.vram_mb} MB is more than {gpu_word} can ever give "
+                   f"({d.total_mb} MB total - {d.reserve_mb} MB reserve = {d.budget_mb} MB)")
+        else:
+            best = max(b for b, _ in budgets if b is not None)
+            why = (f"{svc.vram_mb} MB{' on each card' if svc.gpus > 1 else ''} is more than "
+                   f"{'enough' if fitting else 'any'} of its cards can give "
+                   f"(the largest budget is {best} MB"
+                   + (f"; {len(fitting)} of the {svc.gpus} cards it needs fit it)"
+                      if fitting else ")"))
+        return [sdoc.issue(("services", name, "vram_mb"), why)]
+    return []
 
 
 def _check_phases(
@@ -279,14 +317,17 @@ def _check_phases(
                 ("phases", number, "next"),
                 f"unknown phase {phase.next} (known: "
                 f"{', '.join(str(n) for n in sorted(pfile.phases))})"))
-        if sfile is None or sfile.gpu.total_mb is None:
+        if sfile is None or any(d.budget_mb is None for d in sfile.gpu.managed):
             continue
-        budget = sfile.gpu.total_mb - sfile.gpu.reserve_mb
-        sizes = [sfile.services[s].vram_mb for s in phase.services if s in sfile.services]
+        cards = [d.budget_mb or 0 for d in sfile.gpu.managed]
+        budget, largest = sum(cards), max(cards)
+        sizes = [sfile.services[s].vram_mb * sfile.services[s].gpus
+                 for s in phase.services if s in sfile.services]
         # One oversized service is already reported at its own line.
-        if sum(sizes) > budget and all(mb <= budget for mb in sizes):
+        if sum(sizes) > budget and all(mb <= largest for mb in sizes):
+            what = "the GPU budget" if len(cards) == 1 else "the budget of all GPUs together"
             issues.append(pdoc.issue(
                 ("phases", number, "services"),
-                f"phase needs {sum(sizes)} MB together, more than the GPU budget of {budget} MB",
+                f"phase needs {sum(sizes)} MB together, more than {what} of {budget} MB",
             ))
     return issues

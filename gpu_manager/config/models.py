@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -33,6 +34,30 @@ ServiceName = Annotated[
 ]
 
 
+class DeviceConfig(_Strict):
+    """One GPU of `gpu.devices`: several cards on one host, each with its own budget."""
+
+    # The NVML index (or the simulated device's); by default its position in the list.
+    index: int | None = Field(default=None, ge=0, le=63)
+    # Required for `simulated`; for NVML the fallback total while NVML is unavailable.
+    total_mb: int | None = Field(default=None, gt=0)
+    # What this card keeps free (a desktop on card 0 only); by default `gpu.reserve_mb`.
+    reserve_mb: int | None = Field(default=None, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDevice:
+    """A managed device, resolved: its index, total (None: from NVML) and reserve."""
+
+    index: int
+    total_mb: int | None
+    reserve_mb: int
+
+    @property
+    def budget_mb(self) -> int | None:
+        return None if self.total_mb is None else self.total_mb - self.reserve_mb
+
+
 class GpuConfig(_Strict):
     """The `gpu:` section of services.yaml."""
 
@@ -43,6 +68,12 @@ class GpuConfig(_Strict):
     # Headroom never handed out: desktop compositors, CUDA context growth, fragmentation.
     reserve_mb: int = Field(default=0, ge=0)
     device: int = Field(default=0, ge=0)
+    # Several GPUs: the cards the daemon plans on (then `device` and `total_mb` are read
+    # from the first). Without it, the one card `device`.
+    devices: list[DeviceConfig] | None = Field(default=None, min_length=1, max_length=64)
+    # Where a service that may run on several cards goes: the fullest card it fits on
+    # (`best_fit`, leaving whole cards free for large services) or the emptiest (`spread`).
+    placement: Literal["best_fit", "spread"] = "best_fit"
     # The poller: slow cadence when idle, fast while a transition waits for VRAM.
     poll_interval_s: float = Field(default=1.0, gt=0, le=60)
     process_poll_interval_s: float = Field(default=2.0, gt=0, le=60)
@@ -54,8 +85,27 @@ class GpuConfig(_Strict):
     simulated_poll_cost_ms: float = Field(default=0.0, ge=0, le=1000)
     simulated_slow_poll_ms: float = Field(default=0.0, ge=0, le=5000)
 
+    @property
+    def managed(self) -> tuple[GpuDevice, ...]:
+        """The devices planned on, first the primary one (`device`)."""
+        if self.devices is None:
+            return (GpuDevice(self.device, self.total_mb, self.reserve_mb),)
+        return tuple(GpuDevice(i if d.index is None else d.index, d.total_mb,
+                               self.reserve_mb if d.reserve_mb is None else d.reserve_mb)
+                     for i, d in enumerate(self.devices))
+
+    @property
+    def several(self) -> bool:
+        """`devices:` is configured: services get the cards they are placed on."""
+        return self.devices is not None
+
+    def gpu(self, index: int) -> GpuDevice | None:
+        return next((d for d in self.managed if d.index == index), None)
+
     @model_validator(mode="after")
     def _check(self) -> GpuConfig:
+        if self.devices is not None:
+            self._resolve_devices()
         if self.backend == "simulated" and self.total_mb is None:
             raise ValueError("backend 'simulated' needs total_mb")
         if self.total_mb is not None and self.reserve_mb >= self.total_mb:
@@ -63,6 +113,27 @@ class GpuConfig(_Strict):
                 f"reserve_mb ({self.reserve_mb}) must be smaller than total_mb ({self.total_mb})"
             )
         return self
+
+    def _resolve_devices(self) -> None:
+        for key in ("device", "total_mb"):
+            if key in self.model_fields_set:
+                raise ValueError(f"with `devices`, give `{key}` per device, not in `gpu:`")
+        cards = self.managed
+        seen = [d.index for d in cards]
+        dup = sorted({i for i in seen if seen.count(i) > 1})
+        if dup:
+            raise ValueError(f"devices lists index {', '.join(map(str, dup))} more than once")
+        for d in cards:
+            if self.backend == "simulated" and d.total_mb is None:
+                raise ValueError(f"backend 'simulated' needs total_mb for device {d.index}")
+            if d.total_mb is not None and d.reserve_mb >= d.total_mb:
+                raise ValueError(f"device {d.index}: reserve_mb ({d.reserve_mb}) must be "
+                                 f"smaller than total_mb ({d.total_mb})")
+        # The primary card, for what reads one device (status' `vram`, the legacy routes).
+        first = cards[0]
+        object.__setattr__(self, "device", first.index)
+        object.__setattr__(self, "total_mb", first.total_mb)
+        object.__setattr__(self, "reserve_mb", first.reserve_mb)
 
 
 class HealthConfig(_Strict):
@@ -93,6 +164,12 @@ class _ServiceBase(_Strict):
     # its next start, or restart it now.
     on_change: Literal["next-start", "restart"] = "next-start"
     description: str = ""
+    # Several GPUs: pinned to one card (`device: 1`), allowed a set (`devices: [0, 1]`), or
+    # anywhere (`any`, the default). `gpus: 2`: it needs two cards at once (tensor
+    # parallel), `vram_mb` on each.
+    device: int | Literal["any"] = "any"
+    devices: list[int] | None = Field(default=None, min_length=1)
+    gpus: int = Field(default=1, ge=1, le=16)
 
     @model_validator(mode="before")
     @classmethod
@@ -106,6 +183,21 @@ class _ServiceBase(_Strict):
             object.__setattr__(self, "sleep", sleep.model_copy(
                 update={"residual_mb": min(1024, self.vram_mb // 4)}))
         return self  # a residual over vram_mb: the loader reports it at its line
+
+    @model_validator(mode="after")
+    def _where(self) -> _ServiceBase:
+        if self.devices is not None and self.device != "any":
+            raise ValueError("give `device` (one card) or `devices` (a set), not both")
+        if self.devices is not None and len(set(self.devices)) != len(self.devices):
+            raise ValueError("devices lists a card more than once")
+        return self
+
+    @property
+    def allowed_devices(self) -> tuple[int, ...] | None:
+        """The cards it may run on; None: any managed card."""
+        if isinstance(self.device, int):
+            return (self.device,)
+        return None if self.devices is None else tuple(self.devices)
 
     @property
     def residual_mb(self) -> int | None:

@@ -1,9 +1,10 @@
 """The pure preemption planner (no I/O): see `core.plan`."""
 
-from gpu_manager.planner.core import FOREIGN, choose_victims, plan, usage_mb, used_mb
+from gpu_manager.planner.core import FOREIGN, choose_victims, usage_mb, used_mb
 from gpu_manager.planner.model import (
     RELEASES,
     Blocker,
+    DeviceBudget,
     ObservedState,
     PhaseSpec,
     Plan,
@@ -19,11 +20,13 @@ from gpu_manager.planner.model import (
     StopAll,
     StopService,
 )
+from gpu_manager.planner.place import plan
 
 __all__ = [
     "FOREIGN",
     "RELEASES",
     "Blocker",
+    "DeviceBudget",
     "ObservedState",
     "PhaseSpec",
     "Plan",

@@ -20,6 +20,10 @@ class ServiceSpec:
     stoppable: bool = True
     # What it keeps on the GPU while asleep (its `sleep:` block); None: it cannot sleep.
     residual_mb: int | None = None
+    # Several GPUs: the cards it may be placed on (None: any), and how many it needs at once
+    # (`vram_mb` on each).
+    devices: tuple[int, ...] | None = None
+    gpus: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +44,8 @@ class PlannerInventory:
     def from_inventory(cls, inv: Inventory) -> PlannerInventory:
         services = {
             name: ServiceSpec(name, s.vram_mb, s.priority, s.preemptible,
-                              residual_mb=s.residual_mb)
+                              residual_mb=s.residual_mb, devices=s.allowed_devices,
+                              gpus=s.gpus)
             for name, s in inv.services.items()
         }
         phases = {
@@ -48,6 +53,19 @@ class PlannerInventory:
             for n, p in inv.phases.items()
         }
         return cls(services, phases)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBudget:
+    """One card's side of `ObservedState` when there are several."""
+
+    total_mb: int
+    reserve_mb: int = 0
+    foreign_mb: int = 0
+
+    @property
+    def budget_mb(self) -> int:
+        return self.total_mb - self.reserve_mb - self.foreign_mb
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +91,12 @@ class ObservedState:
     # process its stop could not end. A start or a phase that wants one stops it and starts
     # it again (the start waits for the stop's VRAM, as any start does).
     unready: frozenset[str] = frozenset()
+    # Several GPUs (two or more entries): each card's budget, and the cards each running or
+    # sleeping service holds (its MB, measured or declared, is split evenly over them). The
+    # scalar fields above are then the sums. Empty: one card, as above.
+    devices: Mapping[int, DeviceBudget] = field(default_factory=dict)
+    placement: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    strategy: Literal["best_fit", "spread"] = "best_fit"
 
     @property
     def budget_mb(self) -> int:
@@ -134,6 +158,8 @@ class Step:
     # VRAM it needs (and its own stop, when it is started again). Everything else runs at
     # once: the stops side by side, a start that fits beside what still runs right away.
     after: tuple[int, ...] = ()
+    # The cards it acts on (several GPUs only): where a start is placed, what a stop frees.
+    devices: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         verb = "frees" if self.action in RELEASES else "needs"
@@ -168,6 +194,7 @@ class Blocker:
     name: str
     mb: int
     reason: str
+    device: int | None = None  # the card it blocks (several GPUs only)
 
 
 RefusalCode = Literal["insufficient_vram", "unknown_service", "unknown_phase", "needed_by_phase",

@@ -1,0 +1,272 @@
+"""Several GPUs: which card a service goes to, and the plan on each card.
+
+The single-card rules (`core`) stay the rule book. With two or more cards this module cuts
+the observed state into one state per card (each service counted on the cards it holds,
+its MB split evenly over them), decides where what must start goes, asks `core` for each
+card's plan and merges them: one plan whose steps say their cards (`Step.devices`), whose
+edges are each card's own (a start waits only for releases on its cards).
+
+Placement of a start, best first:
+1. where it already is: a sleeping service wakes where its residual is, a failed one with
+   a process left restarts there; a running service is never moved;
+2. a card where it fits without releasing anything; among those the fullest (`best_fit`,
+   keeping whole cards free for large services) or the emptiest (`spread`);
+3. a card where it fits after releasing, the cheapest release first: the lowest highest
+   preempted priority, then the fewest releases, then the fewest MB, then the card's index.
+A service that needs several cards (`gpus: 2`) takes the best `gpus` cards, or is refused.
+A refusal names every card it could use and why each cannot take it.
+
+A phase first places its services that do not run yet (largest need first, by the same
+preference, counting what the phase keeps as movable only when nothing else fits), then
+plans each card as a phase of its own: the services placed there, the kept ones there, and
+the release of everything else running there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+from gpu_manager.planner import core
+from gpu_manager.planner.common import can_sleep, edges, usage_mb, used_mb
+from gpu_manager.planner.model import (
+    RELEASES,
+    Blocker,
+    ObservedState,
+    Plan,
+    PlannerInventory,
+    PreparePhase,
+    Prewarm,
+    Refusal,
+    RefusalCode,
+    Request,
+    StartService,
+    Step,
+)
+
+
+def plan(inv: PlannerInventory, state: ObservedState, request: Request) -> Plan | Refusal:
+    if len(state.devices) < 2:
+        return core.plan(inv, state, request)
+    match request:
+        case StartService():
+            return _start(inv, state, request)
+        case PreparePhase():
+            return _phase(inv, state, request)
+        case Prewarm():
+            return _prewarm(inv, state, request)
+        case _:  # stops, sleeps: nothing to place; the sums are the budget
+            result = core.plan(inv, state, request)
+            if isinstance(result, Refusal):
+                return result
+            steps = tuple(dataclasses.replace(s, devices=where(state, s.service))
+                          for s in result.steps)
+            return dataclasses.replace(result, steps=steps)
+
+
+def where(state: ObservedState, name: str) -> tuple[int, ...]:
+    """The cards `name` holds (unplaced: the first card, where a single-card daemon put it)."""
+    return state.placement.get(name) or (min(state.devices),)
+
+
+def card(state: ObservedState, d: int) -> ObservedState:
+    """Card `d` alone: its budget, and each service on it with its share."""
+    budget = state.devices[d]
+
+    def share(name: str, mb: int | None) -> int | None:
+        return None if mb is None else -(-mb // len(where(state, name)))
+
+    running = {n: share(n, mb) for n, mb in state.running.items() if d in where(state, n)}
+    sleeping = {n: share(n, mb) for n, mb in state.sleeping.items() if d in where(state, n)}
+    return ObservedState(budget.total_mb, running, budget.reserve_mb, budget.foreign_mb,
+                         state.current_phase, sleeping, state.unready & running.keys())
+
+
+def _cost(inv: PlannerInventory, state: ObservedState, d: int,
+          result: Plan) -> tuple[bool, float, int, int, int, int]:
+    releases = result.stops
+    worst = max((inv.services[s.service].priority for s in releases
+                 if s.service in inv.services), default=float("-inf"))
+    free = result.free_after_mb
+    fit = free if state.strategy == "best_fit" else -free
+    return (bool(releases), worst, len(releases), sum(s.mb for s in releases), fit, d)
+
+
+def _start(inv: PlannerInventory, state: ObservedState, req: StartService) -> Plan | Refusal:
+    spec = inv.services.get(req.name)
+    if spec is None:
+        return core.plan(inv, state, req)  # unknown: the refusal lists the known
+    if req.name in state.running and req.name not in state.unready:
+        return _merge(inv, state, req, [])
+    if req.name in state.running or req.name in state.sleeping:
+        cards: Iterable[int] = where(state, req.name)  # its process is there: not moved
+    else:
+        cards = [d for d in (spec.devices or sorted(state.devices)) if d in state.devices]
+    options = {d: core.plan(inv, card(state, d), req) for d in cards}
+    fitting = sorted((_cost(inv, state, d, r), d) for d, r in options.items()
+                     if isinstance(r, Plan))
+    placed = req.name in state.running or req.name in state.sleeping
+    need = len(options) if placed else spec.gpus
+    if len(fitting) < need:
+        refused = {d: r for d, r in options.items() if isinstance(r, Refusal)}
+        return _refuse(req, req.name, spec.vram_mb, spec.gpus, refused,
+                       [d for _, d in fitting])
+    chosen = {d for _, d in fitting[:need]}
+    return _merge(inv, state, req, [(d, r) for d, r in sorted(options.items())
+                                    if d in chosen and isinstance(r, Plan)])
+
+
+def _refuse(req: Request, what: str, need: int, gpus: int, refused: dict[int, Refusal],
+            could: Sequence[int]) -> Refusal:
+    if not refused:  # no card it may use at all
+        return Refusal(req, "insufficient_vram", f"cannot fit {what}: no card it may use "
+                       "is managed by this daemon", (), need)
+    each = f" on each of {gpus} cards" if gpus > 1 else ""
+    told = "; ".join(f"GPU {d}: {r.message}" for d, r in sorted(refused.items()))
+    lacking = f"; it needs {gpus} cards and only GPU {', '.join(map(str, could))} can " \
+              "take it now" if could else ""
+    code: RefusalCode = next((r.code for r in refused.values()
+                              if r.code != "insufficient_vram"), "insufficient_vram")
+    blockers = tuple(dataclasses.replace(b, device=d)
+                     for d, r in sorted(refused.items()) for b in r.blockers)
+    short = min(r.short_mb for r in refused.values())
+    return Refusal(req, code, f"cannot fit {what} ({need} MB{each}) on any card it may "
+                   f"use{lacking}: {told}", blockers, short)
+
+
+def _merge(inv: PlannerInventory, state: ObservedState, req: Request,
+           parts: Sequence[tuple[int, Plan]]) -> Plan:
+    """One plan of the cards' plans: releases first, a step on several cards once (its MB
+    summed, its edges the union of each card's)."""
+    keys: list[tuple[str, str]] = []
+    merged: dict[tuple[str, str], Step] = {}
+    cards: dict[tuple[str, str], set[int]] = {}
+    for phase in (True, False):  # releases, then starts and wakes
+        for d, part in parts:
+            for step in part.steps:
+                if (step.action in RELEASES) != phase:
+                    continue
+                key = (step.action, step.service)
+                if key in merged:
+                    old = merged[key]
+                    merged[key] = dataclasses.replace(
+                        old, mb=old.mb + step.mb, preemption=old.preemption or step.preemption)
+                else:
+                    keys.append(key)
+                    merged[key] = step
+                cards.setdefault(key, set()).add(d)
+    index = {k: i for i, k in enumerate(keys)}
+    after: dict[tuple[str, str], set[int]] = {k: set() for k in keys}
+    for _, part in parts:
+        for step in part.steps:
+            key = (step.action, step.service)
+            after[key] |= {index[(part.steps[i].action, part.steps[i].service)]
+                           for i in step.after}
+    steps = []
+    for k in keys:
+        step = merged[k]
+        on = tuple(sorted(cards[k])) if step.action not in RELEASES else tuple(sorted(
+            set(where(state, step.service)) | cards[k]))
+        steps.append(dataclasses.replace(step, devices=on, after=tuple(sorted(after[k]))))
+    before = sum(used_mb(inv, card(state, d)) for d in state.devices)
+    after_mb = before + sum(-s.mb if s.action in RELEASES else s.mb for s in steps)
+    budget = sum(card(state, d).budget_mb for d in state.devices)
+    return Plan(req, tuple(steps), budget, before, after_mb)
+
+
+def _phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) -> Plan | Refusal:
+    phase = inv.phases.get(req.phase)
+    if phase is None or any(n not in inv.services for n in (*phase.services, *phase.keep)):
+        return core.plan(inv, state, req)  # the refusal
+    present = {*state.running, *state.sleeping}
+    assign = {n: where(state, n) for n in phase.services if n in present}
+    hard = dict.fromkeys(state.devices, 0)  # what stays whatever happens
+    soft = dict.fromkeys(state.devices, 0)  # what the phase may move if it must
+    for d in state.devices:
+        here = card(state, d)
+        for n in {*here.running, *here.sleeping}:
+            spec = inv.services.get(n)
+            mb = usage_mb(inv, here, n)
+            if n in assign or spec is None or not spec.stoppable:
+                hard[d] += mb
+            elif n in phase.keep:
+                soft[d] += mb
+            elif n in here.sleeping or can_sleep(inv, here, n):
+                soft[d] += min(mb, spec.residual_mb or 0) if n not in here.sleeping else mb
+    new = sorted((n for n in phase.services if n not in assign),
+                 key=lambda n: (-inv.services[n].priority,
+                                -inv.services[n].vram_mb * inv.services[n].gpus, n))
+    for name in new:
+        spec = inv.services[name]
+        allowed = [d for d in (spec.devices or sorted(state.devices)) if d in state.devices]
+
+        def rank(d: int, mb: int = spec.vram_mb) -> tuple[int, int, int]:
+            budget = card(state, d).budget_mb
+            room = budget - hard[d] - soft[d] - mb
+            tier = 0 if room >= 0 else 1 if budget - hard[d] - mb >= 0 else 2
+            fit = room if state.strategy == "best_fit" and tier < 2 else -room
+            return (tier, fit, d)
+
+        chosen = tuple(sorted(sorted(allowed, key=rank)[:spec.gpus]))
+        for d in chosen:
+            hard[d] += spec.vram_mb
+        assign[name] = chosen
+    parts: list[tuple[int, Plan]] = []
+    refused: dict[int, Refusal] = {}
+    for d in sorted(state.devices):
+        here = card(state, d)
+        sub = dataclasses.replace(
+            phase, services=tuple(n for n in phase.services if d in assign.get(n, ())),
+            keep=tuple(n for n in phase.keep if n in here.running or n in here.sleeping))
+        result = core.plan(PlannerInventory(inv.services, {**inv.phases, req.phase: sub}),
+                           here, req)
+        if isinstance(result, Refusal):
+            refused[d] = result
+        else:
+            parts.append((d, result))
+    if refused:
+        label = f"phase {req.phase}" + (f" ({phase.name})" if phase.name else "")
+        need = sum(inv.services[n].vram_mb * inv.services[n].gpus for n in phase.services)
+        return _refuse(req, label, need, 1, refused, [])
+    return _merge(inv, state, req, parts)
+
+
+def _prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan | Refusal:
+    """What fits beside what runs, moving nothing; each on the card it fits best."""
+    if req.phase is not None and req.phase not in inv.phases:
+        return core.plan(inv, state, req)
+    names = req.services if req.phase is None else inv.phases[req.phase].services
+    why = ("it fits again (wake_when_free)" if req.phase is None
+           else f"prewarm for phase {req.phase}" + (
+               f" ({inv.phases[req.phase].name})" if inv.phases[req.phase].name else ""))
+    free = {d: card(state, d).budget_mb - used_mb(inv, card(state, d)) for d in state.devices}
+    steps: list[Step] = []
+    for name in names:
+        spec = inv.services.get(name)
+        if spec is None or not spec.stoppable or name in state.running:
+            continue
+        if name in state.sleeping:
+            on = where(state, name)
+            mb = max(0, spec.vram_mb - usage_mb(inv, card(state, on[0]), name))
+            if all(free[d] >= mb for d in on):
+                steps.append(Step("wake", name, mb * len(on), why, devices=on))
+                for d in on:
+                    free[d] -= mb
+            continue
+        fits = [d for d in (spec.devices or sorted(state.devices))
+                if d in free and free[d] >= spec.vram_mb]
+        if len(fits) < spec.gpus:
+            continue
+        order = sorted(fits, key=lambda d: (free[d] if state.strategy == "best_fit"
+                                            else -free[d], d))
+        on = tuple(sorted(order[:spec.gpus]))
+        steps.append(Step("start", name, spec.vram_mb * len(on), why, devices=on))
+        for d in on:
+            free[d] -= spec.vram_mb
+    before = sum(used_mb(inv, card(state, d)) for d in state.devices)
+    budget = sum(card(state, d).budget_mb for d in state.devices)
+    return Plan(req, edges(budget - before, steps), budget, before,
+                before + sum(s.mb for s in steps))
+
+
+__all__ = ["Blocker", "card", "plan", "where"]
