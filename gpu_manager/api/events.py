@@ -22,6 +22,8 @@ from gpu_manager.api.docs import answers
 from gpu_manager.daemon import Daemon
 from gpu_manager.units.events import Event, Gap, Subscription, matches
 
+# A service name as services.yaml allows it (config.models.ServiceName), or a lease's.
+SERVICE_PATTERN = r"^(lease:)?[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 # Advice to EventSource on how soon to reconnect (ms): transitions take seconds, so a quick
 # retry keeps a dashboard current without hammering a daemon that is restarting.
 RETRY_MS = 2000
@@ -86,15 +88,17 @@ def make_router(daemon: Daemon) -> APIRouter:
         after: Annotated[int | None, Query(
             ge=0, description="As Last-Event-ID, for clients that cannot set headers."
         )] = None,
-        service: Annotated[list[str] | None, Query(
-            description="Only events of these services (repeatable).")] = None,
-        kind: Annotated[list[str] | None, Query(
-            description="Only events of these kinds (repeatable).")] = None,
+        # Patterned lists with an empty default (no `null`): what no event can match is a
+        # clear 422, not an empty stream that looks like an idle daemon.
+        service: Annotated[list[Annotated[str, Query(pattern=SERVICE_PATTERN)]], Query(
+            description="Only events of these services (repeatable).")] = [],  # noqa: B006
+        kind: Annotated[list[Annotated[str, Query(pattern=r"^[a-z_]{1,32}$")]], Query(
+            description="Only events of these kinds (repeatable).")] = [],  # noqa: B006
     ) -> EventSourceResponse:
         """Server-sent events: every state change, transition and step, resumable."""
         shutdown = anyio.Event()
         since = int(last_event_id) if last_event_id else after
-        services, kinds = service or [], kind or []
+        services, kinds = list(service), list(kind)
         return EventSourceResponse(
             _stream(daemon, since, services, kinds, shutdown),
             ping=settings.sse_ping_s, send_timeout=settings.sse_send_timeout_s,

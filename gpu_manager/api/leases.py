@@ -20,6 +20,7 @@ from gpu_manager.api.docs import answers
 from gpu_manager.api.models import Body, JsonInt, json_int
 from gpu_manager.api.status import vram
 from gpu_manager.daemon import Daemon
+from gpu_manager.orchestrator.cards import visible_ids
 
 # JSON as the schema says: `false` is no number of MB, "5" no priority.
 STRICT = ConfigDict(strict=True)
@@ -36,6 +37,8 @@ class AcquireBody(BaseModel):
     vram_mb: Annotated[int, Field(ge=0), BeforeValidator(json_int)] | None = None
     ttl_s: float | None = Field(default=None, gt=0)
     metadata: dict[str, Any] | None = None
+    # Several GPUs: the card wanted (an index the daemon manages); null: any that fits.
+    device: Annotated[int, Field(ge=0, le=63), BeforeValidator(json_int)] | None = None
 
 
 class ReleaseBody(BaseModel):
@@ -69,6 +72,11 @@ class LeaseAnswer(Body):
     wait_time_ms: int
     vram_mb: int | None
     ttl_s: float | None
+    device: int | None = Field(
+        default=None, description="The card granted (several GPUs); null otherwise")
+    cuda_visible_devices: str | None = Field(
+        default=None, description="What the client sets CUDA_VISIBLE_DEVICES to (several "
+        "GPUs): the granted card's UUID")
 
 
 class ReleaseAnswer(Body):
@@ -139,13 +147,17 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
     async def acquire(body: AcquireBody) -> JSONResponse:
         res = await daemon.leases.acquire(body.session_id, body.requester, body.priority,
                                           body.timeout_ms, body.vram_mb, body.ttl_s,
-                                          body.metadata)
+                                          body.metadata, device=body.device)
         lease = res.lease
+        cards = lease.devices if lease else ()
         payload = {"success": lease is not None, "session_id": body.session_id,
                    "acquired_at": iso(lease.acquired_at) if lease else None,
                    "error": res.error, "wait_time_ms": res.wait_ms,
                    "vram_mb": lease.vram_mb if lease else None,
-                   "ttl_s": lease.ttl_s if lease else None}
+                   "ttl_s": lease.ttl_s if lease else None,
+                   "device": cards[0] if cards else None,
+                   "cuda_visible_devices": ",".join(
+                       visible_ids(daemon.poller.latest, cards)) if cards else None}
         code = 200 if lease else 503 if res.code == "unavailable" else 409
         await daemon.refresh_lock_info()
         return JSONResponse(payload, status_code=code)

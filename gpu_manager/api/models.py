@@ -108,6 +108,11 @@ class ServiceStatus(Body):
     faults: int
     removed: bool | None = Field(None, description="true: no longer in the inventory, and "
                                  "still running")
+    devices: list[int] = Field(description="The cards it runs (or last ran) on; [] before "
+                               "its first start")
+    allowed_devices: list[int] | None = Field(description="The cards it may be placed on "
+                                              "(`device`/`devices`); null: any")
+    gpus: int = Field(description="How many cards it needs at once")
 
 
 class HeldFor(Body):
@@ -135,6 +140,25 @@ class LeaseSummary(Body):
     requester: str
     vram_mb: int | None
     priority: int
+    devices: list[int] = Field(description="The card(s) it holds (several GPUs); [] otherwise")
+
+
+class Card(Body):
+    """One managed GPU as the planner counts it."""
+
+    index: int
+    uuid: str | None
+    name: str | None
+    total_mb: int | None
+    used_mb: int | None
+    free_mb: int | None
+    reserve_mb: int
+    available_mb: int | None = Field(description="Free minus the reserve")
+    foreign_mb: int | None = Field(description="Used by processes the daemon does not manage")
+    temperature_c: int | None
+    utilization_percent: int | None
+    services: dict[str, int | None] = Field(description="Each service on it, with the MB "
+                                            "measured there (null: not measurable)")
 
 
 class PhaseInfo(Body):
@@ -145,7 +169,10 @@ class PhaseInfo(Body):
 
 
 class Status(Body):
-    vram: Vram
+    vram: Vram = Field(description="The primary card (`gpu.device`, or the first of "
+                       "`gpu.devices`)")
+    gpus: list[Card] = Field(description="Every managed card (one on a single-GPU host)")
+    placement: Literal["best_fit", "spread"]
     services: dict[str, ServiceStatus]
     lock: LockStatus
     phase: int | None
@@ -172,6 +199,7 @@ class PlanStep(Body):
     reason: str
     preemption: bool
     after: list[int] = Field(description="Indices of the steps this one waits for")
+    devices: list[int] = Field(description="The cards it acts on (several GPUs; [] on one)")
 
 
 class Plan(Body):
@@ -188,6 +216,7 @@ class Blocker(Body):
     name: str
     mb: int
     reason: str
+    device: int | None = Field(None, description="The card it blocks (several GPUs)")
 
 
 class RefusedPlan(Body):
@@ -211,6 +240,7 @@ class StepRecord(Body):
     reclaim_wait_s: float | None
     detail: str | None
     after: list[int]
+    devices: list[int] = Field(description="The cards it acts on (several GPUs; [] on one)")
 
 
 class Operation(Body):

@@ -69,8 +69,42 @@ def services(daemon: Daemon) -> dict[str, Any]:
             "sleeps": unit.sleeps,
             "wakes": unit.wakes,
             **({"removed": True} if name not in inv.services else {}),
+            "devices": list(unit.devices) or ([inv.gpu.device] if unit.holds_gpu else []),
+            "allowed_devices": (None if cfg.allowed_devices is None
+                                else list(cfg.allowed_devices)),
+            "gpus": cfg.gpus,
             **{k: v for k, v in unit.snapshot().items() if k != "state"},
         }
+    return out
+
+
+def gpus(daemon: Daemon) -> list[dict[str, Any]]:
+    """Each managed card: its numbers, and who holds what on it."""
+    orch = daemon.orchestrator
+    snap = daemon.poller.latest
+    gpu = daemon.inventory.gpu
+    observed = orch.observed()
+    out = []
+    for card in gpu.managed:
+        dev = snap.device(card.index)
+        free = dev.free_mb if dev else None
+        budget = observed.devices.get(card.index)
+        foreign = (budget.foreign_mb if budget is not None else observed.foreign_mb) \
+            if dev is not None and dev.used_mb is not None else None
+        held = {n: orch.measured(n, snap, card.index) for n, u in list(daemon.units.items())
+                if u.holds_gpu and card.index in (u.devices or (gpu.device,))}
+        out.append({
+            "index": card.index, "uuid": dev.uuid if dev else None,
+            "name": dev.name if dev else None,
+            "total_mb": dev.total_mb if dev and dev.total_mb is not None else card.total_mb,
+            "used_mb": dev.used_mb if dev else None, "free_mb": free,
+            "reserve_mb": card.reserve_mb,
+            "available_mb": None if free is None else max(0, free - card.reserve_mb),
+            "foreign_mb": foreign,
+            "temperature_c": dev.temperature_c if dev else None,
+            "utilization_percent": dev.utilization_percent if dev else None,
+            "services": held,
+        })
     return out
 
 
@@ -115,11 +149,14 @@ def lock(daemon: Daemon) -> dict[str, Any]:
 def status(daemon: Daemon) -> dict[str, Any]:
     return {
         "vram": vram(daemon),
+        "gpus": gpus(daemon),
+        "placement": daemon.inventory.gpu.placement,
         "services": services(daemon),
         "lock": lock(daemon),
         "phase": daemon.orchestrator.current_phase,
         "leases": [{"session_id": x.session_id, "requester": x.requester, "vram_mb": x.vram_mb,
-                    "priority": x.priority} for x in daemon.leases.active],
+                    "priority": x.priority, "devices": list(x.devices)}
+                   for x in daemon.leases.active],
         "waiting": daemon.leases.waiting,
         "sleeping": sorted(n for n, u in list(daemon.units.items())
                            if u.state.value == "sleeping"),

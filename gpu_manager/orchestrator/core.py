@@ -25,6 +25,7 @@ from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import Inventory
 from gpu_manager.lock import GpuLock, LockHeld, LockLost, LockUnavailable
 from gpu_manager.lock.keeper import LockKeeper
+from gpu_manager.orchestrator.cards import listed_pids, per_card
 from gpu_manager.orchestrator.executor import (
     Executor,
     lock_call,
@@ -149,17 +150,26 @@ class Orchestrator:
                 await unit.woke(f"holds {mb} MB, more than its {residual} MB residual")
 
     def prune(self, snap: Snapshot, only: list[str] | None = None) -> None:
-        dev = snap.device(self.inventory.gpu.device)
-        listed = ({p.pid for p in dev.processes}
-                  if dev is not None and dev.processes is not None else None)
-        self.ledger.prune_releasing(listed, psutil.pid_exists, self.reclaim_timeout_s, only)
+        self.ledger.prune_releasing(listed_pids(snap, self.cards), psutil.pid_exists,
+                                    self.reclaim_timeout_s, only)
 
-    def measured(self, name: str, snap: Snapshot | None = None) -> int | None:
-        dev = (snap or self.poller.latest).device(self.inventory.gpu.device)
-        if dev is None or dev.processes is None:
-            return None
+    @property
+    def cards(self) -> tuple[int, ...]:
+        """The managed GPUs' indices, the primary first."""
+        return tuple(d.index for d in self.inventory.gpu.managed)
+
+    def measured(self, name: str, snap: Snapshot | None = None,
+                 device: int | None = None) -> int | None:
+        """MB the GPU attributes to `name`'s pids (on `device`, or on all managed cards);
+        None when it cannot tell."""
+        snap = snap or self.poller.latest
         pids = set(self.ledger.view().unit_pids.get(name, ()))
-        found = [p.used_mb for p in dev.processes if p.pid in pids]
+        found: list[int | None] = []
+        for index in (device,) if device is not None else self.cards:
+            dev = snap.device(index)
+            if dev is None or dev.processes is None:
+                return None
+            found += [p.used_mb for p in dev.processes if p.pid in pids]
         if not found or any(mb is None for mb in found):
             return None
         return sum(mb for mb in found if mb is not None)
@@ -188,8 +198,19 @@ class Orchestrator:
             foreign = max(0, dev.used_mb - managed - releasing)
         unready = frozenset(n for n in running if n in self.units
                             and self.units[n].state == S.FAILED)
-        return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase,
-                             sleeping, unready)
+        if not gpu.several:
+            return ObservedState(total or 0, running, gpu.reserve_mb, foreign,
+                                 self.current_phase, sleeping, unready)
+        cards = per_card(self, books, [*running, *sleeping])
+        placement = {n: u.devices for n, u in units if u.devices and
+                     (n in running or n in sleeping)}
+        placement.update({n: lease.devices for n, lease in books.leases.items()
+                          if lease.active and lease.devices})
+        return ObservedState(
+            sum(c.total_mb for c in cards.values()), running,
+            sum(c.reserve_mb for c in cards.values()),
+            sum(c.foreign_mb for c in cards.values()), self.current_phase, sleeping, unready,
+            cards, placement, gpu.placement)
 
     def planner_inventory(self) -> PlannerInventory:
         """The inventory as the planner must see it now: client leases as unstoppable
@@ -210,8 +231,9 @@ class Orchestrator:
             services[name] = dataclasses.replace(services[name], priority=PREWARM_PRIORITY,
                                                  preemptible=True)
         for name, lease in leases.items():
-            services[name] = ServiceSpec(name, lease.vram_mb, lease.priority, preemptible=False,
-                                         stoppable=False)
+            services[name] = ServiceSpec(
+                name, lease.vram_mb, lease.priority, preemptible=False, stoppable=False,
+                devices=None if lease.device is None else (lease.device,))
         return PlannerInventory(services, self.pinv.phases)
 
     async def dry_run(self, request: Request) -> Plan | Refusal:

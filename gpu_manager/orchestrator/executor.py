@@ -22,6 +22,7 @@ import psutil
 from loguru import logger
 
 from gpu_manager.lock import Lease, LockUnavailable
+from gpu_manager.orchestrator.cards import listed_pids, visible_ids
 from gpu_manager.orchestrator.operations import Operation, OperationError, StepRecord
 from gpu_manager.orchestrator.releases import Releases
 from gpu_manager.planner import (
@@ -105,7 +106,7 @@ class Executor(Releases):
         # the GPU (the planner counts their declared size too). Set in the same synchronous
         # step as the room check that granted it, so no two starts can both see the same
         # free memory, whatever the awaits after it (a Redis fencing check yields).
-        self._claims: dict[str, int] = {}
+        self._claims: dict[str, dict[int, int]] = {}  # name -> {card: MB}
         self._failures: list[BaseException] = []
         self._began = 0.0
         self._fallbacks: dict[str, asyncio.Future[str | None]] = {}
@@ -197,7 +198,7 @@ class Executor(Releases):
                                                  isinstance(op.request, SleepService))
             else:
                 record.reclaim_wait_s, record.detail = await self.start(
-                    step.service, step.mb, lease, deps)
+                    step.service, step.mb, lease, deps, step.devices)
         except BaseException as exc:
             record.status = "failed"
             record.detail = str(exc) or type(exc).__name__
@@ -213,31 +214,43 @@ class Executor(Releases):
         orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
 
     async def start(self, name: str, need_mb: int, lease: Lease,
-                    deps: list[str] | None = None) -> tuple[float, str | None]:
+                    deps: list[str] | None = None,
+                    devices: tuple[int, ...] = ()) -> tuple[float, str | None]:
+        """Start (or wake) `name` on `devices` (the plan's cards; a single-card plan names
+        none: the one card) once `need_mb` (over all its cards) is free there."""
         orch = self.orch
+        cards = devices or self._where(name)
         # fencing: nobody took the lock since we did
         await lock_call("check", lease.check(), orch.bounds.lock_io_s)
-        waited, note = await self.await_reclaim(name, need_mb, deps or [])  # claims on success
+        waited, note = await self.await_reclaim(name, need_mb, deps or [], cards)  # claims
         launched = False
         try:
             await lock_call("check", lease.check(), orch.bounds.lock_io_s)
             if self._failures:  # a sibling failed while this one waited: begin nothing new
                 raise _Skipped
-            result = await self._launch(name, lease, waited, note)
+            result = await self._launch(name, lease, waited, note, cards)
             launched = True
             return result
         finally:
             if not launched:
                 self._claims.pop(name, None)
 
-    async def _launch(self, name: str, lease: Lease, waited: float,
-                      note: str | None) -> tuple[float, str | None]:
+    def _where(self, name: str) -> tuple[int, ...]:
+        unit = self.orch.units.get(name)
+        return (unit.devices if unit is not None and unit.devices
+                else (self.orch.inventory.gpu.device,))
+
+    async def _launch(self, name: str, lease: Lease, waited: float, note: str | None,
+                      cards: tuple[int, ...]) -> tuple[float, str | None]:
         orch = self.orch
+        several = orch.inventory.gpu.several
         if orch.ledger.lease(name) is not None:  # a client lease: the VRAM is now theirs
-            orch.ledger.activate(name)
+            orch.ledger.activate(name, cards if several else ())
             return waited, note
         unit = orch.units[name]
         waking = unit.state == S.SLEEPING
+        if several and not waking:  # where it runs, told to it (a wake stays put)
+            unit.place(cards, visible_ids(orch.poller.latest, cards))
         result = await unit.ensure_ready()  # wakes it when it sleeps
         if not result.ok and waking:
             # It did not wake: stop what is left of it and start it cold (the VRAM is
@@ -246,7 +259,8 @@ class Executor(Releases):
             note = "; ".join(x for x in (note, f"wake failed ({result.reason}); started "
                                          "cold instead") if x)
             await self.stop(name, f"wake failed: {result.reason}", False)
-            await self.await_reclaim(name, unit.cfg.vram_mb, [name])  # its memory back first
+            await self.await_reclaim(name, unit.cfg.vram_mb * len(cards), [name],
+                                     cards)  # its memory back first
             result = await unit.ensure_ready()
         if not result.ok:
             # The unit has already stopped what it launched; say where that leaves the GPU.
@@ -254,11 +268,12 @@ class Executor(Releases):
                                  gpu_state=orch.gpu_state())
         return waited, note
 
-    def _claimed(self, but: str, snap: Snapshot) -> int:
-        """MB that starts granted beside this one have not yet shown on the GPU (by what the
-        snapshot attributes to their pids; their pids are refreshed while anyone waits)."""
-        return sum(max(0, mb - (self.orch.measured(n, snap) or 0))
-                   for n, mb in self._claims.items() if n != but)
+    def _claimed(self, but: str, snap: Snapshot, card: int) -> int:
+        """MB that starts granted beside this one on `card` have not yet shown there (by
+        what the snapshot attributes to their pids; their pids are refreshed while anyone
+        waits)."""
+        return sum(max(0, cards[card] - (self.orch.measured(n, snap, card) or 0))
+                   for n, cards in self._claims.items() if n != but and card in cards)
 
     async def _refresh_claimants(self) -> None:
         """While the plan runs, keep the pids of the starts granted so far current, so their
@@ -272,13 +287,14 @@ class Executor(Releases):
                     logger.opt(exception=exc).error(f"pid refresh during a plan: {exc}")
             await asyncio.sleep(0.2)
 
-    async def await_reclaim(self, name: str, need_mb: int,
-                            deps: list[str]) -> tuple[float, str | None]:
+    async def await_reclaim(self, name: str, need_mb: int, deps: list[str],
+                            cards: tuple[int, ...]) -> tuple[float, str | None]:
         """Wait until the stops `deps` have given their VRAM back (their pids off the GPU's
         list) and free memory covers `need_mb` beside the claims of starts still launching;
         releases this start does not depend on are not waited for."""
         orch = self.orch
         gpu = orch.inventory.gpu
+        each = -(-need_mb // len(cards))  # on each of its cards
 
         def evidence() -> tuple[frozenset[int], list[str], float]:
             books = orch.ledger.view()
@@ -298,21 +314,28 @@ class Executor(Releases):
                 return False
             if snap.error is not None and snap.source != "declared":
                 return False  # the probe fails: its last data may be stale; start nothing on it
-            dev = snap.device(gpu.device)
-            if dev is None or dev.lost:
+            devs = [snap.device(c) for c in cards]
+            if any(dev is None or dev.lost for dev in devs):
                 return False
-            if dev.processes is not None:
-                gone = not (pending & {p.pid for p in dev.processes})
+            listed = listed_pids(snap, orch.cards)
+            if listed is not None:
+                gone = not (pending & listed)
             else:
                 gone = not any(psutil.pid_exists(pid) for pid in pending)
             # Degraded (declared) mode knows no free memory: the planner's budget must do.
-            room = (need_mb <= 0 or dev.free_mb is None
-                    or dev.free_mb - gpu.reserve_mb - self._claimed(name, snap) >= need_mb)
+            room = each <= 0 or all(
+                dev.free_mb is None or dev.free_mb - reserve(c) - self._claimed(name, snap, c)
+                >= each for c, dev in zip(cards, devs, strict=True) if dev is not None)
             if gone and room:
                 # granted: no await between check and claim. A wake's need is on top of what
                 # it holds asleep, which `_claimed` subtracts as shown: claim both.
-                self._claims[name] = need_mb + (orch.measured(name, snap) or 0)
+                self._claims[name] = {c: each + (orch.measured(name, snap, c) or 0)
+                                      for c in cards}
             return gone and room
+
+        def reserve(card: int) -> int:
+            found = gpu.gpu(card)
+            return found.reserve_mb if found is not None else gpu.reserve_mb
 
         note = (f"judged by free memory alone for {', '.join(blind)} (pid list unavailable)"
                 if blind else None)
@@ -332,17 +355,15 @@ class Executor(Releases):
                 since = max(since, self._began)
                 snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
         if snap is None:
-            dev = orch.device
-            free = dev.free_mb if dev is not None else None
-            listed = sorted(pending & {p.pid for p in (dev.processes or ())}) if dev else "?"
-            probe = orch.poller.latest.error
-            claimed = self._claimed(name, orch.poller.latest)
+            latest = orch.poller.latest
+            listed = listed_pids(latest, orch.cards)
+            still = sorted(pending & listed) if listed is not None else "?"
+            probe = latest.error
             raise OperationError(
                 "reclaim_timeout",
                 f"VRAM for {name} did not come back within {orch.reclaim_timeout_s:g}s: "
-                f"need {need_mb} MB + {gpu.reserve_mb} MB reserve"
-                + (f" + {claimed} MB claimed by starts beside it" if claimed else "")
-                + f", {free} MB free; still listed: {listed}"
+                + "; ".join(self._room(name, latest, c, each, reserve(c)) for c in cards)
+                + f"; still listed: {still}"
                 + (f"; the probe fails: {probe}" if probe else ""),
                 gpu_state=orch.gpu_state())
         orch.prune(snap, only=deps)  # another start's evidence is not ours to settle
@@ -351,6 +372,15 @@ class Executor(Releases):
                                  and (not books.releasing[n].pids_known
                                       or not books.releasing[n].must_exit)])
         return time.monotonic() - t0, note
+
+    def _room(self, name: str, snap: Snapshot, card: int, need: int, reserve: int) -> str:
+        dev = snap.device(card)
+        free = dev.free_mb if dev is not None else None
+        claimed = self._claimed(name, snap, card)
+        where = f" on GPU {card}" if self.orch.inventory.gpu.several else ""
+        return (f"need {need} MB + {reserve} MB reserve"
+                + (f" + {claimed} MB claimed by starts beside it" if claimed else "")
+                + f", {free} MB free{where}")
 
     async def _fall_back(self, name: str) -> None:
         """Stop a service whose sleep did not free its VRAM, once, however many starts of
@@ -375,7 +405,8 @@ def _skip(record: StepRecord) -> None:
 def refusal_error(result: Refusal) -> OperationError:
     extra = {} if result.code != "insufficient_vram" else {
         "short_mb": result.short_mb,
-        "blockers": [{"name": b.name, "mb": b.mb, "reason": b.reason} for b in result.blockers]}
+        "blockers": [{"name": b.name, "mb": b.mb, "reason": b.reason, "device": b.device}
+                     for b in result.blockers]}
     return OperationError(result.code, result.message, **extra)
 
 

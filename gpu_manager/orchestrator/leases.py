@@ -74,7 +74,7 @@ class LeaseManager:
     async def acquire(self, session_id: str, requester: str, client_priority: int,
                       timeout_ms: int, vram_mb: int | None = None, ttl_s: float | None = None,
                       metadata: dict[str, Any] | None = None,
-                      legacy: bool = False) -> AcquireResult:
+                      legacy: bool = False, device: int | None = None) -> AcquireResult:
         t0 = time.monotonic()
         existing = self.get(session_id)
         if existing is not None:  # a retry of a request that already succeeded: idempotent
@@ -86,7 +86,12 @@ class LeaseManager:
             # a retry while the first request still waits: one acquire per session at once
             return AcquireResult(None, f"session {session_id!r} is already being acquired",
                                  0, "invalid")
-        budget = self.orch.observed().total_mb - self.orch.inventory.gpu.reserve_mb
+        gpu = self.orch.inventory.gpu
+        if device is not None and gpu.gpu(device) is None:
+            known = ", ".join(str(c) for c in self.orch.cards)
+            return AcquireResult(None, f"device {device} is not managed by this daemon "
+                                 f"(devices: {known})", 0, "invalid")
+        budget = self.card_budget(device)
         mb = vram_mb if vram_mb is not None else self.cfg.default_vram_mb
         mb = budget if mb is None else mb
         if 0 < budget < mb:
@@ -96,7 +101,7 @@ class LeaseManager:
         ttl = min(ttl_s or (self.cfg.legacy_ttl_s if legacy else self.cfg.default_ttl_s),
                   self.cfg.max_ttl_s)
         lease = ClientLease(session_id, requester, self.scale(client_priority), client_priority,
-                            mb, ttl, legacy, dict(metadata or {}))
+                            mb, ttl, legacy, dict(metadata or {}), device=device)
         waiter = _Waiter((-lease.priority, next(self._seq)), session_id)
         self._queue.append(waiter)
         self._queue.sort()
@@ -138,6 +143,21 @@ class LeaseManager:
                 tell(result.code, reason=result.error)
             elif announced and self.get(session_id) is None:
                 tell("cancelled", reason="the request ended before the GPU had room")
+
+    def card_budget(self, device: int | None) -> int:
+        """The most one lease can get: the card's total less its reserve (`device`), or the
+        largest card's (any)."""
+        gpu, snap = self.orch.inventory.gpu, self.orch.poller.latest
+        if not gpu.several:
+            return self.orch.observed().total_mb - gpu.reserve_mb
+        out = 0
+        for card in gpu.managed:
+            if device is not None and card.index != device:
+                continue
+            dev = snap.device(card.index)
+            total = dev.total_mb if dev is not None and dev.total_mb else card.total_mb or 0
+            out = max(out, total - card.reserve_mb)
+        return out
 
     @staticmethod
     def _ms(t0: float) -> int:

@@ -32,6 +32,7 @@ class Releasing:
     # The pid list could not be read at the stop: only free memory is evidence, and the
     # step says so.
     pids_known: bool = True
+    devices: tuple[int, ...] = ()  # the cards it is released from (several GPUs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,10 @@ class ClientLease:
     active: bool = False
     acquired_at: float | None = None  # wall clock, once active
     expires: float = float("inf")  # time.monotonic(); only meaningful once active
+    # Several GPUs: the card asked for (None: any that fits), and the card(s) it holds
+    # once active.
+    device: int | None = None
+    devices: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -158,13 +163,14 @@ class Ledger:
         self._changed()
         return True
 
-    def activate(self, name: str) -> ClientLease | None:
-        """The VRAM is the client's now: active, acquired and expiring, all in one step."""
+    def activate(self, name: str, devices: tuple[int, ...] = ()) -> ClientLease | None:
+        """The VRAM is the client's now (on `devices`): active, acquired and expiring, all
+        in one step."""
         lease = self._leases.get(name)
         if lease is None:
             return None
         lease = dataclasses.replace(lease, active=True, acquired_at=time.time(),
-                                    expires=time.monotonic() + lease.ttl_s)
+                                    expires=time.monotonic() + lease.ttl_s, devices=devices)
         self._leases[name] = lease
         self._changed()
         return lease

@@ -48,6 +48,7 @@ class StepRecord:
     detail: str | None = None
     # The steps (indices) this one waited for; pending, running, done, failed or skipped.
     after: list[int] = field(default_factory=list)
+    devices: list[int] = field(default_factory=list)  # the cards it acts on (several GPUs)
 
 
 @dataclass
@@ -87,7 +88,8 @@ class Operation:
         self.used_before_mb = plan.used_before_mb
         self.used_after_mb = plan.used_after_mb
         self.steps = [StepRecord(s.action, s.service, s.mb, s.reason, s.preemption,
-                                 after=list(s.after)) for s in plan.steps]
+                                 after=list(s.after), devices=list(s.devices))
+                      for s in plan.steps]
 
     def finish(self, status: OpStatus, error: dict[str, Any] | None = None) -> None:
         self.status = status

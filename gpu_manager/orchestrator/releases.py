@@ -41,7 +41,8 @@ class Releases:
             raise OperationError("stop_failed", f"could not stop {name}: {result.reason}",
                                  gpu_state=orch.gpu_state())
         orch.ledger.released(name, Releasing(pids, mb, time.monotonic(),
-                                             pids_known=pid_error is None))
+                                             pids_known=pid_error is None,
+                                             devices=orch.units[name].devices))
         return "; ".join(notes) or None
 
     async def sleep(self, name: str, reason: str, preemption: bool, requester: str,
@@ -71,7 +72,8 @@ class Releases:
             orch.count_preemption(name)
         acked = time.monotonic()
         orch.ledger.released(name, Releasing(pids, max(0, before - sleep.residual_mb), acked,
-                                             must_exit=False, pids_known=pid_error is None))
+                                             must_exit=False, pids_known=pid_error is None,
+                                             devices=unit.devices))
         held = (None if pid_error is not None or not pids else
                 await self._confirm_sleep(name, sleep.residual_mb, sleep.timeout_s, acked))
         if held is None:  # the GPU cannot tell per process: the starts judge by free memory
@@ -98,17 +100,19 @@ class Releases:
         def slept(snap: Snapshot) -> bool:
             if snap.taken_at < since:
                 return False
-            dev = snap.device(orch.inventory.gpu.device)
-            if dev is None or dev.processes is None:
-                blind[0] = True
-                return True
-            held = [p.used_mb for p in dev.processes if p.pid in pids]
+            held: list[int | None] = []
+            for index in orch.cards:
+                dev = snap.device(index)
+                if dev is None or dev.processes is None:
+                    blind[0] = True
+                    return True
+                held += [p.used_mb for p in dev.processes if p.pid in pids]
             if any(mb is None for mb in held):
                 blind[0] = True
                 return True
             # a process that let go of everything leaves the GPU's list: it holds 0
             total = seen[0] = sum(mb for mb in held if mb is not None)
-            return total <= residual
+            return total <= residual * max(1, len(orch.units[name].devices))
 
         if not slept(orch.poller.latest):
             async with orch.poller.fast():

@@ -25,7 +25,8 @@ def make_probe(gpu: GpuConfig, sim_dir: Path) -> GpuProbe:
     if gpu.backend == "simulated":
         assert gpu.total_mb is not None  # enforced by GpuConfig
         return SimulatedProbe(sim_dir, gpu.total_mb, gpu.device, gpu.release_delay_ms,
-                              gpu.simulated_poll_cost_ms, gpu.simulated_slow_poll_ms)
+                              gpu.simulated_poll_cost_ms, gpu.simulated_slow_poll_ms,
+                              {d.index: d.total_mb or 0 for d in gpu.managed})
     from gpu_manager.probe.nvml import NvmlProbe  # noqa: PLC0415 - simulated hosts skip pynvml
 
     probe = NvmlProbe()
@@ -36,7 +37,8 @@ def make_probe(gpu: GpuConfig, sim_dir: Path) -> GpuProbe:
             f"!!! {exc}. Running DEGRADED on declared budgets "
             f"(gpu.total_mb={gpu.total_mb}); VRAM use is NOT measured !!!"
         )
-        return DeclaredProbe(gpu.total_mb, gpu.device, str(exc))
+        return DeclaredProbe(gpu.total_mb, gpu.device, str(exc),
+                             {d.index: d.total_mb for d in gpu.managed})
     return probe
 
 

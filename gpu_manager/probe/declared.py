@@ -15,16 +15,18 @@ from gpu_manager.probe.model import DeviceSnapshot, Snapshot, Source
 class DeclaredProbe:
     source: Source = "declared"
 
-    def __init__(self, total_mb: int | None, device: int, reason: str) -> None:
+    def __init__(self, total_mb: int | None, device: int, reason: str,
+                 devices: dict[int, int | None] | None = None) -> None:
         self.total_mb = total_mb
         self.device = device
+        self.devices = dict(devices or {device: total_mb})
         self.reason = reason
 
     def sample(self, processes: bool = True) -> Snapshot:
         now = time.monotonic()
-        dev = DeviceSnapshot(index=self.device, name="declared", total_mb=self.total_mb,
-                             error=self.reason)
-        return Snapshot("declared", now, time.time(), (dev,), error=self.reason)
+        devs = tuple(DeviceSnapshot(index=i, name="declared", total_mb=total, error=self.reason)
+                     for i, total in sorted(self.devices.items()))
+        return Snapshot("declared", now, time.time(), devs, error=self.reason)
 
     def close(self) -> None:
         pass

@@ -6,7 +6,12 @@ import time
 from pathlib import Path
 
 from gpu_manager.probe.model import DeviceSnapshot, GpuProcess, Snapshot, Source
-from gpu_manager.sim.registry import DEFAULT_RELEASE_DELAY_MS, SimRegistry
+from gpu_manager.sim.registry import (
+    DEFAULT_RELEASE_DELAY_MS,
+    Registration,
+    SimRegistry,
+    sim_uuid,
+)
 
 
 class SimulatedProbe:
@@ -16,6 +21,7 @@ class SimulatedProbe:
         self, sim_dir: Path, total_mb: int, device: int = 0,
         release_delay_ms: int = DEFAULT_RELEASE_DELAY_MS,
         poll_cost_ms: float = 0.0, slow_poll_ms: float = 0.0,
+        devices: dict[int, int] | None = None,
     ) -> None:
         self.poll_cost_s = poll_cost_ms / 1000
         self.slow_poll_s = slow_poll_ms / 1000
@@ -23,9 +29,11 @@ class SimulatedProbe:
         self.registry = SimRegistry(sim_dir)
         self.total_mb = total_mb
         self.device = device
+        # index -> total MB of each simulated card
+        self.devices = dict(devices or {device: total_mb})
         self.release_delay_s = release_delay_ms / 1000
         # Stand-ins read this to refuse allocations that would not fit, like a real GPU.
-        self.registry.write_gpu(total_mb, release_delay_ms, device)
+        self.registry.write_gpu(total_mb, release_delay_ms, device, self.devices)
 
     def sample(self, processes: bool = True) -> Snapshot:
         # The injected cost blocks this (probe) thread only, as a slow NVML call would.
@@ -36,21 +44,28 @@ class SimulatedProbe:
         if cost:
             time.sleep(cost)
         # Reading the registry is cheap, so the process list is always fresh.
-        regs = [r for r in self.registry.active(self.release_delay_s) if r.device == self.device]
-        foreign = self.registry.foreign().get(self.device, 0)
-        used = sum(r.mb for r in regs) + foreign
+        active = self.registry.active(self.release_delay_s)
+        foreign = self.registry.foreign()
         now = time.monotonic()
-        dev = DeviceSnapshot(
-            index=self.device,
+        return Snapshot("simulated", now, time.time(), tuple(
+            self._device(index, total, active, foreign.get(index, 0), now)
+            for index, total in sorted(self.devices.items())))
+
+    @staticmethod
+    def _device(index: int, total: int, active: list[Registration], foreign: int,
+                now: float) -> DeviceSnapshot:
+        regs = [r for r in active if index in r.devices]
+        used = sum(r.mb for r in regs) + foreign
+        return DeviceSnapshot(
+            index=index,
             name="Simulated GPU",
-            uuid=f"GPU-simulated-{self.device}",
-            total_mb=self.total_mb,
+            uuid=sim_uuid(index),
+            total_mb=total,
             used_mb=used,
-            free_mb=max(self.total_mb - used, 0),
+            free_mb=max(total - used, 0),
             processes=tuple(GpuProcess(r.pid, r.name, r.mb, "simulated") for r in regs),
             processes_at=now,
         )
-        return Snapshot("simulated", now, time.time(), (dev,))
 
     def close(self) -> None:
         pass

@@ -41,9 +41,11 @@ class Backend(Protocol):
 class SimulatedBackend:
     """The simulated GPU: the registration's MB is the sum of the held parts."""
 
-    def __init__(self, registry: SimRegistry, pid: int | None = None) -> None:
+    def __init__(self, registry: SimRegistry, pid: int | None = None,
+                 device: int | None = None) -> None:
         self.registry = registry
         self.pid = os.getpid() if pid is None else pid
+        self.device = device  # None: the simulated GPU's primary card
 
     def apply(self, parts: Mapping[str, int]) -> None:
         try:
@@ -55,9 +57,13 @@ class SimulatedBackend:
         gpu = self.registry.gpu()
         if gpu is None:
             return None
-        used = sum(r.mb for r in self.registry.active() if r.device == gpu.get("device", 0))
-        used += self.registry.foreign().get(int(gpu.get("device", 0)), 0)
-        return int(gpu["total_mb"]), max(int(gpu["total_mb"]) - used, 0)
+        device = self.device if self.device is not None else int(gpu.get("device", 0))
+        total = self.registry.totals().get(device)
+        if total is None:
+            return None
+        used = sum(r.mb for r in self.registry.active() if device in r.devices)
+        used += self.registry.foreign().get(device, 0)
+        return total, max(total - used, 0)
 
 
 def _cuda_module() -> tuple[str, Any]:

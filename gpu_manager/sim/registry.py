@@ -7,7 +7,8 @@ time is written back into the registration so that every reader (the probe, a wo
 for room before it "allocates") applies the same rule. All changes happen under one flock.
 
 Layout of the folder:
-- `gpu.json`: {"total_mb", "release_delay_ms", "device"}, written by the simulated probe
+- `gpu.json`: {"total_mb", "release_delay_ms", "device", "devices": {"<index>": total_mb}},
+  written by the simulated probe
 - `procs/<pid>.json`: one registration per live (or recently dead) stand-in
 - `foreign.json`: {"<device>": MB}: usage injected to model a desktop or an unmanaged job
 - `oom.jsonl`: one line per allocation the simulated GPU refused
@@ -46,6 +47,31 @@ class Registration:
     dead_since: float | None = None  # wall-clock time the death was first seen
     registered_at: float | None = None  # wall-clock time the memory was claimed
     resized_at: float | None = None  # wall-clock time of the last sleep/wake resize
+    # A process on several cards (tensor parallel): `mb` on each of these too.
+    also: tuple[int, ...] = ()
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        return (self.device, *self.also)
+
+
+SIM_UUID_PREFIX = "GPU-simulated-"
+
+
+def sim_uuid(index: int) -> str:
+    """A simulated card's UUID: what the daemon puts in CUDA_VISIBLE_DEVICES."""
+    return f"{SIM_UUID_PREFIX}{index}"
+
+
+def visible_devices(value: str | None) -> tuple[int, ...]:
+    """The simulated cards a CUDA_VISIBLE_DEVICES value names (indices or our UUIDs); ()
+    when it names none. A stand-in placed by the daemon registers on these."""
+    out: list[int] = []
+    for raw in (value or "").split(","):
+        item = raw.strip().removeprefix(SIM_UUID_PREFIX)
+        if item.isdigit():
+            out.append(int(item))
+    return tuple(out)
 
 
 def process_alive(pid: int, create_time: float) -> bool:
@@ -84,11 +110,24 @@ class SimRegistry:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -- the GPU's declared shape -------------------------------------------------------------
-    def write_gpu(self, total_mb: int, release_delay_ms: int, device: int) -> None:
+    def write_gpu(self, total_mb: int, release_delay_ms: int, device: int,
+                  devices: dict[int, int] | None = None) -> None:
+        cards = devices or {device: total_mb}
         with self._locked():
             _write_atomic(self.root / "gpu.json", {
                 "total_mb": total_mb, "release_delay_ms": release_delay_ms, "device": device,
+                "devices": {str(k): v for k, v in cards.items()},
             })
+
+    def totals(self) -> dict[int, int]:
+        """Each simulated card's total MB ({} before the probe declared any)."""
+        gpu = self.gpu()
+        if gpu is None:
+            return {}
+        cards = gpu.get("devices")
+        if isinstance(cards, dict):
+            return {int(k): int(v) for k, v in cards.items()}
+        return {int(gpu.get("device", 0)): int(gpu["total_mb"])}
 
     def gpu(self) -> dict[str, int] | None:
         try:
@@ -126,10 +165,13 @@ class SimRegistry:
             result.append(reg)
         return sorted(result, key=lambda r: r.pid)
 
-    def register(self, pid: int, mb: int, name: str, device: int = 0) -> Registration:
-        """Claim `mb` on `device` for `pid`; raises SimulatedOOM when it does not fit."""
+    def register(self, pid: int, mb: int, name: str, device: int = 0,
+                 also: tuple[int, ...] = ()) -> Registration:
+        """Claim `mb` on `device` (and on each of `also`) for `pid`; raises SimulatedOOM
+        when it does not fit."""
         create_time = psutil.Process(pid).create_time()
-        reg = Registration(pid, create_time, mb, name, device, registered_at=time.time())
+        reg = Registration(pid, create_time, mb, name, device, registered_at=time.time(),
+                           also=tuple(also))
         with self._locked():
             self._check_fits_locked(reg)
             _write_atomic(self.procs / f"{pid}.json", asdict(reg))
@@ -155,21 +197,23 @@ class SimRegistry:
 
     def _check_fits_locked(self, reg: Registration, **oom_extra: Any) -> None:
         """Raise SimulatedOOM (and log it) when `reg.mb` does not fit beside everyone else."""
-        gpu = self.gpu()
-        if gpu is None or int(gpu.get("device", 0)) != reg.device:
-            return  # no declared GPU for this device: nothing to refuse against
+        gpu, totals = self.gpu(), self.totals()
+        if gpu is None:
+            return  # no declared GPU: nothing to refuse against
         delay = gpu.get("release_delay_ms", DEFAULT_RELEASE_DELAY_MS) / 1000
         held = self._active_locked(delay, time.time())
-        used = sum(r.mb for r in held if r.device == reg.device and r.pid != reg.pid)
-        used += self._foreign_locked().get(reg.device, 0)
-        free = int(gpu["total_mb"]) - used
-        if reg.mb > free:
-            self._oom_locked(reg, free, **oom_extra)
-            raise SimulatedOOM(
-                f"CUDA out of memory (simulated): {reg.name} (pid {reg.pid}) tried to allocate "
-                f"{reg.mb} MB on device {reg.device}, {max(free, 0)} MB free of "
-                f"{gpu['total_mb']} MB"
-            )
+        for device in reg.devices:
+            if device not in totals:
+                continue  # no declared GPU for this device
+            used = sum(r.mb for r in held if device in r.devices and r.pid != reg.pid)
+            used += self._foreign_locked().get(device, 0)
+            free = totals[device] - used
+            if reg.mb > free:
+                self._oom_locked(reg, free, **oom_extra)
+                raise SimulatedOOM(
+                    f"CUDA out of memory (simulated): {reg.name} (pid {reg.pid}) tried to "
+                    f"allocate {reg.mb} MB on device {device}, {max(free, 0)} MB free of "
+                    f"{totals[device]} MB")
 
     def _oom_locked(self, reg: Registration, free: int, **extra: Any) -> None:
         with open(self.root / "oom.jsonl", "a") as fh:

@@ -43,7 +43,7 @@ from gpu_manager.sim.memory import (
     SimulatedBackend,
     allocate_cuda,
 )
-from gpu_manager.sim.registry import SimRegistry, SimulatedOOM
+from gpu_manager.sim.registry import SimRegistry, SimulatedOOM, visible_devices
 
 EXIT_OOM = 3
 EXIT_CRASH = 70
@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--name", default="workload")
-    p.add_argument("--device", type=int, default=0)
+    p.add_argument("--device", type=int, default=None,
+                   help="the card to register on [default: the first of CUDA_VISIBLE_DEVICES "
+                   "when the daemon placed it (all of them are held), else 0]")
     p.add_argument("--startup-s", type=float, default=0.0,
                    help="seconds before /health turns 200 (models loading)")
     p.add_argument("--stop-s", type=float, default=0.0,
@@ -187,16 +189,27 @@ class _Server(ThreadingHTTPServer):
     api: Api | None
 
 
+def placement(args: argparse.Namespace) -> tuple[int, tuple[int, ...]]:
+    """(card, other cards) to hold memory on: `--device`, else what CUDA_VISIBLE_DEVICES
+    names (the daemon hands a placed service its cards there), else card 0."""
+    if args.device is not None:
+        return args.device, ()
+    visible = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return (visible[0], visible[1:]) if visible else (0, ())
+
+
 def _start_api(args: argparse.Namespace) -> Api:
     """Take the full VRAM, in parts that the API's sleep and wake release and take back."""
     parts = model_parts(args.api, args.vram_mb - args.sleep_vram_mb, args.weights_mb)
     backend: Backend
+    device, also = placement(args)
     if args.cuda:
-        backend = CudaBackend(args.device)
+        # CUDA numbers only the visible cards: the first one it sees is ours
+        backend = CudaBackend(args.device or 0)
     else:
         registry = SimRegistry(args.sim_dir or sim_dir())
-        registry.register(os.getpid(), args.vram_mb, args.name, args.device)
-        backend = SimulatedBackend(registry)
+        registry.register(os.getpid(), args.vram_mb, args.name, device, also)
+        backend = SimulatedBackend(registry, device=device)
     memory = ModelMemory(backend, parts, args.sleep_vram_mb, sleep_s=args.sleep_s,
                          wake_s=args.wake_s, reload_s=args.startup_s,
                          keeps_memory=args.sleep_keeps_memory)
@@ -226,11 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr, flush=True)
             return EXIT_OOM
     elif args.cuda:
-        buffer = allocate_cuda(args.vram_mb, args.device)
+        buffer = allocate_cuda(args.vram_mb, args.device or 0)
     else:
         registry = SimRegistry(args.sim_dir or sim_dir())
+        device, also = placement(args)
         try:
-            registry.register(os.getpid(), args.vram_mb, args.name, args.device)
+            registry.register(os.getpid(), args.vram_mb, args.name, device, also)
         except SimulatedOOM as exc:
             print(exc, file=sys.stderr, flush=True)
             return EXIT_OOM

@@ -77,8 +77,19 @@ class UnitOwner:
         self._sleep_memo: tuple[str, ...] = ()  # what the wake needs of the sleep
         self.sleeps = 0  # for metrics: sleeps the service confirmed, wakes that worked
         self.wakes = 0
+        # Several GPUs: the cards it was placed on (indices) and how the driver names them to
+        # the service (UUIDs); kept across restarts and daemon restarts (the record).
+        self.devices: tuple[int, ...] = ()
+        self.visible: tuple[str, ...] = ()
 
     # -- public API ---------------------------------------------------------------------------
+    def place(self, devices: tuple[int, ...], visible: tuple[str, ...]) -> None:
+        """Where its next launch runs: called by the executor before a start, never while
+        anything of it runs (a running service is not moved)."""
+        if self.driver.running():
+            return
+        self.devices, self.visible = devices, visible
+
     def start_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run(), name=f"unit-{self.name}")
@@ -265,6 +276,8 @@ class UnitOwner:
         if record is not None and self.state == S.SLEEPING:
             # so a restarted daemon adopts it as asleep, and knows what to wake
             record = {**record, "asleep": True, "memo": list(self._sleep_memo)}
+        if record is not None and self.devices:
+            record = {**record, "devices": list(self.devices), "visible": list(self.visible)}
         self._on_record(self.name, record)
 
     def _finish_waiters(self, ok: bool, reason: str) -> None:

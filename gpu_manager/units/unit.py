@@ -61,6 +61,8 @@ class Unit(SleepWake):
         if self._next is not None and not self.driver.running():
             self.cfg, self.driver = self._next  # a reload changed it while it ran
             self._next = None
+        # the cards it was placed on (a restart too)
+        self.driver.visible, self.driver.cards = self.visible, self.devices
         self._gen += 1
         self._start_began = time.monotonic()
         self._start_auto = auto
@@ -108,6 +110,9 @@ class Unit(SleepWake):
         self._gen += 1
         self._start_began = time.monotonic()
         self._start_auto = False
+        self.devices = tuple(int(d) for d in record.get("devices") or ())
+        self.visible = tuple(str(v) for v in record.get("visible") or ())
+        self.driver.visible, self.driver.cards = self.visible, self.devices
         gen = self._gen
         self._spawn("exit", lambda: self._watch_exit(gen), gen)
         if record.get("asleep") and self.cfg.sleep is not None:

@@ -34,6 +34,9 @@ class ExitWatch:
 
     name: str
     _exit: asyncio.Future[ExitInfo] | None = None
+    # The GPUs (UUIDs) its next launch gets; () leaves the service to find its own.
+    visible: tuple[str, ...] = ()
+    cards: tuple[int, ...] = ()  # the same GPUs by index
 
     def running(self) -> bool:
         return self._exit is not None and not self._exit.done()
@@ -46,6 +49,9 @@ class ExitWatch:
 
 class Driver(Protocol):
     """One service's process or container. All methods are async and never block the loop."""
+
+    visible: tuple[str, ...]  # the GPUs (UUIDs) the next launch is handed
+    cards: tuple[int, ...]  # the same by index
 
     async def start(self) -> None:
         """Launch the service; returns once it is launched (not once it is healthy)."""

@@ -222,17 +222,22 @@ class DockerDriver(ExitWatch):
     def _get_or_create(self, client: Any, cancel: threading.Event) -> Any:
         errors = docker.errors
         try:
-            return client.containers.get(self.container_name)
+            found = client.containers.get(self.container_name)
         except errors.NotFound:
             pass
+        else:
+            self._check_cards(found)
+            return found
         if not self.cfg.image:
             raise DriverError(f"container {self.container_name!r} does not exist and no image is "
                               "configured to create it")
         requests_ = []
         if self.cfg.device_request is not None:
             dr = self.cfg.device_request
+            # Placed on cards: exactly those (Docker takes a count or ids, never both).
+            ids = list(self.visible) or dr.device_ids or []
             requests_.append(docker.types.DeviceRequest(
-                driver=dr.driver, count=dr.count, device_ids=dr.device_ids or [],
+                driver=dr.driver, count=0 if ids else dr.count, device_ids=ids,
                 capabilities=dr.capabilities))
         kwargs = {"name": self.container_name, "command": self.cfg.command,
                   "environment": self.cfg.env, "labels": {LABEL: self.name},
@@ -254,6 +259,22 @@ class DockerDriver(ExitWatch):
                                   f"already exists ({exc.explanation})") from exc
             raise DriverError(f"cannot create {self.container_name!r}: {exc.explanation}"
                               ) from exc
+
+    def _check_cards(self, container: Any) -> None:
+        """A container made before (by hand, by compose) keeps the cards it was made with:
+        used as it is when they are where the plan placed it, refused (with both) when
+        it is pinned elsewhere, since its VRAM would land on a card the plan did not count."""
+        if not self.visible:
+            return
+        asked = container.attrs.get("HostConfig", {}).get("DeviceRequests") or []
+        ids = sorted({str(i) for r in asked for i in (r.get("DeviceIDs") or [])})
+        ours = {*self.visible, *(str(c) for c in self.cards)}  # by UUID or by index
+        if ids and not set(ids) <= ours:
+            raise DriverError(
+                f"container {self.container_name!r} exists pinned to GPU {', '.join(ids)} "
+                f"but the plan placed {self.name} on {', '.join(self.visible)}: remove the "
+                "container so that it is created on its card, or pin the service there "
+                "(`device:` in services.yaml)")
 
     async def start(self) -> None:
         errors = docker.errors

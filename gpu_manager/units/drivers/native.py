@@ -62,6 +62,14 @@ def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
             if not k.upper().startswith("GPU_MANAGER_") or k in PASSED_ENV}
 
 
+def gpu_env(visible: tuple[str, ...]) -> dict[str, str]:
+    """The cards a placed service gets: by UUID, which survives a change of enumeration
+    order (a card added, a BIOS setting); PCI bus order for any index it may still use."""
+    if not visible:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(visible), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
 def _same_process(pid: int, create_time: float) -> psutil.Process | None:
     try:
         proc = psutil.Process(pid)
@@ -173,7 +181,8 @@ class NativeDriver(ExitWatch):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         rotate_log(self.log_path, self.log_max_bytes, self.log_backups)
         token = f"{self.name}:{uuid.uuid4().hex}"
-        env = {**child_env(), **self.extra_env, **self.cfg.env, MARKER_ENV: token}
+        env = {**child_env(), **self.extra_env, **self.cfg.env, **gpu_env(self.visible),
+               MARKER_ENV: token}
         # A local file opened for append: no I/O wait worth a thread.
         with open(self.log_path, "ab") as log:  # noqa: ASYNC230
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")

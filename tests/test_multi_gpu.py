@@ -1,0 +1,184 @@
+"""Several GPUs end to end: the real daemon on two simulated 24 GB cards, real stand-in
+processes that register on the card CUDA_VISIBLE_DEVICES names. Placement without
+preemption, preemption on the cheapest card only, what each child is handed, pins, a
+two-card service, leases per card, and adoption after `kill -9` keeping the cards."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from gpu_manager.sim.registry import SimRegistry
+from tests.support.daemon import DaemonProc
+from tests.support.env import free_port, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def service(name: str, mb: int, priority: int, extra: str = "") -> str:
+    port = free_port()
+    return f"""
+  {name}:
+    type: native
+    vram_mb: {mb}
+    priority: {priority}
+    command: ["{{python}}", "-m", "gpu_manager.sim.workload", "--name", "{name}",
+              "--vram-mb", "{mb}", "--port", "{port}"]
+    health: {{url: "http://127.0.0.1:{port}/health", timeout_s: 2, interval_s: 5}}
+    start_timeout_s: 30
+    stop_timeout_s: 10{extra}
+"""
+
+
+def inventory(tmp: Path, placement: str = "best_fit") -> None:
+    services = "".join([
+        service("a", 20000, 5), service("b", 20000, 1), service("c", 20000, 3),
+        service("pin", 6000, 9, "\n    device: 1"),
+        service("tp", 10000, 2, "\n    gpus: 2"),
+    ])
+    (tmp / "config" / "services.yaml").write_text(f"""
+gpu:
+  backend: simulated
+  release_delay_ms: 100
+  poll_interval_s: 0.2
+  placement: {placement}
+  devices:
+    - {{total_mb: 24576, reserve_mb: 1024}}
+    - {{total_mb: 24576}}
+services:{services}""")
+    (tmp / "config" / "phases.yaml").write_text("""
+phases:
+  1: {name: both, services: [a, b]}
+  2: {name: pinned, services: [pin]}
+""")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
+    d = DaemonProc(tmp_path)
+    inventory(tmp_path)
+    d.start()
+    yield d
+    d.close()
+
+
+def start(d: DaemonProc, name: str) -> dict[str, Any]:
+    answer = d.post(f"/gpu/service/{name}/start")
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def child_cards(d: DaemonProc, name: str) -> tuple[str, ...]:
+    """What the service's process was handed, read from its environment."""
+    pids = d.status()["services"][name]["pids"]
+    assert pids, f"{name} has no pid"
+    env = psutil.Process(pids[0]).environ()
+    assert env.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+    return tuple(env["CUDA_VISIBLE_DEVICES"].split(","))
+
+
+def registered_on(d: DaemonProc, name: str) -> set[int]:
+    return {dev for r in SimRegistry(d.sim_dir).active() if r.name == name for dev in r.devices}
+
+
+def test_placement_preemption_handoff_and_pins(daemon: DaemonProc) -> None:
+    d = daemon
+    start(d, "a")
+    start(d, "b")
+    status = d.status()
+    cards = {n: status["services"][n]["devices"] for n in ("a", "b")}
+    assert sorted(cards.values()) == [[0], [1]], cards  # both run: nothing was preempted
+    assert {n: s["state"] for n, s in status["services"].items() if n in "ab"} == {
+        "a": "ready", "b": "ready"}
+    uuids = {g["index"]: g["uuid"] for g in status["gpus"]}
+    for n in ("a", "b"):
+        # the child was told its card by UUID, and its memory landed there
+        assert child_cards(d, n) == (uuids[cards[n][0]],)
+        assert registered_on(d, n) == set(cards[n])
+        gpu = status["gpus"][cards[n][0]]
+        assert gpu["services"][n] == 20000
+    # c (priority 3) preempts b (priority 1), on b's card only; a is untouched
+    op = start(d, "c")
+    steps = [(s["action"], s["service"]) for s in op["plan"]["steps"]]
+    assert steps == [("stop", "b"), ("start", "c")], steps
+    status = d.status()
+    assert status["services"]["c"]["devices"] == cards["b"]
+    assert status["services"]["a"]["state"] == "ready"
+    assert status["services"]["b"]["state"] == "stopped"
+    assert registered_on(d, "c") == set(cards["b"])
+    # pinned to card 1: it goes there whatever is cheaper, preempting only there
+    pinned = start(d, "pin")
+    assert status["services"]["pin"]["allowed_devices"] == [1]
+    assert d.status()["services"]["pin"]["devices"] == [1]
+    assert child_cards(d, "pin") == (uuids[1],)
+    victims = [s["service"] for s in pinned["plan"]["steps"] if s["action"] == "stop"]
+    on_one = [n for n in ("a", "c") if d.status()["services"][n]["devices"] == [1]]
+    assert victims == on_one, (victims, on_one)
+
+
+def test_a_two_card_service_gets_two_cards_or_a_refusal_that_says_why(
+        daemon: DaemonProc) -> None:
+    d = daemon
+    start(d, "a")  # priority 5: tp (priority 2) cannot preempt it
+    refused = d.post("/gpu/service/tp/start")
+    assert refused.status_code == 409, refused.text
+    body = refused.json()
+    assert "needs 2 cards" in body["detail"] and body["blockers"], body
+    assert {b["name"] for b in body["blockers"]} == {"a"}
+    assert {b["device"] for b in body["blockers"]} == set(d.status()["services"]["a"]["devices"])
+    d.post("/gpu/service/a/stop")
+    start(d, "tp")
+    status = d.status()
+    assert status["services"]["tp"]["devices"] == [0, 1]
+    uuids = [g["uuid"] for g in status["gpus"]]
+    assert child_cards(d, "tp") == tuple(uuids)
+    assert registered_on(d, "tp") == {0, 1}
+    assert [g["services"].get("tp") for g in status["gpus"]] == [10000, 10000]
+
+
+def test_leases_per_card(daemon: DaemonProc) -> None:
+    d = daemon
+    start(d, "a")
+    a_on = d.status()["services"]["a"]["devices"][0]
+    other = 1 - a_on
+    # any card: the one where it fits without preempting a
+    got = d.post("/gpu/acquire", json={"session_id": "l1", "requester": "t", "vram_mb": 8000,
+                                       "priority": 2}).json()
+    assert got["success"] and got["device"] == other, got
+    uuids = {g["index"]: g["uuid"] for g in d.status()["gpus"]}
+    assert got["cuda_visible_devices"] == uuids[other]
+    assert d.status()["leases"][0]["devices"] == [other]
+    # a named card that does not exist: a clear refusal
+    bad = d.post("/gpu/acquire", json={"session_id": "l2", "requester": "t", "vram_mb": 10,
+                                       "device": 7})
+    assert bad.status_code == 409 and "device 7 is not managed" in bad.json()["error"]
+    d.post("/gpu/release", json={"session_id": "l1"})
+
+
+def test_adoption_after_kill_9_keeps_the_cards(daemon: DaemonProc) -> None:
+    d = daemon
+    start(d, "pin")
+    start(d, "tp")
+    before = {n: (s["devices"], s["pids"]) for n, s in d.status()["services"].items()
+              if n in ("pin", "tp")}
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    d.start()
+    wait_for(lambda: all(d.status()["services"][n]["state"] == "ready" for n in before), 20,
+             "the services adopted")
+    after = {n: (s["devices"], s["pids"]) for n, s in d.status()["services"].items()
+             if n in before}
+    assert after == before
+    # and the planner counts them where they are: a 20 GB start must go to neither card
+    # without preempting (tp holds 10 GB of each)
+    answer = d.post("/gpu/service/c/start")
+    assert answer.status_code == 200, answer.text
+    stops = [s["service"] for s in answer.json()["plan"]["steps"] if s["action"] == "stop"]
+    assert stops == ["tp"], stops
