@@ -64,7 +64,8 @@ class GPUClient:
     def __init__(self, coordinator_url: str | None = None, timeout_seconds: float | None = None,
                  retry_attempts: int = 2, fallback_to_cpu: bool | None = None,
                  service_auth: str | None = None, *, vram_mb: int | None = None,
-                 ttl_s: float = 60.0, service_id: str | None = None) -> None:
+                 ttl_s: float = 60.0, service_id: str | None = None,
+                 device: int | None = None) -> None:
         self.coordinator_url = (coordinator_url or os.environ.get("GPU_COORDINATOR_URL")
                                 or DEFAULT_URL).rstrip("/")
         self.timeout_seconds = (timeout_seconds if timeout_seconds is not None
@@ -76,6 +77,10 @@ class GPUClient:
         self.service_auth = service_auth
         self.vram_mb = vram_mb
         self.ttl_s = ttl_s
+        # Several GPUs: the card to ask for (None: any that fits), and once acquired what to
+        # set CUDA_VISIBLE_DEVICES to (the granted card's UUID).
+        self.device = device
+        self.cuda_visible_devices: str | None = None
         self.service_id = service_id or os.environ.get("SERVICE_NAME", "ml-service")
         self._task_id: str | None = None
         self._legacy = False
@@ -141,9 +146,12 @@ class GPUClient:
                 "metadata": {"service": self.service_id}}
             if self.vram_mb is not None:
                 body["vram_mb"] = self.vram_mb
+            if self.device is not None:
+                body["device"] = self.device
             resp = await http.post("/gpu/acquire", json=body)
             if resp.status_code not in (404, 405):
                 data = resp.json()
+                self.cuda_visible_devices = data.get("cuda_visible_devices")
                 return bool(data.get("success")), str(data.get("error") or resp.status_code)
             self._legacy = True  # an older coordinator: speak its form from now on
         resp = await http.post("/gemma/request", json={

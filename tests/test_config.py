@@ -257,3 +257,52 @@ def test_next_phase_must_exist(cfg: Path) -> None:
     line = edit(cfg / "phases.yaml", "services: [cosyvoice]", "services: [cosyvoice]\n    next: 9")
     assert errors(cfg) == [f"phases.yaml:{line + 1}: phases.3.next: unknown phase 9 "
                            "(known: 1, 2, 3, 4, 5)"]
+
+
+def two_cards(cfg: Path) -> None:
+    edit(cfg / "services.yaml", "  total_mb: 24576         # a 24 GB card\n"
+         "  reserve_mb: 1024        # headroom: the desktop uses 0.5-1 GB, plus CUDA context "
+         "growth\n  device: 0\n",
+         "  devices:\n    - {total_mb: 24576, reserve_mb: 1024}\n    - {total_mb: 12288}\n")
+
+
+def test_several_gpus_load_with_per_card_budgets(cfg: Path) -> None:
+    two_cards(cfg)
+    edit(cfg / "services.yaml", "vram_mb: 4000\n    priority: 40",
+         "vram_mb: 4000\n    priority: 40\n    devices: [0, 1]")
+    inv = load_inventory(cfg)
+    assert [(d.index, d.total_mb, d.reserve_mb) for d in inv.gpu.managed] == [
+        (0, 24576, 1024), (1, 12288, 0)]
+    assert inv.gpu.several and inv.gpu.device == 0 and inv.gpu.total_mb == 24576
+    assert inv.services["vidi"].allowed_devices == (0, 1)
+    assert inv.services["comfyui"].allowed_devices is None
+    assert "on 2 devices" in inv.summary()
+
+
+@pytest.mark.parametrize(("where", "want"), [
+    ("device: 3", "services.vidi.device: device 3 is not managed by this daemon "
+                  "(gpu devices: 0, 1)"),
+    ("devices: [1, 5]", "services.vidi.devices: device 5 is not managed"),
+    ("gpus: 3", "services.vidi.gpus: needs 3 cards at once but may use only 2"),
+    ("device: 1\n    gpus: 2", "services.vidi.gpus: needs 2 cards at once but may use only 1"),
+    ("device: 0\n    devices: [0]", "give `device` (one card) or `devices` (a set), not both"),
+])
+def test_an_impossible_pin_is_explained_at_its_line(cfg: Path, where: str, want: str) -> None:
+    two_cards(cfg)
+    line = edit(cfg / "services.yaml", "vram_mb: 4000\n    priority: 40",
+                f"vram_mb: 4000\n    priority: 40\n    {where}")
+    (err,) = errors(cfg)
+    assert want in err, err
+    assert err.startswith("services.yaml:"), err
+    # at the field, or at the service for a rule across fields
+    vidi = (cfg / "services.yaml").read_text().splitlines().index("  vidi:") + 1
+    assert int(err.split(":")[1]) in (vidi, line + 2 + where.count("\n")), err
+
+
+def test_a_service_larger_than_any_card_it_may_use(cfg: Path) -> None:
+    two_cards(cfg)
+    edit(cfg / "services.yaml", "vram_mb: 4000\n    priority: 40",
+         "vram_mb: 20000\n    priority: 40\n    device: 1")
+    (err,) = errors(cfg)
+    assert "services.vidi.vram_mb: 20000 MB is more than GPU 1 can ever give " \
+           "(12288 MB total - 0 MB reserve = 12288 MB)" in err, err

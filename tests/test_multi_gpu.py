@@ -5,7 +5,12 @@ two-card service, leases per card, and adoption after `kill -9` keeping the card
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,6 +145,18 @@ def test_a_two_card_service_gets_two_cards_or_a_refusal_that_says_why(
     assert child_cards(d, "tp") == tuple(uuids)
     assert registered_on(d, "tp") == {0, 1}
     assert [g["services"].get("tp") for g in status["gpus"]] == [10000, 10000]
+    exe = Path(sys.executable).with_name("gpu-manager")
+    shown = subprocess.run([str(exe), "status", "--url", d.url], capture_output=True,
+                           text=True, timeout=30, check=True,
+                           env={**os.environ, "COLUMNS": "200"}).stdout
+    assert "GPU" in shown and "0,1" in shown, shown  # the CLI shows the cards
+    assert "tp 10000" in shown, shown
+    metrics = d.get("/metrics").text
+    for card in (0, 1):  # the card is a label of what the service holds
+        want = re.compile(r'^gpu_manager_service_vram_measured_bytes\{(?=.*device="'
+                          + str(card) + r'")(?=.*service="tp")[^}]*\} (\S+)$', re.M)
+        found = want.search(metrics)
+        assert found is not None and float(found.group(1)) == 10000 * 1024 * 1024, metrics
 
 
 def test_leases_per_card(daemon: DaemonProc) -> None:
@@ -159,6 +176,19 @@ def test_leases_per_card(daemon: DaemonProc) -> None:
                                        "device": 7})
     assert bad.status_code == 409 and "device 7 is not managed" in bad.json()["error"]
     d.post("/gpu/release", json={"session_id": "l1"})
+    # the GPUClient asks for a card and learns what to hand CUDA
+    from gpu_manager.client import GPUClient
+
+    async def client_on(card: int) -> str | None:
+        client = GPUClient(d.url, timeout_seconds=5, vram_mb=1000, device=card,
+                           fallback_to_cpu=False)
+        got = await client.request_gpu("probe")
+        assert got.acquired, got
+        seen = client.cuda_visible_devices
+        await client.release_gpu()
+        return seen
+
+    assert asyncio.run(client_on(a_on)) == uuids[a_on]
 
 
 def test_adoption_after_kill_9_keeps_the_cards(daemon: DaemonProc) -> None:

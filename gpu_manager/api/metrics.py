@@ -58,15 +58,18 @@ class DaemonCollector(Collector):
                              ["device"])
         utilization = _gauge("gpu_manager_gpu_utilization_ratio",
                              "GPU busy time over the last sample period (0-1)", ["device"])
-        foreign = d.orchestrator.observed().foreign_mb
+        observed = d.orchestrator.observed()
         for dev in snap.devices:
             label = [str(dev.index)]
             for key, value in (("total", dev.total_mb), ("used", dev.used_mb),
                                ("free", dev.free_mb)):
                 if value is not None:
                     vram[key].add_metric(label, value * MIB)
-            if dev.index == gpu.device:  # the device the inventory plans on
-                vram["reserve"].add_metric(label, gpu.reserve_mb * MIB)
+            card = gpu.gpu(dev.index)
+            if card is not None:  # a device the inventory plans on
+                vram["reserve"].add_metric(label, card.reserve_mb * MIB)
+                budget = observed.devices.get(dev.index)
+                foreign = budget.foreign_mb if budget is not None else observed.foreign_mb
                 if dev.used_mb is not None:
                     vram["foreign"].add_metric(label, foreign * MIB)
             if dev.temperature_c is not None:
@@ -87,7 +90,7 @@ class DaemonCollector(Collector):
     def _services(self) -> Iterator[Metric]:
         d = self.daemon
         orch = d.orchestrator
-        device = [str(d.inventory.gpu.device)]
+        primary = (d.inventory.gpu.device,)
         state = _gauge("gpu_manager_service_state", "1 for the state a service is in",
                        ["service", "state"])
         measured = _gauge("gpu_manager_service_vram_measured_bytes",
@@ -109,9 +112,10 @@ class DaemonCollector(Collector):
         for name, unit in list(d.units.items()):
             for s in ServiceState:
                 state.add_metric([name, s.value], int(unit.state == s))
-            mb = orch.measured(name)
-            if mb is not None:
-                measured.add_metric([name, *device], mb * MIB)
+            for card in unit.devices or primary:  # where it runs: one series per card
+                mb = orch.measured(name, device=card)
+                if mb is not None:
+                    measured.add_metric([name, str(card)], mb * MIB)
             declared.add_metric([name], unit.cfg.vram_mb * MIB)
             prewarmed.add_metric([name], int(name in live))
             for key, value in (("health_check_failures", unit.health_failures),

@@ -75,23 +75,36 @@ def bar(used: int | None, total: int | None, width: int = 40) -> str:
 
 def print_status(body: dict[str, Any]) -> None:
     vram = body["vram"]
+    cards = {g["index"]: g for g in body.get("gpus") or []}
+    several = len(cards) > 1
     for dev in vram.get("devices") or []:
         used, total = dev.get("used_mb"), dev.get("total_mb")
         label = f"GPU {dev['index']} {dev.get('name') or ''}".strip()
         extra = " LOST" if dev.get("lost") else ""
+        card = cards.get(dev["index"])
+        if several and card is not None:  # who holds what on each card
+            held = ", ".join(f"{n} {mb if mb is not None else '?'}"
+                             for n, mb in card["services"].items())
+            extra += f"; available {card['available_mb']} MB" + (f"; {held}" if held else "")
+        elif several:
+            extra += " (not managed)"
         out.print(f"{label}: {bar(used, total)} {used if used is not None else '?'} / "
                   f"{total if total is not None else '?'} MB used{extra}", markup=False)
     src = vram.get("source")
     note = f" ({vram['error']})" if vram.get("error") else ""
     out.print(f"source {src}{note}; available {vram.get('available_mb')} MB after a "
               f"{vram.get('reserve_mb')} MB reserve; phase {body.get('phase')}", markup=False)
-    table = Table("service", "state", "type", "VRAM MB", "measured", "prio", "phases", "reason")
+    table = Table("service", "state", "type", "VRAM MB", "measured", "prio", "phases",
+                  *(["GPU"] if several else []), "reason")
     for name, s in body["services"].items():
         state = s["state"] + (" (prewarmed)" if s.get("prewarmed") else "")
+        allowed = s.get("allowed_devices")
+        gpu = (",".join(map(str, s.get("devices") or [])) or "-") + (
+            "" if allowed is None else f" (pinned {','.join(map(str, allowed))})")
         table.add_row(name, state, s["type"], str(s["vram_mb"]),
                       "-" if s.get("measured_mb") is None else str(s["measured_mb"]),
                       str(s["priority"]), ",".join(map(str, s["phases"])) or "-",
-                      s.get("reason") or "")
+                      *([gpu] if several else []), s.get("reason") or "")
     out.print(table)
     lock = body["lock"]
     holder = lock.get("holder") or "free"
@@ -107,10 +120,14 @@ def print_operation(body: dict[str, Any]) -> None:
     if not steps:
         out.print("nothing to do: the GPU is already in that state")
         return
-    table = Table("#", "action", "service", "MB", "reason", "took")
+    several = any(s.get("devices") for s in steps)
+    table = Table("#", "action", "service", "MB", *(["GPU"] if several else []), "reason",
+                  "took")
     for i, s in enumerate(steps, start=1):
         took = f"{s['duration_s']:.2f}s" if s.get("duration_s") is not None else ""
-        table.add_row(str(i), s["action"], s["service"], str(s["mb"]), s["reason"], took)
+        table.add_row(str(i), s["action"], s["service"], str(s["mb"]),
+                      *([",".join(map(str, s.get("devices") or []))] if several else []),
+                      s["reason"], took)
     out.print(table)
     if plan.get("duration_s") is not None:
         out.print(f"done in {plan['duration_s']:.2f}s")

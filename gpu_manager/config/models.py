@@ -12,7 +12,7 @@ import signal
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from gpu_manager.config.sleep import (
     AsleepCheck,
@@ -74,6 +74,7 @@ class GpuConfig(_Strict):
     # Where a service that may run on several cards goes: the fullest card it fits on
     # (`best_fit`, leaving whole cards free for large services) or the emptiest (`spread`).
     placement: Literal["best_fit", "spread"] = "best_fit"
+    _cards: tuple[GpuDevice, ...] = PrivateAttr(default=())
     # The poller: slow cadence when idle, fast while a transition waits for VRAM.
     poll_interval_s: float = Field(default=1.0, gt=0, le=60)
     process_poll_interval_s: float = Field(default=2.0, gt=0, le=60)
@@ -88,6 +89,8 @@ class GpuConfig(_Strict):
     @property
     def managed(self) -> tuple[GpuDevice, ...]:
         """The devices planned on, first the primary one (`device`)."""
+        if self._cards:
+            return self._cards
         if self.devices is None:
             return (GpuDevice(self.device, self.total_mb, self.reserve_mb),)
         return tuple(GpuDevice(i if d.index is None else d.index, d.total_mb,
@@ -129,6 +132,8 @@ class GpuConfig(_Strict):
             if d.total_mb is not None and d.reserve_mb >= d.total_mb:
                 raise ValueError(f"device {d.index}: reserve_mb ({d.reserve_mb}) must be "
                                  f"smaller than total_mb ({d.total_mb})")
+        # Resolved once: the fields below then describe the primary card only.
+        self._cards = cards
         # The primary card, for what reads one device (status' `vram`, the legacy routes).
         first = cards[0]
         object.__setattr__(self, "device", first.index)

@@ -34,6 +34,7 @@ from gpu_manager.planner import (
     StartService,
     Step,
 )
+from gpu_manager.planner.serialize import blocker_dict
 from gpu_manager.probe import Snapshot
 from gpu_manager.units import Event, ServiceState
 
@@ -405,8 +406,7 @@ def _skip(record: StepRecord) -> None:
 def refusal_error(result: Refusal) -> OperationError:
     extra = {} if result.code != "insufficient_vram" else {
         "short_mb": result.short_mb,
-        "blockers": [{"name": b.name, "mb": b.mb, "reason": b.reason, "device": b.device}
-                     for b in result.blockers]}
+        "blockers": [blocker_dict(b) for b in result.blockers]}
     return OperationError(result.code, result.message, **extra)
 
 

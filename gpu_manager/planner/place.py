@@ -102,7 +102,8 @@ def _start(inv: PlannerInventory, state: ObservedState, req: StartService) -> Pl
         cards: Iterable[int] = where(state, req.name)  # its process is there: not moved
     else:
         cards = [d for d in (spec.devices or sorted(state.devices)) if d in state.devices]
-    options = {d: core.plan(inv, card(state, d), req) for d in cards}
+    states = {d: card(state, d) for d in state.devices}
+    options = {d: core.plan(inv, states[d], req) for d in cards}
     fitting = sorted((_cost(inv, state, d, r), d) for d, r in options.items()
                      if isinstance(r, Plan))
     placed = req.name in state.running or req.name in state.sleeping
@@ -113,7 +114,7 @@ def _start(inv: PlannerInventory, state: ObservedState, req: StartService) -> Pl
                        [d for _, d in fitting])
     chosen = {d for _, d in fitting[:need]}
     return _merge(inv, state, req, [(d, r) for d, r in sorted(options.items())
-                                    if d in chosen and isinstance(r, Plan)])
+                                    if d in chosen and isinstance(r, Plan)], states)
 
 
 def _refuse(req: Request, what: str, need: int, gpus: int, refused: dict[int, Refusal],
@@ -135,7 +136,8 @@ def _refuse(req: Request, what: str, need: int, gpus: int, refused: dict[int, Re
 
 
 def _merge(inv: PlannerInventory, state: ObservedState, req: Request,
-           parts: Sequence[tuple[int, Plan]]) -> Plan:
+           parts: Sequence[tuple[int, Plan]],
+           states: dict[int, ObservedState] | None = None) -> Plan:
     """One plan of the cards' plans: releases first, a step on several cards once (its MB
     summed, its edges the union of each card's)."""
     keys: list[tuple[str, str]] = []
@@ -168,9 +170,10 @@ def _merge(inv: PlannerInventory, state: ObservedState, req: Request,
         on = tuple(sorted(cards[k])) if step.action not in RELEASES else tuple(sorted(
             set(where(state, step.service)) | cards[k]))
         steps.append(dataclasses.replace(step, devices=on, after=tuple(sorted(after[k]))))
-    before = sum(used_mb(inv, card(state, d)) for d in state.devices)
+    states = states or {d: card(state, d) for d in state.devices}
+    before = sum(used_mb(inv, s) for s in states.values())
     after_mb = before + sum(-s.mb if s.action in RELEASES else s.mb for s in steps)
-    budget = sum(card(state, d).budget_mb for d in state.devices)
+    budget = sum(s.budget_mb for s in states.values())
     return Plan(req, tuple(steps), budget, before, after_mb)
 
 
@@ -180,10 +183,10 @@ def _phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) -> Pl
         return core.plan(inv, state, req)  # the refusal
     present = {*state.running, *state.sleeping}
     assign = {n: where(state, n) for n in phase.services if n in present}
+    states = {d: card(state, d) for d in state.devices}  # cut once: O(services) each
     hard = dict.fromkeys(state.devices, 0)  # what stays whatever happens
     soft = dict.fromkeys(state.devices, 0)  # what the phase may move if it must
-    for d in state.devices:
-        here = card(state, d)
+    for d, here in states.items():
         for n in {*here.running, *here.sleeping}:
             spec = inv.services.get(n)
             mb = usage_mb(inv, here, n)
@@ -201,7 +204,7 @@ def _phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) -> Pl
         allowed = [d for d in (spec.devices or sorted(state.devices)) if d in state.devices]
 
         def rank(d: int, mb: int = spec.vram_mb) -> tuple[int, int, int]:
-            budget = card(state, d).budget_mb
+            budget = states[d].budget_mb
             room = budget - hard[d] - soft[d] - mb
             tier = 0 if room >= 0 else 1 if budget - hard[d] - mb >= 0 else 2
             fit = room if state.strategy == "best_fit" and tier < 2 else -room
@@ -214,7 +217,7 @@ def _phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) -> Pl
     parts: list[tuple[int, Plan]] = []
     refused: dict[int, Refusal] = {}
     for d in sorted(state.devices):
-        here = card(state, d)
+        here = states[d]
         sub = dataclasses.replace(
             phase, services=tuple(n for n in phase.services if d in assign.get(n, ())),
             keep=tuple(n for n in phase.keep if n in here.running or n in here.sleeping))
@@ -228,7 +231,7 @@ def _phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) -> Pl
         label = f"phase {req.phase}" + (f" ({phase.name})" if phase.name else "")
         need = sum(inv.services[n].vram_mb * inv.services[n].gpus for n in phase.services)
         return _refuse(req, label, need, 1, refused, [])
-    return _merge(inv, state, req, parts)
+    return _merge(inv, state, req, parts, states)
 
 
 def _prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan | Refusal:
@@ -239,7 +242,8 @@ def _prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan 
     why = ("it fits again (wake_when_free)" if req.phase is None
            else f"prewarm for phase {req.phase}" + (
                f" ({inv.phases[req.phase].name})" if inv.phases[req.phase].name else ""))
-    free = {d: card(state, d).budget_mb - used_mb(inv, card(state, d)) for d in state.devices}
+    states = {d: card(state, d) for d in state.devices}
+    free = {d: s.budget_mb - used_mb(inv, s) for d, s in states.items()}
     steps: list[Step] = []
     for name in names:
         spec = inv.services.get(name)
@@ -247,7 +251,7 @@ def _prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan 
             continue
         if name in state.sleeping:
             on = where(state, name)
-            mb = max(0, spec.vram_mb - usage_mb(inv, card(state, on[0]), name))
+            mb = max(0, spec.vram_mb - usage_mb(inv, states[on[0]], name))
             if all(free[d] >= mb for d in on):
                 steps.append(Step("wake", name, mb * len(on), why, devices=on))
                 for d in on:
@@ -263,8 +267,8 @@ def _prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan 
         steps.append(Step("start", name, spec.vram_mb * len(on), why, devices=on))
         for d in on:
             free[d] -= spec.vram_mb
-    before = sum(used_mb(inv, card(state, d)) for d in state.devices)
-    budget = sum(card(state, d).budget_mb for d in state.devices)
+    before = sum(used_mb(inv, s) for s in states.values())
+    budget = sum(s.budget_mb for s in states.values())
     return Plan(req, edges(budget - before, steps), budget, before,
                 before + sum(s.mb for s in steps))
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gpu_manager.planner.model import Plan, Refusal, Request
+from gpu_manager.planner.model import Blocker, Plan, Refusal, Request
 
 
 def request_dict(request: Request) -> dict[str, Any]:
     return {"kind": type(request).__name__, **dataclasses.asdict(request)}
+
+
+def blocker_dict(b: Blocker) -> dict[str, Any]:
+    """A blocker as JSON; `device` only on several GPUs (one-GPU answers stay as they were)."""
+    out = {"name": b.name, "mb": b.mb, "reason": b.reason}
+    return out if b.device is None else {**out, "device": b.device}
 
 
 def plan_dict(result: Plan | Refusal) -> dict[str, Any]:
@@ -20,7 +26,7 @@ def plan_dict(result: Plan | Refusal) -> dict[str, Any]:
             "error": result.code,
             "detail": result.message,
             "short_mb": result.short_mb,
-            "blockers": [dataclasses.asdict(b) for b in result.blockers],
+            "blockers": [blocker_dict(b) for b in result.blockers],
         }
     return {
         "ok": True,
