@@ -225,3 +225,46 @@ def test_history_keeps_one_sample_per_time() -> None:
     assert h.add(at(3.0)) and h.add(at(4.0))
     assert [s.at for s in h.since()] == [2.0, 3.0, 4.0]
     assert [s.at for s in h.since(2.0)] == [3.0, 4.0]
+
+
+def test_one_bar_per_card_and_the_cards_in_tables(browser: Any, tmp_path: Path) -> None:
+    """On two simulated cards: a bar for each, a pinned service's share on its own card,
+    the services table's GPU column, and the operation's step "on GPU 1"."""
+    from playwright.sync_api import expect
+
+    from tests.test_multi_gpu import inventory
+
+    d = DaemonProc(tmp_path)
+    inventory(tmp_path)
+    d.start()
+    tab = Page(browser, d)
+    try:
+        bars = tab.page.locator("#gpu-body .bar")
+        expect(bars).to_have_count(2)
+        expect(tab.page.locator('#gpu-body .card[data-gpu="1"] .card-label')).to_contain_text(
+            "GPU 1")
+        pin = tab.row("pin").locator('td[data-label="GPU"]')
+        expect(pin).to_contain_text("pin 1")
+        expect(tab.row("tp").locator('td[data-label="GPU"]')).to_contain_text("×2")
+        assert d.post("/gpu/prepare-phase/2").status_code == 200  # pin, on card 1
+        expect(tab.state("pin")).to_have_text("ready", timeout=10_000)
+        expect(pin).to_contain_text("1")
+        expect(tab.page.locator('.bar[data-gpu="1"] .seg').first).to_have_attribute(
+            "title", "pin: 5.9 GB", timeout=5_000)
+        expect(tab.page.locator('.bar[data-gpu="0"] .seg[title^="pin"]')).to_have_count(0)
+        expect(tab.page.locator("#ops-body article").first).to_contain_text(
+            "start pin on GPU 1", timeout=5_000)
+        assert not tab.unexpected(), tab.errors
+    finally:
+        tab.close()
+        d.close()
+
+
+def test_a_single_card_has_a_single_bar(tab: Page) -> None:
+    from playwright.sync_api import expect
+
+    expect(tab.page.locator("#gpu-body .bar")).to_have_count(1)
+    expect(tab.page.locator("#gpu-body .card-label")).to_contain_text("GPU 0")
+    cell = tab.row("vidi").locator('td[data-label="GPU"]')
+    expect(cell).to_have_text("any")  # stopped, not pinned
+    expect(cell.locator(".gpu-cell")).to_have_attribute("title", "not placed; may use any card")

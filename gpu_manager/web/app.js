@@ -74,7 +74,8 @@ function explain(res) {
   const plan = b.plan && b.plan.ok === false ? b.plan : b;
   if (plan.short_mb) lines.push(`Short by ${fmtMB(plan.short_mb)}.`);
   for (const x of plan.blockers || []) {
-    lines.push(`Blocked by ${x.name} (${fmtMB(x.mb)}): ${x.reason}`);
+    const on = x.device != null ? ` on GPU ${x.device}` : "";
+    lines.push(`Blocked by ${x.name}${on} (${fmtMB(x.mb)}): ${x.reason}`);
   }
   return { title: `Refused (${res.status} ${b.error || ""})`, lines };
 }
@@ -110,33 +111,70 @@ function render() {
   renderFilter();
 }
 
+// The cards the daemon manages; an older daemon without `gpus`: its one card from `vram`.
+function cards() {
+  const st = page.status;
+  if (Array.isArray(st.gpus) && st.gpus.length) return st.gpus;
+  const v = st.vram || {};
+  const services = {};
+  for (const [name, s] of Object.entries(st.services)) services[name] = s.measured_mb;
+  return [{ ...v, index: v.device ?? 0, name: null, services }];
+}
+
 function renderGpu() {
-  const v = page.status.vram;
-  const total = v.total_mb || 0;
-  const bar = el("div", { class: "bar", role: "img",
-                          "aria-label": `VRAM: ${fmtMB(v.used_mb)} of ${fmtMB(total)} used` });
-  const parts = [];
-  for (const [name, s] of Object.entries(page.status.services)) {
-    if (s.measured_mb) parts.push({ label: name, mb: s.measured_mb, color: hue(name) });
-  }
-  if (v.foreign_mb) parts.push({ label: "foreign", mb: v.foreign_mb, cls: "foreign" });
-  if (v.reserve_mb) parts.push({ label: "reserve", mb: v.reserve_mb, cls: "reserve" });
-  for (const p of parts) {
-    const seg = el("span", { class: `seg ${p.cls || ""}`, title: `${p.label}: ${fmtMB(p.mb)}` },
-                   p.mb / total > 0.08 ? p.label : "");
-    seg.style.width = `${total ? (100 * p.mb) / total : 0}%`;
-    if (p.color) seg.style.background = p.color;
-    bar.append(seg);
-  }
-  const facts = el("dl", { class: "facts" },
-    ...fact("Total", fmtMB(total)), ...fact("Used", fmtMB(v.used_mb)),
-    ...fact("Free", fmtMB(v.free_mb)), ...fact("Available", fmtMB(v.available_mb)),
-    ...(v.foreign_mb != null ? fact("Foreign", fmtMB(v.foreign_mb)) : []),
-    ...(v.temperature_c != null ? fact("Temperature", `${v.temperature_c} °C`) : []),
-    ...(v.utilization_percent != null ? fact("Utilisation", `${v.utilization_percent} %`) : []),
-    ...fact("Probe", v.source + (v.error ? ` (${v.error})` : "")));
-  document.getElementById("gpu-body").replaceChildren(bar, facts);
+  const v = page.status.vram || {};
+  const all = cards();
+  const several = all.length > 1;
+  const blocks = all.map(g => {
+    const total = g.total_mb || 0;
+    const label = `GPU ${g.index}${g.name ? ` · ${g.name}` : ""}`;
+    const bar = el("div", { class: "bar", role: "img", "data-gpu": g.index,
+                            "aria-label": `${label} VRAM: ${fmtMB(g.used_mb)} of ` +
+                                          `${fmtMB(total)} used` });
+    const parts = [];
+    for (const [name, mb] of Object.entries(g.services || {})) {
+      if (mb) parts.push({ label: name, mb, color: hue(name) });
+    }
+    if (g.foreign_mb) parts.push({ label: "foreign", mb: g.foreign_mb, cls: "foreign" });
+    if (g.reserve_mb) parts.push({ label: "reserve", mb: g.reserve_mb, cls: "reserve" });
+    for (const p of parts) {
+      const seg = el("span", { class: `seg ${p.cls || ""}`,
+                               title: `${p.label}: ${fmtMB(p.mb)}` },
+                     p.mb / total > 0.08 ? p.label : "");
+      seg.style.width = `${total ? (100 * p.mb) / total : 0}%`;
+      if (p.color) seg.style.background = p.color;
+      bar.append(seg);
+    }
+    const facts = el("dl", { class: "facts" },
+      ...fact("Total", fmtMB(total)), ...fact("Used", fmtMB(g.used_mb)),
+      ...fact("Free", fmtMB(g.free_mb)), ...fact("Available", fmtMB(g.available_mb)),
+      ...(g.foreign_mb != null ? fact("Foreign", fmtMB(g.foreign_mb)) : []),
+      ...(g.temperature_c != null ? fact("Temperature", `${g.temperature_c} °C`) : []),
+      ...(g.utilization_percent != null
+            ? fact("Utilisation", `${g.utilization_percent} %`) : []));
+    return el("div", { class: "card", "data-gpu": g.index },
+      el("h3", { class: "card-label" }, label), bar, facts);
+  });
+  const probe = el("dl", { class: "facts probe" },
+    ...fact("Probe", (v.source ?? "–") + (v.error ? ` (${v.error})` : "")),
+    ...(several && page.status.placement ? fact("Placement", page.status.placement) : []));
+  const body = document.getElementById("gpu-body");
+  body.classList.toggle("several", several);
+  body.replaceChildren(...blocks, probe);
+  // the chart follows the primary card (the one `vram` and /gpu/history describe)
+  const note = document.getElementById("chart-note");
+  note.hidden = !several;
+  note.textContent = several ? `VRAM over the last 15 minutes, GPU ${v.device ?? 0}` : "";
   drawChart();
+}
+
+// Card indices as text: "0", "0,1"; "" when none.
+function cardList(devices) { return (devices || []).join(","); }
+
+// "on GPU 1" / "on GPUs 0,1" for a step or lease that names its cards; "" otherwise.
+function onCards(devices) {
+  if (!devices || !devices.length) return "";
+  return ` on GPU${devices.length > 1 ? "s" : ""} ${cardList(devices)}`;
 }
 
 function fact(name, value) { return [el("dt", {}, name), el("dd", {}, value)]; }
@@ -167,6 +205,7 @@ function renderServices() {
       cell("Declared", "num", fmtMB(s.vram_mb)),
       cell("Measured", "num", s.measured_mb != null ? fmtMB(s.measured_mb) : "–"),
       cell("Priority", "num", String(s.priority)),
+      cell("GPU", "gpu", gpuCell(s)),
       cell("Phases", "", s.phases.join(", ")),
       cell("PIDs", "", s.pids.join(" ")),
       cell("Up", "", up),
@@ -176,6 +215,19 @@ function renderServices() {
       cell("Actions", "actions", ...actions)));
   }
   document.querySelector("#services-table tbody").replaceChildren(...rows);
+}
+
+// The cards a service runs (or last ran) on, what it may use and how many it needs at once.
+function gpuCell(s) {
+  const pinned = s.allowed_devices != null;
+  const allowed = pinned ? `pinned to GPU ${cardList(s.allowed_devices)}` : "any card";
+  const need = (s.gpus || 1) > 1 ? `; needs ${s.gpus} cards at once` : "";
+  const now = cardList(s.devices);
+  const title = `${now ? `on GPU ${now}` : "not placed"}; may use ${allowed}${need}`;
+  const extra = [pinned ? `pin ${cardList(s.allowed_devices)}` : "",
+                 (s.gpus || 1) > 1 ? `×${s.gpus}` : ""].filter(Boolean).join(" ");
+  return el("span", { title, class: "gpu-cell" }, now || (pinned ? "" : "any"),
+            extra ? el("span", { class: "muted small" }, ` (${extra})`) : "");
 }
 
 function renderPhases() {
@@ -210,7 +262,7 @@ async function preview(n) {
   }
   const plan = res.body.plan;
   const steps = plan.steps.map((s, i) => el("li", {},
-    el("span", { class: `verb verb-${s.action}` }, s.action), ` ${s.service} `,
+    el("span", { class: `verb verb-${s.action}` }, s.action), ` ${s.service}${onCards(s.devices)} `,
     el("span", { class: "muted" }, `${fmtMB(s.mb)} · ${s.reason}`),
     s.after.length ? el("span", { class: "muted" }, ` · after step ${s.after.map(a => a + 1)
                                                                        .join(", ")}`) : ""));
@@ -233,7 +285,8 @@ function renderLock() {
   }[h.kind] || h.kind;
   const leases = page.status.leases.map(x => el("li", {},
     `${x.session_id} · ${x.requester} · ${x.vram_mb != null ? fmtMB(x.vram_mb) : "all"}` +
-    ` · priority ${x.priority}`));
+    ` · priority ${x.priority}` +
+    ((x.devices || []).length ? ` · GPU ${cardList(x.devices)}` : "")));
   document.getElementById("lock-body").replaceChildren(
     el("dl", { class: "facts" },
        ...fact("Held by", who),
@@ -257,12 +310,14 @@ function renderOps() {
     const lanes = op.steps.map(s => {
       const lane = el("div", { class: "lane" },
         el("span", { class: "lane-label" },
-           `${s.action} ${s.service} ${s.duration_s != null ? s.duration_s.toFixed(2) + " s" : ""}`));
+           `${s.action} ${s.service}${onCards(s.devices)} ` +
+           `${s.duration_s != null ? s.duration_s.toFixed(2) + " s" : ""}`));
       if (total > 0 && s.started_at != null && op.started_at != null) {
         const track = el("div", { class: "track" });
         const start = Math.max(0, s.started_at - op.started_at);
         const bar = el("span", { class: `span verb-${s.action} status-${s.status}`,
-                                 title: `${s.action} ${s.service}: ${s.status}` +
+                                 title: `${s.action} ${s.service}${onCards(s.devices)}: ` +
+                                        `${s.status}` +
                                         (s.reclaim_wait_s ? `, waited ${s.reclaim_wait_s
                                           .toFixed(2)} s for VRAM` : "") });
         bar.style.marginLeft = `${(100 * start) / total}%`;
