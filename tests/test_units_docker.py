@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 
 from gpu_manager.units import DockerDriver, DockerEngine, DriverError, ServiceState
@@ -249,3 +250,38 @@ async def test_engine_errors_are_driver_errors_and_pids_never_hide_them(
     finally:
         driver.engine = h.engine
         offline.close()
+
+
+async def test_a_placed_container_is_created_on_its_card_and_one_pinned_elsewhere_is_refused(
+    h: Harness, names: list[str], busybox_image: str, docker_client: Any
+) -> None:
+    # The engine here has no NVIDIA runtime, so the start itself fails; what is checked is
+    # the container the daemon created: its device request names the placed card, by UUID.
+    name = fresh(names)
+    unit = h.docker("placed", container=name, image=busybox_image, command=["sleep", "600"],
+                    network_mode="none", stop_timeout_s=1,
+                    device_request={"driver": "nvidia", "count": -1})
+    driver = DockerDriver("placed", unit.cfg, h.engine)  # type: ignore[arg-type]
+    driver.visible, driver.cards = ("GPU-simulated-1",), (1,)
+    with contextlib.suppress(DriverError):
+        await driver.start()
+    asked = docker_client.containers.get(name).attrs["HostConfig"]["DeviceRequests"]
+    assert [(r["DeviceIDs"], r["Count"]) for r in asked] == [(["GPU-simulated-1"], 0)], asked
+    # A container made before, pinned to another card: reported, not silently used.
+    other = fresh(names)
+    docker_client.containers.create(
+        busybox_image, ["sleep", "600"], name=other, network_disabled=True,
+        device_requests=[docker.types.DeviceRequest(
+            driver="nvidia", device_ids=["GPU-simulated-0"], capabilities=[["gpu"]])])
+    elsewhere = DockerDriver("elsewhere", unit.cfg, h.engine)  # type: ignore[arg-type]
+    elsewhere.container_name = other
+    elsewhere.visible, elsewhere.cards = ("GPU-simulated-1",), (1,)
+    with pytest.raises(DriverError, match=r"pinned to GPU GPU-simulated-0 but the plan placed"):
+        await elsewhere.start()
+    assert docker_client.containers.get(other).status == "created"  # left as it was
+    # placed where it is pinned: used as it is (only the missing NVIDIA runtime fails it)
+    elsewhere.visible, elsewhere.cards = ("GPU-simulated-0",), (0,)
+    try:
+        await elsewhere.start()
+    except DriverError as exc:
+        assert "pinned to" not in str(exc), exc

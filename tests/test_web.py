@@ -245,7 +245,7 @@ def test_one_bar_per_card_and_the_cards_in_tables(browser: Any, tmp_path: Path) 
             "GPU 1")
         pin = tab.row("pin").locator('td[data-label="GPU"]')
         expect(pin).to_contain_text("pin 1")
-        expect(tab.row("tp").locator('td[data-label="GPU"]')).to_contain_text("×2")
+        expect(tab.row("tp").locator('td[data-label="GPU"]')).to_contain_text("\u00d72")  # times 2
         assert d.post("/gpu/prepare-phase/2").status_code == 200  # pin, on card 1
         expect(tab.state("pin")).to_have_text("ready", timeout=10_000)
         expect(pin).to_contain_text("1")
