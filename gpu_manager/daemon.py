@@ -269,22 +269,29 @@ class Daemon:
 
     async def _sample_history(self) -> None:
         while True:
-            self.history.add(self.history_sample())
+            for sample in self.history_samples():
+                self.history.add(sample)
             await asyncio.sleep(HISTORY_INTERVAL_S)
 
-    def history_sample(self) -> Sample:
-        """The GPU now, from the latest snapshot and the books (no I/O)."""
+    def history_samples(self) -> list[Sample]:
+        """Each managed card now, from the latest snapshot and the books (no I/O)."""
         snap, orch = self.poller.latest, self.orchestrator
-        index = self.inventory.gpu.device
-        dev = snap.device(index)
-        used = {n: mb for n, u in list(self.units.items())
-                if u.holds_gpu and (mb := orch.measured(n))}
+        observed = orch.observed()
         # rounded once here, so that `?since=` a served time is exact
-        return Sample(round(snap.wall_time or time.time(), 3), index,
-                      dev.total_mb if dev else None, dev.used_mb if dev else None,
-                      orch.observed().foreign_mb if dev and dev.used_mb is not None else None,
-                      used, dev.temperature_c if dev else None,
-                      dev.utilization_percent if dev else None)
+        at = round(snap.wall_time or time.time(), 3)
+        out = []
+        for card in self.inventory.gpu.managed:
+            dev = snap.device(card.index)
+            used = {n: mb for n, u in list(self.units.items())
+                    if u.holds_gpu and (mb := orch.measured(n, snap, card.index))}
+            budget = observed.devices.get(card.index)
+            foreign = budget.foreign_mb if budget is not None else observed.foreign_mb
+            out.append(Sample(at, card.index, dev.total_mb if dev else None,
+                              dev.used_mb if dev else None,
+                              foreign if dev and dev.used_mb is not None else None, used,
+                              dev.temperature_c if dev else None,
+                              dev.utilization_percent if dev else None))
+        return out
 
     async def _refresh_pids(self) -> None:
         while True:

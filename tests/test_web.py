@@ -214,6 +214,8 @@ def test_status_shows_the_acquires_waiting_for_room(daemon: DaemonProc) -> None:
 def test_history_keeps_one_sample_per_time() -> None:
     # A stalled probe repeats its snapshot's time; a second sample of it would be served
     # twice or never by `?since=`.
+    import dataclasses
+
     from gpu_manager.probe.history import History, Sample
 
     def at(t: float) -> Sample:
@@ -225,6 +227,11 @@ def test_history_keeps_one_sample_per_time() -> None:
     assert h.add(at(3.0)) and h.add(at(4.0))
     assert [s.at for s in h.since()] == [2.0, 3.0, 4.0]
     assert [s.at for s in h.since(2.0)] == [3.0, 4.0]
+    # each card keeps its own samples: one card's time does not hold back another's
+    other = dataclasses.replace(at(4.0), device=1)
+    assert h.add(other) and not h.add(other)
+    assert [(s.at, s.device) for s in h.since(3.0)] == [(4.0, 0), (4.0, 1)]
+    assert [s.device for s in h.since(device=1)] == [1]
 
 
 def test_one_bar_per_card_and_the_cards_in_tables(browser: Any, tmp_path: Path) -> None:
@@ -254,6 +261,21 @@ def test_one_bar_per_card_and_the_cards_in_tables(browser: Any, tmp_path: Path) 
         expect(tab.page.locator('.bar[data-gpu="0"] .seg[title^="pin"]')).to_have_count(0)
         expect(tab.page.locator("#ops-body article").first).to_contain_text(
             "start pin on GPU 1", timeout=5_000)
+        # the chart draws a line per card, from a history kept per card
+        legend = tab.page.locator("#chart .u-legend")
+        expect(legend).to_contain_text("GPU 0 used", timeout=5_000)
+        expect(legend).to_contain_text("GPU 1 used")
+        wait_for(lambda: d.get("/gpu/history", params={"device": 1}).json()["samples"], 10,
+                 "a sample of card 1")
+        ones = d.get("/gpu/history", params={"device": 1}).json()["samples"]
+        assert {x["device"] for x in ones} == {1} and ones[-1]["total_mb"] == 24576
+        both = d.get("/gpu/history").json()["samples"]
+        assert {x["device"] for x in both} == {0, 1}
+        wait_for(lambda: any(x["services"].get("pin") for x in
+                             d.get("/gpu/history", params={"device": 1}).json()["samples"]),
+                 10, "pin's memory in card 1's history")
+        assert not any(x["services"].get("pin") for x in
+                       d.get("/gpu/history", params={"device": 0}).json()["samples"])
         assert not tab.unexpected(), tab.errors
     finally:
         tab.close()

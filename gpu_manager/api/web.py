@@ -51,11 +51,14 @@ def install(app: FastAPI, daemon: Daemon) -> None:
     @router.get("/gpu/history", tags=["gpu"], responses=answers(422, ok=HistoryBody))
     async def history(since: Annotated[float | None, Query(
             description="Only samples taken after this time (epoch seconds)")] = None,
+            device: Annotated[int | None, Query(
+                ge=0, le=63, description="Only this card's samples (default: every managed "
+                "card, a sample each per time)")] = None,
     ) -> dict[str, Any]:
-        """The GPU over the last 15 minutes, a sample a second: total, used, foreign and
+        """Each GPU over the last 15 minutes, a sample a second: total, used, foreign and
         each service's measured MB."""
         return {"interval_s": INTERVAL_S, "keep": KEEP,
-                "samples": [s.as_dict() for s in daemon.history.since(since)]}
+                "samples": [s.as_dict() for s in daemon.history.since(since, device)]}
 
     @router.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -1,5 +1,6 @@
-"""The last 15 minutes of the GPU, one sample a second: what the dashboard's chart draws and
-`/gpu/history` serves. A bounded ring buffer; the daemon's sampler task is its only writer."""
+"""The last 15 minutes of each managed GPU, one sample a second: what the dashboard's chart
+draws and `/gpu/history` serves. A bounded ring buffer per card; the daemon's sampler task is
+its only writer."""
 
 from __future__ import annotations
 
@@ -31,18 +32,24 @@ class Sample:
 
 class History:
     def __init__(self, keep: int = KEEP) -> None:
-        self._samples: deque[Sample] = deque(maxlen=keep)
+        self.keep = keep
+        self._cards: dict[int, deque[Sample]] = {}
 
     def add(self, sample: Sample) -> bool:
-        """Keep `sample` unless it is no newer than the last: a stalled probe repeats its
-        snapshot, and two samples of one time would break `since`."""
-        if self._samples and sample.at <= self._samples[-1].at:
+        """Keep `sample` unless it is no newer than its card's last: a stalled probe repeats
+        its snapshot, and two samples of one time would break `since`."""
+        kept = self._cards.setdefault(sample.device, deque(maxlen=self.keep))
+        if kept and sample.at <= kept[-1].at:
             return False
-        self._samples.append(sample)
+        kept.append(sample)
         return True
 
-    def since(self, at: float | None = None) -> list[Sample]:
-        return [s for s in self._samples if at is None or s.at > at]
+    def since(self, at: float | None = None, device: int | None = None) -> list[Sample]:
+        """Samples after `at` (of `device`, or of every card), oldest first."""
+        cards = [self._cards.get(device, deque())] if device is not None \
+            else [self._cards[d] for d in sorted(self._cards)]
+        out = [s for kept in cards for s in kept if at is None or s.at > at]
+        return sorted(out, key=lambda s: (s.at, s.device)) if len(cards) > 1 else out
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return sum(len(kept) for kept in self._cards.values())

@@ -45,7 +45,7 @@ async function refresh() {
   const st = await api("/gpu/status");
   if (st.ok) {
     page.status = st.body;
-    addSample(st.body.vram);
+    addSample(st.body);
     render();
   }
   if (page.opsDirty || !page.ops.length) {
@@ -161,10 +161,10 @@ function renderGpu() {
   const body = document.getElementById("gpu-body");
   body.classList.toggle("several", several);
   body.replaceChildren(...blocks, probe);
-  // the chart follows the primary card (the one `vram` and /gpu/history describe)
+  // with several cards the chart draws each card's used memory
   const note = document.getElementById("chart-note");
   note.hidden = !several;
-  note.textContent = several ? `VRAM over the last 15 minutes, GPU ${v.device ?? 0}` : "";
+  note.textContent = several ? "VRAM used over the last 15 minutes, a line per GPU" : "";
   drawChart();
 }
 
@@ -384,34 +384,76 @@ function describe(e) {
 
 // ---- the chart ---------------------------------------------------------------------------
 
-function addSample(v) {
-  if (!v || v.updated_at == null || v.updated_at <= page.lastSample) return;
-  page.lastSample = v.updated_at;
-  page.history.push({ at: v.updated_at, used_mb: v.used_mb, foreign_mb: v.foreign_mb,
-                      total_mb: v.total_mb });
-  const cutoff = v.updated_at - 15 * 60;
+// page.history: [{at, cards: {index: {used_mb, foreign_mb, total_mb}}}], oldest first.
+function addSample(st) {
+  const at = st && st.vram ? st.vram.updated_at : null;
+  if (at == null || at <= page.lastSample) return;
+  page.lastSample = at;
+  const cards = {};
+  for (const g of st.gpus || []) {
+    cards[g.index] = { used_mb: g.used_mb, foreign_mb: g.foreign_mb, total_mb: g.total_mb };
+  }
+  page.history.push({ at, cards });
+  const cutoff = at - 15 * 60;
   while (page.history.length && page.history[0].at < cutoff) page.history.shift();
 }
 
 async function loadHistory() {
   const res = await api("/gpu/history");
   if (!res.ok) return;
-  page.history = res.body.samples.map(s => ({ at: s.at, used_mb: s.used_mb,
-                                              foreign_mb: s.foreign_mb, total_mb: s.total_mb }));
+  const byTime = new Map();  // the cards' samples of one time are one point
+  for (const s of res.body.samples) {
+    if (!byTime.has(s.at)) byTime.set(s.at, { at: s.at, cards: {} });
+    byTime.get(s.at).cards[s.device] = { used_mb: s.used_mb, foreign_mb: s.foreign_mb,
+                                         total_mb: s.total_mb };
+  }
+  page.history = [...byTime.values()].sort((a, b) => a.at - b.at);
   page.lastSample = page.history.length ? page.history[page.history.length - 1].at : 0;
   drawChart();
+}
+
+const CARD_COLOURS = ["#3b82f6", "#10b981", "#a855f7", "#ef4444", "#14b8a6", "#eab308",
+                      "#ec4899", "#6366f1"];
+
+function chartSeries(cards) {
+  if (cards.length === 1) {
+    const c = cards[0];
+    return {
+      series: [{ label: "used", stroke: "#3b82f6", fill: "rgba(59,130,246,0.15)" },
+               { label: "foreign", stroke: "#f59e0b" },
+               { label: "total", stroke: "#9ca3af", dash: [4, 4] }],
+      values: [s => s.cards[c]?.used_mb ?? null, s => s.cards[c]?.foreign_mb ?? null,
+               s => s.cards[c]?.total_mb ?? null],
+    };
+  }
+  return {
+    series: [...cards.map((c, i) => ({ label: `GPU ${c} used`,
+                                       stroke: CARD_COLOURS[i % CARD_COLOURS.length] })),
+             { label: "foreign (all)", stroke: "#f59e0b" },
+             { label: "largest card", stroke: "#9ca3af", dash: [4, 4] }],
+    values: [...cards.map(c => s => s.cards[c]?.used_mb ?? null),
+             s => Object.values(s.cards).reduce((t, x) => t + (x.foreign_mb || 0), 0),
+             s => Math.max(0, ...Object.values(s.cards).map(x => x.total_mb || 0))],
+  };
 }
 
 function drawChart() {
   const box = document.getElementById("chart");
   if (!window.uPlot || !page.history.length) return;
   const h = page.history;
-  const data = [h.map(s => s.at), h.map(s => s.used_mb), h.map(s => s.foreign_mb),
-                h.map(s => s.total_mb)];
+  const cards = [...new Set(h.flatMap(s => Object.keys(s.cards)))].map(Number)
+    .sort((a, b) => a - b);
+  if (!cards.length) return;
+  const { series, values } = chartSeries(cards);
+  const data = [h.map(s => s.at), ...values.map(f => h.map(f))];
   const width = Math.max(280, box.clientWidth || 600);
-  if (page.chart && page.chart.width !== width) { page.chart.destroy(); page.chart = null; }
+  const key = cards.join(",");
+  if (page.chart && (page.chart.width !== width || page.chartKey !== key)) {
+    page.chart.destroy(); page.chart = null;
+  }
   if (!page.chart) {
     box.replaceChildren();
+    page.chartKey = key;
     page.chart = new window.uPlot({
       width, height: 180, legend: { live: false },
       // always the last 15 minutes, so the axis reads in minutes from the first sample on
@@ -419,9 +461,7 @@ function drawChart() {
                 y: { range: (u, min, max) => [0, Math.max(max, 1)] } },
       axes: [{ stroke: "currentColor" }, { stroke: "currentColor", size: 70,
                values: (u, vals) => vals.map(v => fmtMB(v)) }],
-      series: [{}, { label: "used", stroke: "#3b82f6", fill: "rgba(59,130,246,0.15)" },
-               { label: "foreign", stroke: "#f59e0b" },
-               { label: "total", stroke: "#9ca3af", dash: [4, 4] }],
+      series: [{}, ...series],
     }, data, box);
   } else {
     page.chart.setData(data);
