@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.support.env import unavailable
@@ -216,3 +217,52 @@ def test_snapshot_reads_make_no_nvml_call(nvml: Callable[..., Runner]) -> None:
     assert result == {"polls": 0, "fits": ["True"], "distinct_snapshots": 1}
     memory_calls = [c for c in r.calls() if c.startswith("nvmlDeviceGetMemoryInfo")]
     assert len(memory_calls) == 2  # the poller's first sample: one per device
+
+
+def test_the_daemon_places_by_what_nvml_says_of_each_card(
+        stub_builder: Callable[..., Path], tmp_path: Path) -> None:
+    """The daemon on NVML (the stub) with two cards: each card's budget is NVML's total less
+    its foreign use, a service goes to the card that can hold it, and it is handed that
+    card's UUID as NVML names it."""
+    from tests.support.daemon import DaemonProc
+
+    state = tmp_path / "nvml-state"
+    state.write_text(f"""
+init 0
+driver 550.54.14
+device 0 {24 * GB} {22 * GB} 0 40 10
+name 0 Card Zero
+uuid 0 GPU-0000aaaa
+device 1 {16 * GB} {16 * GB} 0 35 0
+name 1 Card One
+uuid 1 GPU-1111bbbb
+proc 0 c 4242 {2 * GB}
+""")
+    d = DaemonProc(tmp_path, env={"LD_LIBRARY_PATH": str(stub_builder()),
+                                  "NVML_STUB_STATE": str(state)})
+    sleeper = '["{python}", "-c", "import time; time.sleep(600)"]'
+    (d.config_dir / "services.yaml").write_text(f"""
+gpu:
+  backend: nvml
+  poll_interval_s: 0.2
+  devices: [{{index: 0}}, {{index: 1}}]
+services:
+  big: {{type: native, vram_mb: 20000, command: {sleeper}, stop_timeout_s: 5}}
+  small: {{type: native, vram_mb: 8000, command: {sleeper}, stop_timeout_s: 5}}
+""")
+    (d.config_dir / "phases.yaml").write_text("phases: {}\n")
+    d.start()
+    try:
+        gpus = d.status()["gpus"]
+        assert [(g["index"], g["uuid"], g["name"], g["total_mb"], g["foreign_mb"])
+                for g in gpus] == [(0, "GPU-0000aaaa", "Card Zero", 24576, 2048),
+                                   (1, "GPU-1111bbbb", "Card One", 16384, 0)]
+        for name, card, uuid in (("big", 0, "GPU-0000aaaa"), ("small", 1, "GPU-1111bbbb")):
+            answer = d.post(f"/gpu/service/{name}/start")
+            assert answer.status_code == 200, answer.text
+            s = d.status()["services"][name]
+            assert s["devices"] == [card], (name, s)
+            env = psutil.Process(s["pids"][0]).environ()
+            assert env["CUDA_VISIBLE_DEVICES"] == uuid
+    finally:
+        d.close()
