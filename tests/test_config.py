@@ -306,3 +306,14 @@ def test_a_service_larger_than_any_card_it_may_use(cfg: Path) -> None:
     (err,) = errors(cfg)
     assert "services.vidi.vram_mb: 20000 MB is more than GPU 1 can ever give " \
            "(12288 MB total - 0 MB reserve = 12288 MB)" in err, err
+
+
+def test_a_phase_with_a_two_card_service_is_checked_against_the_cards_together(
+        cfg: Path) -> None:
+    two_cards(cfg)  # 23552 + 12288 MB
+    edit(cfg / "services.yaml", "vram_mb: 4000\n    priority: 40",
+         "vram_mb: 12000\n    priority: 40\n    gpus: 2")
+    edit(cfg / "phases.yaml", "services: [vidi]", "services: [vidi, comfyui]")
+    (err,) = errors(cfg)
+    assert "phase needs 44000 MB together, more than the budget of all GPUs together of " \
+           "35840 MB" in err, err

@@ -160,6 +160,7 @@ def scenarios(draw: st.DrawFn) -> tuple[PlannerInventory, ObservedState]:
                                   residual_mb=draw(st.sampled_from([None, GB])))
     used = dict.fromkeys(cards, 0)
     running: dict[str, int | None] = {}
+    sleeping: dict[str, int | None] = {}
     placement: dict[str, tuple[int, ...]] = {}
     for n in draw(st.lists(st.sampled_from(names), unique=True)):
         spec = services[n]
@@ -168,19 +169,25 @@ def scenarios(draw: st.DrawFn) -> tuple[PlannerInventory, ObservedState]:
         if all(used[d] + spec.vram_mb <= cards[d].budget_mb for d in on):
             for d in on:
                 used[d] += spec.vram_mb
-            running[n], placement[n] = None, on
+            placement[n] = on
+            if spec.residual_mb is not None and draw(st.booleans()):
+                sleeping[n] = None  # asleep: only its residual counts
+            else:
+                running[n] = None
     phases = {1: PhaseSpec(1, "p", tuple(draw(st.lists(st.sampled_from(names), max_size=3,
                                                         unique=True))))}
     observed = ObservedState(sum(c.total_mb for c in cards.values()), running,
                              sum(c.reserve_mb for c in cards.values()),
-                             sum(c.foreign_mb for c in cards.values()), None, {},
+                             sum(c.foreign_mb for c in cards.values()), None, sleeping,
                              devices=cards, placement=placement,
                              strategy=draw(st.sampled_from(["best_fit", "spread"])))
     return PlannerInventory(services, phases), observed
 
 
 def per_card_after(i: PlannerInventory, s: ObservedState, p: Plan) -> dict[int, int]:
-    use = {d: sum(usage_mb(i, card(s, d), n) for n in card(s, d).running) for d in s.devices}
+    use = {d: sum(usage_mb(i, card(s, d), n) for n in (*card(s, d).running,
+                                                        *card(s, d).sleeping))
+           for d in s.devices}
     for step in p.steps:
         share = step.mb // len(step.devices)
         for d in step.devices:
@@ -204,6 +211,8 @@ def test_plans_keep_every_card_within_budget_and_move_nothing(
     after = per_card_after(i, s, result)
     for d, mb in after.items():
         assert mb <= s.devices[d].budget_mb, (d, mb, result.steps)
+    released = [s.service for s in result.steps if s.action in RELEASES]
+    assert len(released) == len(set(released)), "a service released twice"
     for step in result.steps:
         spec = i.services[step.service]
         assert step.devices, step
@@ -225,3 +234,44 @@ def test_single_card_states_plan_exactly_as_before() -> None:
     assert [(s.action, s.service, s.devices) for s in p.steps] == [
         ("stop", "a", ()), ("start", "b", ())]
     assert dataclasses.replace(p.steps[1], after=()).mb == 20 * GB
+
+
+def test_a_multi_card_service_is_released_once_whatever_each_card_asked() -> None:
+    # Card 0 needs tp stopped (its sleep keeps too much there), card 1 would only sleep it:
+    # one stop on both cards, never a stop and a sleep racing on one unit.
+    i = inv(ServiceSpec("s1", 8 * GB, preemptible=False),
+            ServiceSpec("tp", GB, residual_mb=GB, gpus=2, preemptible=False),
+            phases={1: PhaseSpec(1, "p", (), ("s1",))})
+    cards = {0: DeviceBudget(8 * GB), 1: DeviceBudget(8 * GB)}
+    p = ok(plan(i, state({"s1": None, "tp": None}, devices=cards, s1=(0,), tp=(0, 1)),
+                PreparePhase(1)))
+    assert [(s.action, s.service, s.devices, s.mb) for s in p.steps] == [
+        ("stop", "tp", (0, 1), 2 * GB)]
+
+
+def test_a_multi_card_service_is_counted_as_measured_on_each_card() -> None:
+    i = inv(ServiceSpec("tp", 10 * GB, gpus=2), ServiceSpec("x", 9 * GB))
+    uneven = dataclasses.replace(state({"tp": 30 * GB}, tp=(0, 1)),
+                                 card_mb={"tp": {0: 25 * GB, 1: 5 * GB}})
+    # evenly split it would look like 15 GB on each, and card 0 the best fit for 9 GB
+    assert ok(plan(i, uneven, StartService("x"))).steps[0].devices == (1,)
+
+
+def test_a_service_on_a_card_no_longer_managed_is_refused_not_crashed() -> None:
+    i = inv(ServiceSpec("x", 4 * GB, residual_mb=GB), phases={1: PhaseSpec(1, "", ("x",))})
+    gone = state({}, {"x": GB}, x=(2,))
+    for request in (StartService("x"), PreparePhase(1)):
+        refused = plan(i, gone, request)
+        assert isinstance(refused, Refusal) and refused.code == "unmanaged_device", refused
+        assert "GPU 2" in refused.message and "(gpu devices: 0, 1)" in refused.message
+    assert ok(plan(i, gone, Prewarm(None, ("x",)))).steps == ()
+    assert ok(plan(i, gone, StopService("x"))).steps[0].action == "stop"
+
+
+def test_short_mb_is_what_every_needed_card_lacks() -> None:
+    i = inv(ServiceSpec("a", 20 * GB, 9, preemptible=False),
+            ServiceSpec("b", 20 * GB, 9, preemptible=False), ServiceSpec("tp", 10 * GB, gpus=2))
+    refused = plan(i, state({"a": None, "b": None}, a=(0,), b=(1,)), StartService("tp"))
+    assert isinstance(refused, Refusal) and refused.short_mb == 2 * 6 * GB
+    one = plan(i, state({"a": None}, a=(0,)), StartService("tp"))
+    assert isinstance(one, Refusal) and one.short_mb == 6 * GB

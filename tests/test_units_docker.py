@@ -279,6 +279,17 @@ async def test_a_placed_container_is_created_on_its_card_and_one_pinned_elsewher
     with pytest.raises(DriverError, match=r"pinned to GPU GPU-simulated-0 but the plan placed"):
         await elsewhere.start()
     assert docker_client.containers.get(other).status == "created"  # left as it was
+    # one that asks for GPUs by count may land on any card: refused as well
+    counted = fresh(names)
+    docker_client.containers.create(
+        busybox_image, ["sleep", "600"], name=counted, network_disabled=True,
+        device_requests=[docker.types.DeviceRequest(driver="nvidia", count=-1,
+                                                    capabilities=[["gpu"]])])
+    anywhere = DockerDriver("anywhere", unit.cfg, h.engine)  # type: ignore[arg-type]
+    anywhere.container_name = counted
+    anywhere.visible, anywhere.cards = ("GPU-simulated-1",), (1,)
+    with pytest.raises(DriverError, match=r"a GPU request by count, not by card"):
+        await anywhere.start()
     # placed where it is pinned: used as it is (only the missing NVIDIA runtime fails it)
     elsewhere.visible, elsewhere.cards = ("GPU-simulated-0",), (0,)
     try:

@@ -18,7 +18,8 @@ WHY = {
     404: "`unknown_service` / `unknown_phase` / `unknown_operation`: the detail lists what "
          "is known.",
     409: "The plan cannot be carried out: `insufficient_vram` (with the blockers and the MB "
-         "short), `needed_by_phase`, `cannot_sleep`, `not_running`.",
+         "short), `needed_by_phase`, `cannot_sleep`, `not_running`, `unmanaged_device` (it "
+         "runs on a card this daemon does not manage: stop it).",
     415: "`unsupported_media_type`: a mutating call's body must be JSON.",
     422: "`invalid_request`: the request does not match the schema (a list of issues).",
     423: "`lock_held`: someone else holds the GPU lock (`holder`, `ttl`).",

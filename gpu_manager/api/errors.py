@@ -21,7 +21,8 @@ from gpu_manager.redact import redact_value
 
 STATUS = {
     "unknown_service": 404, "unknown_phase": 404, "unknown_operation": 404,
-    "insufficient_vram": 409, "needed_by_phase": 409, "cannot_sleep": 409, "not_running": 409,
+    "insufficient_vram": 409, "needed_by_phase": 409, "unmanaged_device": 409,
+    "cannot_sleep": 409, "not_running": 409,
     "start_failed": 502, "stop_failed": 502, "reclaim_timeout": 504, "deadline_exceeded": 504,
     "lock_held": 423, "lock_unavailable": 503, "lock_lost": 503, "probe_unavailable": 503,
     "unauthorized": 401, "shutting_down": 503, "invalid_request": 422,

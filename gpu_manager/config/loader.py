@@ -321,10 +321,10 @@ def _check_phases(
             continue
         cards = [d.budget_mb or 0 for d in sfile.gpu.managed]
         budget, largest = sum(cards), max(cards)
-        sizes = [sfile.services[s].vram_mb * sfile.services[s].gpus
-                 for s in phase.services if s in sfile.services]
-        # One oversized service is already reported at its own line.
-        if sum(sizes) > budget and all(mb <= largest for mb in sizes):
+        listed = [sfile.services[s] for s in phase.services if s in sfile.services]
+        sizes = [svc.vram_mb * svc.gpus for svc in listed]
+        # One oversized service is already reported at its own line (its size per card).
+        if sum(sizes) > budget and all(svc.vram_mb <= largest for svc in listed):
             what = "the GPU budget" if len(cards) == 1 else "the budget of all GPUs together"
             issues.append(pdoc.issue(
                 ("phases", number, "services"),

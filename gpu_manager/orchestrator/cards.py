@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from gpu_manager.planner import DeviceBudget
+from gpu_manager.planner import DeviceBudget, ObservedState
 from gpu_manager.probe import Snapshot
 
 if TYPE_CHECKING:
@@ -45,6 +45,28 @@ def per_card(orch: Orchestrator, books: LedgerView,
             foreign = max(0, dev.used_mb - ours - releasing)
         out[card.index] = DeviceBudget(total or 0, card.reserve_mb, foreign)
     return out
+
+
+def observed_cards(orch: Orchestrator, books: LedgerView, running: dict[str, int | None],
+                   sleeping: dict[str, int | None], unready: frozenset[str]) -> ObservedState:
+    """The planner's view with several cards: each card's budget, every service on its
+    cards (recorded ones, else the primary card: where a one-GPU daemon ran it, or an
+    adopted record without cards), a multi-card service's MB as measured on each."""
+    gpu = orch.inventory.gpu
+    cards = per_card(orch, books, [*running, *sleeping])
+    units = list(orch.units.items())
+    placement = {n: u.devices or (gpu.device,) for n, u in units
+                 if n in running or n in sleeping}
+    placement.update({n: lease.devices for n, lease in books.leases.items()
+                      if lease.active and lease.devices})
+    snap = orch.poller.latest
+    card_mb = {n: {d: orch.measured(n, snap, d) for d in on}
+               for n, on in placement.items() if len(on) > 1 and n in orch.units}
+    return ObservedState(
+        sum(c.total_mb for c in cards.values()), running,
+        sum(c.reserve_mb for c in cards.values()),
+        sum(c.foreign_mb for c in cards.values()), orch.current_phase, sleeping, unready,
+        devices=cards, placement=placement, strategy=gpu.placement, card_mb=card_mb)
 
 
 def visible_ids(snap: Snapshot, cards: Iterable[int]) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import Inventory
 from gpu_manager.lock import GpuLock, LockHeld, LockLost, LockUnavailable
 from gpu_manager.lock.keeper import LockKeeper
-from gpu_manager.orchestrator.cards import listed_pids, per_card
+from gpu_manager.orchestrator.cards import listed_pids, observed_cards
 from gpu_manager.orchestrator.executor import (
     Executor,
     lock_call,
@@ -54,7 +54,8 @@ from gpu_manager.units import Event, EventBus, ServiceState, Unit
 
 S = ServiceState
 REFUSAL_CODES = frozenset({"unknown_service", "unknown_phase", "insufficient_vram",
-                           "needed_by_phase", "cannot_sleep", "not_running"})
+                           "needed_by_phase", "cannot_sleep", "not_running",
+                           "unmanaged_device"})
 # Prewarmed services rank below everything: any start may preempt them.
 PREWARM_PRIORITY = -(10**9)
 
@@ -198,19 +199,10 @@ class Orchestrator:
             foreign = max(0, dev.used_mb - managed - releasing)
         unready = frozenset(n for n in running if n in self.units
                             and self.units[n].state == S.FAILED)
-        if not gpu.several:
-            return ObservedState(total or 0, running, gpu.reserve_mb, foreign,
-                                 self.current_phase, sleeping, unready)
-        cards = per_card(self, books, [*running, *sleeping])
-        placement = {n: u.devices for n, u in units if u.devices and
-                     (n in running or n in sleeping)}
-        placement.update({n: lease.devices for n, lease in books.leases.items()
-                          if lease.active and lease.devices})
-        return ObservedState(
-            sum(c.total_mb for c in cards.values()), running,
-            sum(c.reserve_mb for c in cards.values()),
-            sum(c.foreign_mb for c in cards.values()), self.current_phase, sleeping, unready,
-            cards, placement, gpu.placement)
+        if gpu.several:
+            return observed_cards(self, books, running, sleeping, unready)
+        return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase,
+                             sleeping, unready)
 
     def planner_inventory(self) -> PlannerInventory:
         """The inventory as the planner must see it now: client leases as unstoppable
@@ -393,7 +385,15 @@ class Orchestrator:
                 return False
             await self.refresh_pids()
             result = plan(self.planner_inventory(), self.observed(), StartService(name))
-            return isinstance(result, Plan) and not result.stops
+            if not isinstance(result, Plan) or result.stops:
+                return False
+            # Several cards: a restart relaunches where it ran (the executor is not in the
+            # way to place it elsewhere), so it may go only if the plan puts it there.
+            unit = self.units.get(name)
+            cards = {d for s in result.starts for d in s.devices}
+            gpu = self.inventory.gpu
+            return not gpu.several or unit is None or not cards or \
+                cards == set(unit.devices or (gpu.device,))
         finally:
             self._serial.release()
 

@@ -237,9 +237,10 @@ class Executor(Releases):
                 self._claims.pop(name, None)
 
     def _where(self, name: str) -> tuple[int, ...]:
+        gpu = self.orch.inventory.gpu
         unit = self.orch.units.get(name)
-        return (unit.devices if unit is not None and unit.devices
-                else (self.orch.inventory.gpu.device,))
+        return (unit.devices if gpu.several and unit is not None and unit.devices
+                else (gpu.device,))
 
     async def _launch(self, name: str, lease: Lease, waited: float, note: str | None,
                       cards: tuple[int, ...]) -> tuple[float, str | None]:
@@ -250,8 +251,9 @@ class Executor(Releases):
             return waited, note
         unit = orch.units[name]
         waking = unit.state == S.SLEEPING
-        if several and not waking:  # where it runs, told to it (a wake stays put)
-            unit.place(cards, visible_ids(orch.poller.latest, cards))
+        if not waking:  # where it runs, told to it (a wake stays put); one GPU: nothing
+            unit.place(*((cards, visible_ids(orch.poller.latest, cards)) if several
+                         else ((), ())))
         result = await unit.ensure_ready()  # wakes it when it sleeps
         if not result.ok and waking:
             # It did not wake: stop what is left of it and start it cold (the VRAM is

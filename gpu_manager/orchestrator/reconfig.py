@@ -6,6 +6,7 @@ half an inventory."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -75,6 +76,9 @@ async def apply_inventory(orch: Orchestrator, new: Inventory,
                 res.changed.append(name)
                 if unit.driver.running() and cfg.on_change == "restart":
                     res.restart.append(name)
+        # The gpu: section takes a restart (the probe and the cards were made from it): keep
+        # the running one, so `several` and the managed cards never change under the plans.
+        new = dataclasses.replace(new, gpu=old.gpu)
         orch.inventory = new
         orch.pinv = PlannerInventory.from_inventory(new)
     return res

@@ -96,6 +96,9 @@ class ObservedState:
     # scalar fields above are then the sums. Empty: one card, as above.
     devices: Mapping[int, DeviceBudget] = field(default_factory=dict)
     placement: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # What the probe measured of a multi-card service on each of its cards (uneven splits,
+    # e.g. `device_map=auto`); absent: its MB split evenly.
+    card_mb: Mapping[str, Mapping[int, int | None]] = field(default_factory=dict)
     strategy: Literal["best_fit", "spread"] = "best_fit"
 
     @property
@@ -198,6 +201,7 @@ class Blocker:
 
 
 RefusalCode = Literal["insufficient_vram", "unknown_service", "unknown_phase", "needed_by_phase",
+                      "unmanaged_device",
                       "cannot_sleep", "not_running"]
 
 

@@ -28,9 +28,10 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 
 from gpu_manager.planner import core
-from gpu_manager.planner.common import can_sleep, edges, usage_mb, used_mb
+from gpu_manager.planner.common import can_sleep, edges, sleep_frees, usage_mb, used_mb
 from gpu_manager.planner.model import (
     RELEASES,
+    Action,
     Blocker,
     ObservedState,
     Plan,
@@ -65,8 +66,9 @@ def plan(inv: PlannerInventory, state: ObservedState, request: Request) -> Plan 
 
 
 def where(state: ObservedState, name: str) -> tuple[int, ...]:
-    """The cards `name` holds (unplaced: the first card, where a single-card daemon put it)."""
-    return state.placement.get(name) or (min(state.devices),)
+    """The cards `name` holds (unplaced: the first card, the primary one, where a
+    single-card daemon put it)."""
+    return state.placement.get(name) or (next(iter(state.devices)),)
 
 
 def card(state: ObservedState, d: int) -> ObservedState:
@@ -74,6 +76,9 @@ def card(state: ObservedState, d: int) -> ObservedState:
     budget = state.devices[d]
 
     def share(name: str, mb: int | None) -> int | None:
+        measured = state.card_mb.get(name)
+        if measured is not None and d in measured:
+            return measured[d]
         return None if mb is None else -(-mb // len(where(state, name)))
 
     running = {n: share(n, mb) for n, mb in state.running.items() if d in where(state, n)}
@@ -100,6 +105,9 @@ def _start(inv: PlannerInventory, state: ObservedState, req: StartService) -> Pl
         return _merge(inv, state, req, [])
     if req.name in state.running or req.name in state.sleeping:
         cards: Iterable[int] = where(state, req.name)  # its process is there: not moved
+        lost = _unmanaged(state, req, req.name)
+        if lost is not None:
+            return lost
     else:
         cards = [d for d in (spec.devices or sorted(state.devices)) if d in state.devices]
     states = {d: card(state, d) for d in state.devices}
@@ -111,66 +119,93 @@ def _start(inv: PlannerInventory, state: ObservedState, req: StartService) -> Pl
     if len(fitting) < need:
         refused = {d: r for d, r in options.items() if isinstance(r, Refusal)}
         return _refuse(req, req.name, spec.vram_mb, spec.gpus, refused,
-                       [d for _, d in fitting])
+                       [d for _, d in fitting], lacking=need - len(fitting))
     chosen = {d for _, d in fitting[:need]}
     return _merge(inv, state, req, [(d, r) for d, r in sorted(options.items())
                                     if d in chosen and isinstance(r, Plan)], states)
 
 
+def _unmanaged(state: ObservedState, req: Request, name: str) -> Refusal | None:
+    """A service whose process sits on a card not managed (any more: the cards were edited
+    and the daemon restarted): nothing can be planned for it there but its stop."""
+    off = [d for d in where(state, name) if d not in state.devices]
+    if not off:
+        return None
+    known = ", ".join(map(str, sorted(state.devices)))
+    return Refusal(req, "unmanaged_device", f"{name} runs on GPU {', '.join(map(str, off))}, "
+                   f"which this daemon does not manage (gpu devices: {known}); stop it, and "
+                   "it starts on a managed card next time")
+
+
 def _refuse(req: Request, what: str, need: int, gpus: int, refused: dict[int, Refusal],
-            could: Sequence[int]) -> Refusal:
+            could: Sequence[int], lacking: int = 1) -> Refusal:
+    """`lacking`: how many of the refusing cards must be made to fit (their smallest
+    shortfalls add up to `short_mb`): the cards a `gpus: k` start still needs, every card of
+    a phase."""
     if not refused:  # no card it may use at all
         return Refusal(req, "insufficient_vram", f"cannot fit {what}: no card it may use "
                        "is managed by this daemon", (), need)
     each = f" on each of {gpus} cards" if gpus > 1 else ""
     told = "; ".join(f"GPU {d}: {r.message}" for d, r in sorted(refused.items()))
-    lacking = f"; it needs {gpus} cards and only GPU {', '.join(map(str, could))} can " \
+    partial = f"; it needs {gpus} cards and only GPU {', '.join(map(str, could))} can " \
               "take it now" if could else ""
     code: RefusalCode = next((r.code for r in refused.values()
                               if r.code != "insufficient_vram"), "insufficient_vram")
     blockers = tuple(dataclasses.replace(b, device=d)
                      for d, r in sorted(refused.items()) for b in r.blockers)
-    short = min(r.short_mb for r in refused.values())
+    short = sum(sorted(r.short_mb for r in refused.values())[:max(1, lacking)])
     return Refusal(req, code, f"cannot fit {what} ({need} MB{each}) on any card it may "
-                   f"use{lacking}: {told}", blockers, short)
+                   f"use{partial}: {told}", blockers, short)
 
 
 def _merge(inv: PlannerInventory, state: ObservedState, req: Request,
            parts: Sequence[tuple[int, Plan]],
            states: dict[int, ObservedState] | None = None) -> Plan:
-    """One plan of the cards' plans: releases first, a step on several cards once (its MB
-    summed, its edges the union of each card's)."""
-    keys: list[tuple[str, str]] = []
-    merged: dict[tuple[str, str], Step] = {}
-    cards: dict[tuple[str, str], set[int]] = {}
+    """One plan of the cards' plans: releases first, a step on several cards once (its
+    edges the union of each card's). A release frees the service on all its cards, whichever
+    card asked for it, and a service one card sleeps and another stops is stopped: one
+    release per service."""
+    states = states or {d: card(state, d) for d in state.devices}
+    keys: list[tuple[Action, str]] = []
+    merged: dict[tuple[Action, str], Step] = {}
+    cards: dict[tuple[Action, str], set[int]] = {}
+    stopped = {s.service for _, part in parts for s in part.steps if s.action == "stop"}
+
+    def key_of(step: Step) -> tuple[Action, str]:
+        if step.action == "sleep" and step.service in stopped:
+            return ("stop", step.service)
+        return (step.action, step.service)
+
     for phase in (True, False):  # releases, then starts and wakes
         for d, part in parts:
             for step in part.steps:
                 if (step.action in RELEASES) != phase:
                     continue
-                key = (step.action, step.service)
+                key = key_of(step)
                 if key in merged:
                     old = merged[key]
                     merged[key] = dataclasses.replace(
                         old, mb=old.mb + step.mb, preemption=old.preemption or step.preemption)
                 else:
                     keys.append(key)
-                    merged[key] = step
+                    merged[key] = dataclasses.replace(step, action=key[0])
                 cards.setdefault(key, set()).add(d)
     index = {k: i for i, k in enumerate(keys)}
-    after: dict[tuple[str, str], set[int]] = {k: set() for k in keys}
+    after: dict[tuple[Action, str], set[int]] = {k: set() for k in keys}
     for _, part in parts:
         for step in part.steps:
-            key = (step.action, step.service)
-            after[key] |= {index[(part.steps[i].action, part.steps[i].service)]
-                           for i in step.after}
+            after[key_of(step)] |= {index[key_of(part.steps[i])] for i in step.after}
     steps = []
     for k in keys:
         step = merged[k]
-        on = tuple(sorted(cards[k])) if step.action not in RELEASES else tuple(sorted(
-            set(where(state, step.service)) | cards[k]))
+        if step.action in RELEASES:
+            on = tuple(sorted(set(where(state, step.service)) | cards[k]))
+            frees = sleep_frees if step.action == "sleep" else usage_mb
+            mb = sum(frees(inv, states[d], step.service) for d in on if d in states)
+            step = dataclasses.replace(step, mb=mb)
+        else:
+            on = tuple(sorted(cards[k]))
         steps.append(dataclasses.replace(step, devices=on, after=tuple(sorted(after[k]))))
-    states = states or {d: card(state, d) for d in state.devices}
     before = sum(used_mb(inv, s) for s in states.values())
     after_mb = before + sum(-s.mb if s.action in RELEASES else s.mb for s in steps)
     budget = sum(s.budget_mb for s in states.values())
@@ -182,6 +217,10 @@ def _phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) -> Pl
     if phase is None or any(n not in inv.services for n in (*phase.services, *phase.keep)):
         return core.plan(inv, state, req)  # the refusal
     present = {*state.running, *state.sleeping}
+    for name in phase.services:
+        lost = _unmanaged(state, req, name) if name in present else None
+        if lost is not None:
+            return lost
     assign = {n: where(state, n) for n in phase.services if n in present}
     states = {d: card(state, d) for d in state.devices}  # cut once: O(services) each
     hard = dict.fromkeys(state.devices, 0)  # what stays whatever happens
@@ -230,7 +269,7 @@ def _phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) -> Pl
     if refused:
         label = f"phase {req.phase}" + (f" ({phase.name})" if phase.name else "")
         need = sum(inv.services[n].vram_mb * inv.services[n].gpus for n in phase.services)
-        return _refuse(req, label, need, 1, refused, [])
+        return _refuse(req, label, need, 1, refused, [], lacking=len(refused))
     return _merge(inv, state, req, parts, states)
 
 
@@ -251,6 +290,8 @@ def _prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan 
             continue
         if name in state.sleeping:
             on = where(state, name)
+            if any(d not in free for d in on):
+                continue  # asleep on a card not managed: only a stop can touch it
             mb = max(0, spec.vram_mb - usage_mb(inv, states[on[0]], name))
             if all(free[d] >= mb for d in on):
                 steps.append(Step("wake", name, mb * len(on), why, devices=on))

@@ -64,13 +64,15 @@ def sim_uuid(index: int) -> str:
 
 
 def visible_devices(value: str | None) -> tuple[int, ...]:
-    """The simulated cards a CUDA_VISIBLE_DEVICES value names (indices or our UUIDs); ()
-    when it names none. A stand-in placed by the daemon registers on these."""
+    """The simulated cards a CUDA_VISIBLE_DEVICES value names by our UUIDs (what the daemon
+    hands a service it placed); () when it names none. Plain indices are ignored: a value
+    the daemon did not set (a user's `CUDA_VISIBLE_DEVICES=1` in its own environment) must
+    not move a one-GPU stand-in off the simulated card."""
     out: list[int] = []
     for raw in (value or "").split(","):
-        item = raw.strip().removeprefix(SIM_UUID_PREFIX)
-        if item.isdigit():
-            out.append(int(item))
+        item = raw.strip()
+        if item.startswith(SIM_UUID_PREFIX) and item[len(SIM_UUID_PREFIX):].isdigit():
+            out.append(int(item[len(SIM_UUID_PREFIX):]))
     return tuple(out)
 
 

@@ -24,6 +24,7 @@ from loguru import logger
 from gpu_manager.aio import within
 from gpu_manager.config import DockerService
 from gpu_manager.units.drivers.base import DriverError, ExitInfo, ExitWatch
+from gpu_manager.units.drivers.cards import check_cards
 
 LABEL = "gpu-manager.service"
 
@@ -226,7 +227,8 @@ class DockerDriver(ExitWatch):
         except errors.NotFound:
             pass
         else:
-            self._check_cards(found)
+            check_cards(self.container_name, self.name, self.visible, self.cards,
+                        found.attrs.get("HostConfig", {}).get("DeviceRequests") or [])
             return found
         if not self.cfg.image:
             raise DriverError(f"container {self.container_name!r} does not exist and no image is "
@@ -259,22 +261,6 @@ class DockerDriver(ExitWatch):
                                   f"already exists ({exc.explanation})") from exc
             raise DriverError(f"cannot create {self.container_name!r}: {exc.explanation}"
                               ) from exc
-
-    def _check_cards(self, container: Any) -> None:
-        """A container made before (by hand, by compose) keeps the cards it was made with:
-        used as it is when they are where the plan placed it, refused (with both) when
-        it is pinned elsewhere, since its VRAM would land on a card the plan did not count."""
-        if not self.visible:
-            return
-        asked = container.attrs.get("HostConfig", {}).get("DeviceRequests") or []
-        ids = sorted({str(i) for r in asked for i in (r.get("DeviceIDs") or [])})
-        ours = {*self.visible, *(str(c) for c in self.cards)}  # by UUID or by index
-        if ids and not set(ids) <= ours:
-            raise DriverError(
-                f"container {self.container_name!r} exists pinned to GPU {', '.join(ids)} "
-                f"but the plan placed {self.name} on {', '.join(self.visible)}: remove the "
-                "container so that it is created on its card, or pin the service there "
-                "(`device:` in services.yaml)")
 
     async def start(self) -> None:
         errors = docker.errors
