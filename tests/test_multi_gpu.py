@@ -212,3 +212,55 @@ def test_adoption_after_kill_9_keeps_the_cards(daemon: DaemonProc) -> None:
     assert answer.status_code == 200, answer.text
     stops = [s["service"] for s in answer.json()["plan"]["steps"] if s["action"] == "stop"]
     assert stops == ["tp"], stops
+
+
+async def test_a_restart_by_policy_goes_only_where_the_plan_would_put_it(
+        tmp_path: Path) -> None:
+    # In-process, on the real daemon parts: a restart by policy relaunches on the cards the
+    # service ran on (no executor places it), so the gate lets it go only when the plan
+    # would put it there; a card filled meanwhile must not get it on top.
+    from gpu_manager.daemon import Daemon
+    from gpu_manager.orchestrator.operations import Operation
+    from gpu_manager.planner import StartService
+    from gpu_manager.settings import Settings
+
+    (tmp_path / "config").mkdir()
+    inventory(tmp_path)
+    d = Daemon(Settings(config_dir=tmp_path / "config", state_dir=tmp_path / "state"))
+    await d.start()
+    try:
+        orch = d.orchestrator
+        await orch.execute(Operation(StartService("a")))  # 20 GB, to card 0 (best fit)
+        assert d.units["a"].devices == (0,)
+        await orch.refresh_pids()
+        crashed = d.units["c"]  # as if it had run on card 0 and crashed since
+        crashed.devices = (0,)
+        assert await orch.restart_gate("c") is False  # it would land on a's card
+        crashed.devices = (1,)
+        assert await orch.restart_gate("c") is True  # its card has room: it may go
+    finally:
+        await d.stop()
+
+
+async def test_one_gpu_hands_no_cards_even_to_a_unit_that_had_some(tmp_path: Path) -> None:
+    # A unit adopted from a several-GPU record, now on a one-GPU inventory: its next launch
+    # gets no CUDA_VISIBLE_DEVICES (one card: the service finds its own, as before).
+    from gpu_manager.daemon import Daemon
+    from gpu_manager.orchestrator.operations import Operation
+    from gpu_manager.planner import StartService
+    from gpu_manager.settings import Settings
+    from tests.support.daemon import write_inventory
+
+    write_inventory(tmp_path / "config")
+    d = Daemon(Settings(config_dir=tmp_path / "config", state_dir=tmp_path / "state"))
+    await d.start()
+    try:
+        unit = d.units["vidi"]
+        unit.devices, unit.visible = (1,), ("GPU-simulated-1",)
+        await d.orchestrator.execute(Operation(StartService("vidi")))
+        await d.orchestrator.refresh_pids()
+        pids = d.orchestrator.ledger.view().unit_pids["vidi"]
+        assert unit.devices == () and pids
+        assert "CUDA_VISIBLE_DEVICES" not in psutil.Process(pids[0]).environ()
+    finally:
+        await d.stop()
