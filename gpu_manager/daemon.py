@@ -25,6 +25,7 @@ from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import DockerService, Inventory, ServiceConfig, load_inventory
 from gpu_manager.lock import GpuLock, LockInfo, make_lock
 from gpu_manager.orchestrator import Orchestrator
+from gpu_manager.orchestrator.cards import foreign_on
 from gpu_manager.orchestrator.leases import LeaseManager
 from gpu_manager.orchestrator.operations import interrupted
 from gpu_manager.paths import SIM_DIR_ENV, sim_dir
@@ -284,11 +285,10 @@ class Daemon:
             dev = snap.device(card.index)
             used = {n: mb for n, u in list(self.units.items())
                     if u.holds_gpu and (mb := orch.measured(n, snap, card.index))}
-            budget = observed.devices.get(card.index)
-            foreign = budget.foreign_mb if budget is not None else observed.foreign_mb
             out.append(Sample(at, card.index, dev.total_mb if dev else None,
                               dev.used_mb if dev else None,
-                              foreign if dev and dev.used_mb is not None else None, used,
+                              foreign_on(observed, card.index)
+                              if dev and dev.used_mb is not None else None, used,
                               dev.temperature_c if dev else None,
                               dev.utilization_percent if dev else None))
         return out

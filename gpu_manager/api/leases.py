@@ -236,7 +236,7 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
     @router.get("/status", responses=answers(ok=LegacyStatus))
     async def legacy_status() -> dict[str, Any]:
         leases = daemon.leases.active
-        v = vram(daemon)
+        v = vram(daemon, daemon.orchestrator.observed())
         return {"status": "healthy", "gpu_available": not leases,
                 "current_owner": leases[0].requester if leases else None,
                 "active_sessions": [x.session_id for x in leases],

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from gpu_manager import __version__
 from gpu_manager.api.status import held_for
 from gpu_manager.daemon import Daemon
+from gpu_manager.orchestrator.cards import foreign_on
 from gpu_manager.units import Event, ServiceState
 
 TRANSITION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -68,10 +69,8 @@ class DaemonCollector(Collector):
             card = gpu.gpu(dev.index)
             if card is not None:  # a device the inventory plans on
                 vram["reserve"].add_metric(label, card.reserve_mb * MIB)
-                budget = observed.devices.get(dev.index)
-                foreign = budget.foreign_mb if budget is not None else observed.foreign_mb
                 if dev.used_mb is not None:
-                    vram["foreign"].add_metric(label, foreign * MIB)
+                    vram["foreign"].add_metric(label, foreign_on(observed, dev.index) * MIB)
             if dev.temperature_c is not None:
                 temperature.add_metric(label, dev.temperature_c)
             if dev.utilization_percent is not None:
@@ -90,7 +89,6 @@ class DaemonCollector(Collector):
     def _services(self) -> Iterator[Metric]:
         d = self.daemon
         orch = d.orchestrator
-        primary = (d.inventory.gpu.device,)
         state = _gauge("gpu_manager_service_state", "1 for the state a service is in",
                        ["service", "state"])
         measured = _gauge("gpu_manager_service_vram_measured_bytes",
@@ -112,7 +110,7 @@ class DaemonCollector(Collector):
         for name, unit in list(d.units.items()):
             for s in ServiceState:
                 state.add_metric([name, s.value], int(unit.state == s))
-            for card in unit.devices or primary:  # where it runs: one series per card
+            for card in orch.cards_of(name):  # where it runs: one series per card
                 mb = orch.measured(name, device=card)
                 if mb is not None:
                     measured.add_metric([name, str(card)], mb * MIB)

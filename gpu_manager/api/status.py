@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from gpu_manager.daemon import Daemon
+from gpu_manager.orchestrator.cards import foreign_on
+from gpu_manager.planner import ObservedState
 
 
-def vram(daemon: Daemon) -> dict[str, Any]:
+def vram(daemon: Daemon, observed: ObservedState) -> dict[str, Any]:
     orch = daemon.orchestrator
     snap = daemon.poller.latest
     gpu = daemon.inventory.gpu
@@ -37,7 +39,8 @@ def vram(daemon: Daemon) -> dict[str, Any]:
         "device": gpu.device,
         "source": snap.source,
         "error": snap.error or (dev.error if dev else None),
-        "foreign_mb": orch.observed().foreign_mb if dev and dev.used_mb is not None else None,
+        "foreign_mb": foreign_on(observed, gpu.device)
+        if dev and dev.used_mb is not None else None,
         "devices": [d.as_dict() for d in snap.devices],
         "updated_at": snap.wall_time,
     }
@@ -69,7 +72,7 @@ def services(daemon: Daemon) -> dict[str, Any]:
             "sleeps": unit.sleeps,
             "wakes": unit.wakes,
             **({"removed": True} if name not in inv.services else {}),
-            "devices": list(unit.devices) or ([inv.gpu.device] if unit.holds_gpu else []),
+            "devices": list(orch.cards_of(name)) if unit.holds_gpu or unit.devices else [],
             "allowed_devices": (None if cfg.allowed_devices is None
                                 else list(cfg.allowed_devices)),
             "gpus": cfg.gpus,
@@ -78,21 +81,18 @@ def services(daemon: Daemon) -> dict[str, Any]:
     return out
 
 
-def gpus(daemon: Daemon) -> list[dict[str, Any]]:
+def gpus(daemon: Daemon, observed: ObservedState) -> list[dict[str, Any]]:
     """Each managed card: its numbers, and who holds what on it."""
     orch = daemon.orchestrator
     snap = daemon.poller.latest
-    gpu = daemon.inventory.gpu
-    observed = orch.observed()
     out = []
-    for card in gpu.managed:
+    for card in daemon.inventory.gpu.managed:
         dev = snap.device(card.index)
         free = dev.free_mb if dev else None
-        budget = observed.devices.get(card.index)
-        foreign = (budget.foreign_mb if budget is not None else observed.foreign_mb) \
+        foreign = foreign_on(observed, card.index) \
             if dev is not None and dev.used_mb is not None else None
         held = {n: orch.measured(n, snap, card.index) for n, u in list(daemon.units.items())
-                if u.holds_gpu and card.index in (u.devices or (gpu.device,))}
+                if u.holds_gpu and card.index in orch.cards_of(n)}
         out.append({
             "index": card.index, "uuid": dev.uuid if dev else None,
             "name": dev.name if dev else None,
@@ -147,9 +147,10 @@ def lock(daemon: Daemon) -> dict[str, Any]:
 
 
 def status(daemon: Daemon) -> dict[str, Any]:
+    observed = daemon.orchestrator.observed()  # once: the bar and the cards agree
     return {
-        "vram": vram(daemon),
-        "gpus": gpus(daemon),
+        "vram": vram(daemon, observed),
+        "gpus": gpus(daemon, observed),
         "placement": daemon.inventory.gpu.placement,
         "services": services(daemon),
         "lock": lock(daemon),

@@ -289,7 +289,7 @@ def _check_placement(gpu: GpuConfig, sdoc: _Doc, name: str,
             why = (f"{svc.vram_mb} MB is more than {gpu_word} can ever give "
                    f"({d.total_mb} MB total - {d.reserve_mb} MB reserve = {d.budget_mb} MB)")
         else:
-            best = max(b for b, _ in budgets if b is not None)
+            best = max(b for b, _ in budgets)
             why = (f"{svc.vram_mb} MB{' on each card' if svc.gpus > 1 else ''} is more than "
                    f"{'enough' if fitting else 'any'} of its cards can give "
                    f"(the largest budget is {best} MB"

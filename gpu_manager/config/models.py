@@ -89,13 +89,7 @@ class GpuConfig(_Strict):
     @property
     def managed(self) -> tuple[GpuDevice, ...]:
         """The devices planned on, first the primary one (`device`)."""
-        if self._cards:
-            return self._cards
-        if self.devices is None:
-            return (GpuDevice(self.device, self.total_mb, self.reserve_mb),)
-        return tuple(GpuDevice(i if d.index is None else d.index, d.total_mb,
-                               self.reserve_mb if d.reserve_mb is None else d.reserve_mb)
-                     for i, d in enumerate(self.devices))
+        return self._cards or (GpuDevice(self.device, self.total_mb, self.reserve_mb),)
 
     @property
     def several(self) -> bool:
@@ -121,7 +115,9 @@ class GpuConfig(_Strict):
         for key in ("device", "total_mb"):
             if key in self.model_fields_set:
                 raise ValueError(f"with `devices`, give `{key}` per device, not in `gpu:`")
-        cards = self.managed
+        cards = tuple(GpuDevice(i if d.index is None else d.index, d.total_mb,
+                                self.reserve_mb if d.reserve_mb is None else d.reserve_mb)
+                      for i, d in enumerate(self.devices or ()))
         seen = [d.index for d in cards]
         dup = sorted({i for i in seen if seen.count(i) > 1})
         if dup:

@@ -14,6 +14,24 @@ if TYPE_CHECKING:
     from gpu_manager.orchestrator.ledger import LedgerView
 
 
+def held_on(snap: Snapshot, cards: Iterable[int], pids: set[int]) -> list[int | None] | None:
+    """The MB the GPU lists for `pids` on `cards` (None entries: not attributable); None
+    when a card's process list is unknown."""
+    out: list[int | None] = []
+    for index in cards:
+        dev = snap.device(index)
+        if dev is None or dev.processes is None:
+            return None
+        out += [p.used_mb for p in dev.processes if p.pid in pids]
+    return out
+
+
+def foreign_on(observed: ObservedState, card: int) -> int:
+    """Foreign MB on `card`: its own count with several cards, the one count with one."""
+    budget = observed.devices.get(card)
+    return budget.foreign_mb if budget is not None else observed.foreign_mb
+
+
 def listed_pids(snap: Snapshot, cards: Iterable[int]) -> set[int] | None:
     """The pids the GPU lists on any of `cards`; None when a card's list is unknown."""
     out: set[int] = set()
@@ -32,7 +50,6 @@ def per_card(orch: Orchestrator, books: LedgerView,
     our stopped units may still be releasing there."""
     snap = orch.poller.latest
     names = list(names)
-    primary = orch.inventory.gpu.device
     out: dict[int, DeviceBudget] = {}
     for card in orch.inventory.gpu.managed:
         dev = snap.device(card.index)
@@ -40,8 +57,8 @@ def per_card(orch: Orchestrator, books: LedgerView,
         foreign = 0
         if dev is not None and dev.used_mb is not None:
             ours = sum(orch.measured(n, snap, card.index) or 0 for n in names)
-            releasing = sum(r.mb // max(1, len(r.devices)) for r in books.releasing.values()
-                            if r.must_exit and card.index in (r.devices or (primary,)))
+            releasing = sum(r.mb // len(r.devices) for r in books.releasing.values()
+                            if r.must_exit and card.index in r.devices)
             foreign = max(0, dev.used_mb - ours - releasing)
         out[card.index] = DeviceBudget(total or 0, card.reserve_mb, foreign)
     return out
@@ -54,9 +71,7 @@ def observed_cards(orch: Orchestrator, books: LedgerView, running: dict[str, int
     adopted record without cards), a multi-card service's MB as measured on each."""
     gpu = orch.inventory.gpu
     cards = per_card(orch, books, [*running, *sleeping])
-    units = list(orch.units.items())
-    placement = {n: u.devices or (gpu.device,) for n, u in units
-                 if n in running or n in sleeping}
+    placement = {n: orch.cards_of(n) for n in orch.units if n in running or n in sleeping}
     placement.update({n: lease.devices for n, lease in books.leases.items()
                       if lease.active and lease.devices})
     snap = orch.poller.latest

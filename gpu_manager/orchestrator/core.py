@@ -25,7 +25,7 @@ from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import Inventory
 from gpu_manager.lock import GpuLock, LockHeld, LockLost, LockUnavailable
 from gpu_manager.lock.keeper import LockKeeper
-from gpu_manager.orchestrator.cards import listed_pids, observed_cards
+from gpu_manager.orchestrator.cards import held_on, listed_pids, observed_cards
 from gpu_manager.orchestrator.executor import (
     Executor,
     lock_call,
@@ -159,18 +159,21 @@ class Orchestrator:
         """The managed GPUs' indices, the primary first."""
         return tuple(d.index for d in self.inventory.gpu.managed)
 
+    def cards_of(self, name: str) -> tuple[int, ...]:
+        """The cards `name` runs (or last ran) on: its recorded ones with several cards,
+        else the primary card (one GPU, or a record from a one-GPU daemon)."""
+        gpu = self.inventory.gpu
+        unit = self.units.get(name)
+        return unit.devices if gpu.several and unit is not None and unit.devices \
+            else (gpu.device,)
+
     def measured(self, name: str, snap: Snapshot | None = None,
                  device: int | None = None) -> int | None:
         """MB the GPU attributes to `name`'s pids (on `device`, or on all managed cards);
         None when it cannot tell."""
-        snap = snap or self.poller.latest
         pids = set(self.ledger.view().unit_pids.get(name, ()))
-        found: list[int | None] = []
-        for index in (device,) if device is not None else self.cards:
-            dev = snap.device(index)
-            if dev is None or dev.processes is None:
-                return None
-            found += [p.used_mb for p in dev.processes if p.pid in pids]
+        found = held_on(snap or self.poller.latest,
+                        (device,) if device is not None else self.cards, pids)
         if not found or any(mb is None for mb in found):
             return None
         return sum(mb for mb in found if mb is not None)
@@ -389,11 +392,9 @@ class Orchestrator:
                 return False
             # Several cards: a restart relaunches where it ran (the executor is not in the
             # way to place it elsewhere), so it may go only if the plan puts it there.
-            unit = self.units.get(name)
             cards = {d for s in result.starts for d in s.devices}
-            gpu = self.inventory.gpu
-            return not gpu.several or unit is None or not cards or \
-                cards == set(unit.devices or (gpu.device,))
+            return not self.inventory.gpu.several or not cards or \
+                cards == set(self.cards_of(name))
         finally:
             self._serial.release()
 

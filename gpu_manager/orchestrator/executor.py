@@ -220,7 +220,7 @@ class Executor(Releases):
         """Start (or wake) `name` on `devices` (the plan's cards; a single-card plan names
         none: the one card) once `need_mb` (over all its cards) is free there."""
         orch = self.orch
-        cards = devices or self._where(name)
+        cards = devices or orch.cards_of(name)
         # fencing: nobody took the lock since we did
         await lock_call("check", lease.check(), orch.bounds.lock_io_s)
         waited, note = await self.await_reclaim(name, need_mb, deps or [], cards)  # claims
@@ -235,12 +235,6 @@ class Executor(Releases):
         finally:
             if not launched:
                 self._claims.pop(name, None)
-
-    def _where(self, name: str) -> tuple[int, ...]:
-        gpu = self.orch.inventory.gpu
-        unit = self.orch.units.get(name)
-        return (unit.devices if gpu.several and unit is not None and unit.devices
-                else (gpu.device,))
 
     async def _launch(self, name: str, lease: Lease, waited: float, note: str | None,
                       cards: tuple[int, ...]) -> tuple[float, str | None]:

@@ -147,17 +147,11 @@ class LeaseManager:
     def card_budget(self, device: int | None) -> int:
         """The most one lease can get: the card's total less its reserve (`device`), or the
         largest card's (any)."""
-        gpu, snap = self.orch.inventory.gpu, self.orch.poller.latest
-        if not gpu.several:
-            return self.orch.observed().total_mb - gpu.reserve_mb
-        out = 0
-        for card in gpu.managed:
-            if device is not None and card.index != device:
-                continue
-            dev = snap.device(card.index)
-            total = dev.total_mb if dev is not None and dev.total_mb else card.total_mb or 0
-            out = max(out, total - card.reserve_mb)
-        return out
+        observed = self.orch.observed()
+        if not observed.devices:  # one card
+            return observed.total_mb - observed.reserve_mb
+        return max((c.total_mb - c.reserve_mb for i, c in observed.devices.items()
+                    if device is None or i == device), default=0)
 
     @staticmethod
     def _ms(t0: float) -> int:

@@ -32,7 +32,7 @@ class Releasing:
     # The pid list could not be read at the stop: only free memory is evidence, and the
     # step says so.
     pids_known: bool = True
-    devices: tuple[int, ...] = ()  # the cards it is released from (several GPUs)
+    devices: tuple[int, ...] = ()  # the cards it is released from
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from gpu_manager.orchestrator.cards import held_on
 from gpu_manager.orchestrator.ledger import Releasing
 from gpu_manager.orchestrator.operations import OperationError
 from gpu_manager.probe import Snapshot
@@ -42,7 +43,7 @@ class Releases:
                                  gpu_state=orch.gpu_state())
         orch.ledger.released(name, Releasing(pids, mb, time.monotonic(),
                                              pids_known=pid_error is None,
-                                             devices=orch.units[name].devices))
+                                             devices=orch.cards_of(name)))
         return "; ".join(notes) or None
 
     async def sleep(self, name: str, reason: str, preemption: bool, requester: str,
@@ -73,7 +74,7 @@ class Releases:
         acked = time.monotonic()
         orch.ledger.released(name, Releasing(pids, max(0, before - sleep.residual_mb), acked,
                                              must_exit=False, pids_known=pid_error is None,
-                                             devices=unit.devices))
+                                             devices=orch.cards_of(name)))
         held = (None if pid_error is not None or not pids else
                 await self._confirm_sleep(name, sleep.residual_mb, sleep.timeout_s, acked))
         if held is None:  # the GPU cannot tell per process: the starts judge by free memory
@@ -100,19 +101,13 @@ class Releases:
         def slept(snap: Snapshot) -> bool:
             if snap.taken_at < since:
                 return False
-            held: list[int | None] = []
-            for index in orch.cards:
-                dev = snap.device(index)
-                if dev is None or dev.processes is None:
-                    blind[0] = True
-                    return True
-                held += [p.used_mb for p in dev.processes if p.pid in pids]
-            if any(mb is None for mb in held):
+            held = held_on(snap, orch.cards, pids)
+            if held is None or any(mb is None for mb in held):
                 blind[0] = True
                 return True
             # a process that let go of everything leaves the GPU's list: it holds 0
             total = seen[0] = sum(mb for mb in held if mb is not None)
-            return total <= residual * max(1, len(orch.units[name].devices))
+            return total <= residual * len(orch.cards_of(name))  # residual is per card
 
         if not slept(orch.poller.latest):
             async with orch.poller.fast():

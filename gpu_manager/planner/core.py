@@ -81,7 +81,14 @@ def plan(inv: PlannerInventory, state: ObservedState, request: Request) -> Plan 
             return finish(inv, state, request, steps)
 
 
-def _label(inv: PlannerInventory, number: int) -> str:
+def prewarm_reason(inv: PlannerInventory, req: Prewarm) -> str:
+    """Why a prewarm starts what it starts (a known phase, or wake_when_free)."""
+    if req.phase is None:
+        return "it fits again (wake_when_free)"
+    return f"prewarm for {phase_label(inv, req.phase)}"
+
+
+def phase_label(inv: PlannerInventory, number: int) -> str:
     phase = inv.phases[number]
     return f"phase {number}" + (f" ({phase.name})" if phase.name else "")
 
@@ -143,7 +150,7 @@ def _needed(inv: PlannerInventory, state: ObservedState, req: Request, name: str
         return None
     if name not in inv.phases[state.current_phase].services:
         return None
-    label = _label(inv, state.current_phase)
+    label = phase_label(inv, state.current_phase)
     return Refusal(req, "needed_by_phase",
                    f"{name} is needed by the current {label}; pass force=true to {verb}")
 
@@ -174,7 +181,7 @@ def _plan_phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) 
     for name in (*phase.services, *phase.keep):
         if name not in inv.services:
             return unknown_service(inv, req, name)
-    label = _label(inv, req.phase)
+    label = phase_label(inv, req.phase)
     wanted, keep = set(phase.services), set(phase.keep)
     managed = [n for n in state.running if n in inv.services and inv.services[n].stoppable]
     unlisted = [n for n in managed if n not in wanted and n not in keep]
@@ -235,9 +242,9 @@ def _wake_less(inv: PlannerInventory, state: ObservedState, steps: list[Step],
 
 def _plan_prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan | Refusal:
     if req.phase is None:
-        names, why = req.services, "it fits again (wake_when_free)"
+        names, why = req.services, prewarm_reason(inv, req)
     elif req.phase in inv.phases:
-        names, why = inv.phases[req.phase].services, f"prewarm for {_label(inv, req.phase)}"
+        names, why = inv.phases[req.phase].services, prewarm_reason(inv, req)
     else:
         known = ", ".join(str(n) for n in sorted(inv.phases)) or "(none)"
         return Refusal(req, "unknown_phase", f"unknown phase {req.phase} (known: {known})")

@@ -32,7 +32,6 @@ from gpu_manager.planner.common import can_sleep, edges, sleep_frees, usage_mb, 
 from gpu_manager.planner.model import (
     RELEASES,
     Action,
-    Blocker,
     ObservedState,
     Plan,
     PlannerInventory,
@@ -41,6 +40,7 @@ from gpu_manager.planner.model import (
     Refusal,
     RefusalCode,
     Request,
+    ServiceSpec,
     StartService,
     Step,
 )
@@ -69,6 +69,11 @@ def where(state: ObservedState, name: str) -> tuple[int, ...]:
     """The cards `name` holds (unplaced: the first card, the primary one, where a
     single-card daemon put it)."""
     return state.placement.get(name) or (next(iter(state.devices)),)
+
+
+def allowed(spec: ServiceSpec, state: ObservedState) -> list[int]:
+    """The managed cards `spec` may be placed on, in index order."""
+    return [d for d in (spec.devices or sorted(state.devices)) if d in state.devices]
 
 
 def card(state: ObservedState, d: int) -> ObservedState:
@@ -103,18 +108,18 @@ def _start(inv: PlannerInventory, state: ObservedState, req: StartService) -> Pl
         return core.plan(inv, state, req)  # unknown: the refusal lists the known
     if req.name in state.running and req.name not in state.unready:
         return _merge(inv, state, req, [])
-    if req.name in state.running or req.name in state.sleeping:
+    placed = req.name in state.running or req.name in state.sleeping
+    if placed:
         cards: Iterable[int] = where(state, req.name)  # its process is there: not moved
         lost = _unmanaged(state, req, req.name)
         if lost is not None:
             return lost
     else:
-        cards = [d for d in (spec.devices or sorted(state.devices)) if d in state.devices]
+        cards = allowed(spec, state)
     states = {d: card(state, d) for d in state.devices}
     options = {d: core.plan(inv, states[d], req) for d in cards}
     fitting = sorted((_cost(inv, state, d, r), d) for d, r in options.items()
                      if isinstance(r, Plan))
-    placed = req.name in state.running or req.name in state.sleeping
     need = len(options) if placed else spec.gpus
     if len(fitting) < need:
         refused = {d: r for d, r in options.items() if isinstance(r, Refusal)}
@@ -233,14 +238,15 @@ def _phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) -> Pl
                 hard[d] += mb
             elif n in phase.keep:
                 soft[d] += mb
-            elif n in here.sleeping or can_sleep(inv, here, n):
-                soft[d] += min(mb, spec.residual_mb or 0) if n not in here.sleeping else mb
+            elif n in here.sleeping:
+                soft[d] += mb  # its residual, which stays unless room is needed
+            elif can_sleep(inv, here, n):
+                soft[d] += min(mb, spec.residual_mb or 0)  # it will sleep
     new = sorted((n for n in phase.services if n not in assign),
                  key=lambda n: (-inv.services[n].priority,
                                 -inv.services[n].vram_mb * inv.services[n].gpus, n))
     for name in new:
         spec = inv.services[name]
-        allowed = [d for d in (spec.devices or sorted(state.devices)) if d in state.devices]
 
         def rank(d: int, mb: int = spec.vram_mb) -> tuple[int, int, int]:
             budget = states[d].budget_mb
@@ -249,7 +255,7 @@ def _phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) -> Pl
             fit = room if state.strategy == "best_fit" and tier < 2 else -room
             return (tier, fit, d)
 
-        chosen = tuple(sorted(sorted(allowed, key=rank)[:spec.gpus]))
+        chosen = tuple(sorted(sorted(allowed(spec, state), key=rank)[:spec.gpus]))
         for d in chosen:
             hard[d] += spec.vram_mb
         assign[name] = chosen
@@ -267,9 +273,9 @@ def _phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) -> Pl
         else:
             parts.append((d, result))
     if refused:
-        label = f"phase {req.phase}" + (f" ({phase.name})" if phase.name else "")
         need = sum(inv.services[n].vram_mb * inv.services[n].gpus for n in phase.services)
-        return _refuse(req, label, need, 1, refused, [], lacking=len(refused))
+        return _refuse(req, core.phase_label(inv, req.phase), need, 1, refused, [],
+                       lacking=len(refused))
     return _merge(inv, state, req, parts, states)
 
 
@@ -278,9 +284,7 @@ def _prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan 
     if req.phase is not None and req.phase not in inv.phases:
         return core.plan(inv, state, req)
     names = req.services if req.phase is None else inv.phases[req.phase].services
-    why = ("it fits again (wake_when_free)" if req.phase is None
-           else f"prewarm for phase {req.phase}" + (
-               f" ({inv.phases[req.phase].name})" if inv.phases[req.phase].name else ""))
+    why = core.prewarm_reason(inv, req)
     states = {d: card(state, d) for d in state.devices}
     free = {d: s.budget_mb - used_mb(inv, s) for d, s in states.items()}
     steps: list[Step] = []
@@ -298,8 +302,7 @@ def _prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan 
                 for d in on:
                     free[d] -= mb
             continue
-        fits = [d for d in (spec.devices or sorted(state.devices))
-                if d in free and free[d] >= spec.vram_mb]
+        fits = [d for d in allowed(spec, state) if free[d] >= spec.vram_mb]
         if len(fits) < spec.gpus:
             continue
         order = sorted(fits, key=lambda d: (free[d] if state.strategy == "best_fit"
@@ -314,4 +317,4 @@ def _prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan 
                 before + sum(s.mb for s in steps))
 
 
-__all__ = ["Blocker", "card", "plan", "where"]
+__all__ = ["allowed", "card", "plan", "where"]

@@ -111,19 +111,9 @@ function render() {
   renderFilter();
 }
 
-// The cards the daemon manages; an older daemon without `gpus`: its one card from `vram`.
-function cards() {
-  const st = page.status;
-  if (Array.isArray(st.gpus) && st.gpus.length) return st.gpus;
-  const v = st.vram || {};
-  const services = {};
-  for (const [name, s] of Object.entries(st.services)) services[name] = s.measured_mb;
-  return [{ ...v, index: v.device ?? 0, name: null, services }];
-}
-
 function renderGpu() {
   const v = page.status.vram || {};
-  const all = cards();
+  const all = page.status.gpus;  // every managed card (the page ships with its daemon)
   const several = all.length > 1;
   const blocks = all.map(g => {
     const total = g.total_mb || 0;
