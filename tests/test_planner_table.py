@@ -153,3 +153,20 @@ def test_victims_prefer_lower_priority_over_fewer() -> None:
     assert choose_victims(cands, 5000) == ["c"]
     assert choose_victims(cands, 12000) is None
     assert choose_victims(cands, 0) == []
+
+
+def test_a_sleeper_stays_asleep_when_the_kept_ones_released_after_it_leave_room() -> None:
+    # Its residual alone did not cover the phase, so it was stopped; then the kept service
+    # had to go too, and beside the phase there is room for that residual after all: it
+    # sleeps rather than stops (a found case of the sleepers' property test).
+    from gpu_manager.planner import PhaseSpec
+
+    i = PlannerInventory({
+        "a": ServiceSpec("a", 2000, 1, residual_mb=1000),
+        "k": ServiceSpec("k", 5000, 0),
+        "p": ServiceSpec("p", 6000, 5)}, {1: PhaseSpec(1, "big", ("p",), ("k",))})
+    result = plan(i, ObservedState(10_000, {"a": None, "k": None}), PreparePhase(1))
+    assert isinstance(result, Plan), result
+    assert [(s.action, s.service) for s in result.steps] == [
+        ("sleep", "a"), ("stop", "k"), ("start", "p")]
+    assert result.used_after_mb == 7000 and result.free_after_mb == 3000

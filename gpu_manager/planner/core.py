@@ -194,8 +194,10 @@ def _plan_phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) 
     need = sum(s.mb for s in acquires)
     used = used_mb(inv, state) - sum(s.mb for s in steps)
     shortfall = need - (state.budget_mb - used)
+    slept = {st.service: st for st in steps}
+    stopped: list[str] = []  # sleepers `_wake_less` stopped
     if shortfall > 0:  # what the sleepers keep is in the way: stop them instead
-        steps, shortfall = _wake_less(inv, state, steps, wanted, keep, shortfall)
+        steps, shortfall, stopped = _wake_less(inv, state, steps, wanted, keep, shortfall)
     touched = {s.service for s in steps}
     kept = [n for n in (*managed, *state.sleeping) if n in keep and n not in touched]
     victims, sleep, cands, blockers = _victims(inv, state, kept, None, shortfall)
@@ -213,21 +215,44 @@ def _plan_phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) 
     steps += [release(inv, state, v, f"kept by {label} but does not fit beside it",
                       preemption=True, sleep=sleep)
               for v in stop_order(inv, state, victims)]
+    if victims and stopped:  # what the kept ones free may leave room for residuals after all
+        steps = _sleep_again(inv, state, slept, stopped, steps, need)
     return finish(inv, state, req, [*steps, *acquires])
 
 
+def _sleep_again(inv: PlannerInventory, state: ObservedState, slept: dict[str, Step],
+                 stopped: list[str], steps: list[Step], need: int) -> list[Step]:
+    """Undo the stops `_wake_less` made (`stopped`: a sleep turned into a stop, a sleeper
+    stopped) whose residual fits beside the phase once the kept services are released too,
+    highest priority first: a sleeper stays asleep whenever its residual fits."""
+    free = state.budget_mb - (used_mb(inv, state) - sum(s.mb for s in steps) + need)
+    out: list[Step | None] = list(steps)
+    for name in reversed(stopped):  # stopped lowest priority first: undo from the highest
+        i = next(i for i, st in enumerate(steps) if st.service == name)
+        before = slept.get(name)  # its sleep, or None: it was asleep and stays so
+        residual = steps[i].mb - (before.mb if before is not None else 0)
+        if residual <= free:
+            out[i] = before
+            free -= residual
+    return [st for st in out if st is not None]
+
+
 def _wake_less(inv: PlannerInventory, state: ObservedState, steps: list[Step],
-               wanted: set[str], keep: set[str], shortfall: int) -> tuple[list[Step], int]:
+               wanted: set[str], keep: set[str],
+               shortfall: int) -> tuple[list[Step], int, list[str]]:
     """Turn sleeps into stops, and stop services asleep that the phase does not want, lowest
-    priority first, until their residuals cover `shortfall` (or there are none left)."""
+    priority first, until their residuals cover `shortfall` (or there are none left); also
+    says which it stopped, in that order."""
     asleep = [n for n in state.sleeping if n not in state.running and n in inv.services
               and inv.services[n].stoppable and n not in wanted and n not in keep]
     sleeps = [s.service for s in steps if s.action == "sleep"]
     order = stop_order(inv, state, [*sleeps, *asleep])
     out = list(steps)
+    stopped: list[str] = []
     for name in order:
         if shortfall <= 0:
             break
+        stopped.append(name)
         if name in sleeps:
             i = next(i for i, s in enumerate(out) if s.service == name)
             stop = release(inv, state, name, f"{out[i].reason}; its residual does not fit")
@@ -237,7 +262,7 @@ def _wake_less(inv: PlannerInventory, state: ObservedState, steps: list[Step],
             stop = release(inv, state, name, "asleep, but its residual does not fit")
             shortfall -= stop.mb
             out.append(stop)
-    return out, shortfall
+    return out, shortfall, stopped
 
 
 def _plan_prewarm(inv: PlannerInventory, state: ObservedState, req: Prewarm) -> Plan | Refusal:
