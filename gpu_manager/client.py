@@ -19,7 +19,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -41,6 +41,11 @@ class GPUClientError(Exception):
 
 class GPUAcquisitionTimeout(GPUClientError):
     pass
+
+
+class GPULeaseLost(GPUClientError):
+    """The GPU was taken from this client while it held it (the coordinator's GPU lock went
+    to someone else): stop using the GPU, and acquire again to go on."""
 
 
 class GPUCoordinatorUnavailable(GPUClientError):
@@ -65,7 +70,8 @@ class GPUClient:
                  retry_attempts: int = 2, fallback_to_cpu: bool | None = None,
                  service_auth: str | None = None, *, vram_mb: int | None = None,
                  ttl_s: float = 60.0, service_id: str | None = None,
-                 device: int | None = None) -> None:
+                 device: int | None = None,
+                 on_lost: Callable[[str], object] | None = None) -> None:
         self.coordinator_url = (coordinator_url or os.environ.get("GPU_COORDINATOR_URL")
                                 or DEFAULT_URL).rstrip("/")
         self.timeout_seconds = (timeout_seconds if timeout_seconds is not None
@@ -82,6 +88,10 @@ class GPUClient:
         self.device = device
         self.cuda_visible_devices: str | None = None
         self.service_id = service_id or os.environ.get("SERVICE_NAME", "ml-service")
+        # Called (with why) when the coordinator says the lease was lost while held; a
+        # coroutine function is awaited. `lost` keeps the reason; `raise_if_lost()` raises.
+        self.on_lost = on_lost
+        self.lost: str | None = None
         self._task_id: str | None = None
         self._legacy = False
         self._renewer: asyncio.Task[None] | None = None
@@ -115,12 +125,17 @@ class GPUClient:
             return GPUAcquisitionResult(False, None, "GPU disabled (GPU_ENABLED=false)")
         if self.is_acquired:
             return GPUAcquisitionResult(True, self._task_id, None, 0.0)
+        self.lost = None
+        # One session id for every attempt: a retry after a timeout joins the acquire the
+        # coordinator may still be running for it, instead of starting a second one.
         task_id = f"ml-{engine_name}-{secrets.token_hex(4)}"
         error = "no attempt made"
+        unanswered = False  # an attempt got no answer: the coordinator may still grant it
         for attempt in range(self.retry_attempts + 1):
             try:
                 ok, error = await self._acquire(task_id, engine_name, int(priority))
             except httpx.TransportError as exc:
+                unanswered = unanswered or not isinstance(exc, httpx.ConnectError)
                 error = f"coordinator unreachable at {self.coordinator_url}: {exc}"
                 if attempt < self.retry_attempts:
                     await asyncio.sleep(0.5 * (attempt + 1))
@@ -133,6 +148,8 @@ class GPUClient:
                 self._renewer = asyncio.create_task(self._renew_loop(task_id))
                 return GPUAcquisitionResult(True, task_id, None, (time.monotonic() - t0) * 1000)
             break  # the coordinator answered no: retrying would only wait longer
+        if unanswered:
+            await self._give_up(task_id)
         if self.fallback_to_cpu:
             logger.info(f"GPU not acquired for {engine_name} ({error}); using the CPU")
         return GPUAcquisitionResult(False, None, error, (time.monotonic() - t0) * 1000)
@@ -143,7 +160,9 @@ class GPUClient:
             body: dict[str, Any] = {
                 "session_id": task_id, "requester": engine, "priority": priority,
                 "timeout_ms": int(self.timeout_seconds * 1000), "ttl_s": self.ttl_s,
-                "metadata": {"service": self.service_id}}
+                "metadata": {"service": self.service_id},
+                # this process's memory on the GPU is the lease's, not foreign use
+                "pid": os.getpid()}
             if self.vram_mb is not None:
                 body["vram_mb"] = self.vram_mb
             if self.device is not None:
@@ -164,6 +183,16 @@ class GPUClient:
         except ValueError:
             return False, f"HTTP {resp.status_code}"
 
+    async def _give_up(self, task_id: str) -> None:
+        """After attempts that got no answer, the coordinator may still grant the session
+        to nobody: release it (which also cancels an acquire still in flight)."""
+        try:
+            await self._client().post("/gpu/release", timeout=5, json={
+                "session_id": task_id, "requester": self.service_id})
+        except httpx.HTTPError as exc:
+            logger.info(f"could not release {task_id} after giving up (its TTL ends it): "
+                        f"{exc}")
+
     async def _renew_loop(self, task_id: str) -> None:
         if self._legacy:
             return  # the old protocol has no renewal
@@ -172,12 +201,33 @@ class GPUClient:
             try:
                 resp = await self._client().post("/gpu/renew", json={
                     "session_id": task_id, "requester": self.service_id})
+                if resp.status_code == 410:
+                    await self._lost(task_id, str(resp.json().get("error") or "lost"))
+                    return
                 if resp.status_code == 404:
                     logger.warning(f"GPU lease {task_id} is gone (expired or taken back)")
                     self._task_id = None
                     return
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, ValueError) as exc:
                 logger.warning(f"GPU lease renewal failed, retrying: {exc}")
+
+    async def _lost(self, task_id: str, why: str) -> None:
+        logger.error(f"GPU lease {task_id} was lost: {why}; stop using the GPU")
+        self.lost = why
+        if self._task_id == task_id:
+            self._task_id = None
+        if self.on_lost is not None:
+            try:
+                outcome = self.on_lost(why)
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            except Exception as exc:  # the callback's failure is the caller's, logged
+                logger.opt(exception=exc).error(f"GPUClient on_lost callback raised: {exc}")
+
+    def raise_if_lost(self) -> None:
+        """Raise GPULeaseLost if the lease held was taken away (check between GPU steps)."""
+        if self.lost is not None:
+            raise GPULeaseLost(self.lost)
 
     async def release_gpu(self) -> bool:
         task_id, self._task_id = self._task_id, None

@@ -1,8 +1,9 @@
 """The daemon: wires config, probe, lock, units and orchestrator together, starts and stops them.
 
-Start order: state store -> probe + poller -> lock -> units (re-adopting what the previous
-daemon started) -> orchestrator -> background refreshers. Stopping the daemon leaves managed
-services running: the next daemon adopts them.
+Start order: the state directory's lock (one daemon per state dir: taken before anything is
+read or adopted) -> state store -> probe + poller -> lock -> units (re-adopting what the
+previous daemon started, on each process's own proof) -> orchestrator -> background tasks.
+Stopping the daemon leaves managed services running: the next daemon adopts them.
 
 Every long-lived task runs under one `Supervisor` (a crash is logged, shown in /ready and the
 task restarted), and `stop()` is bounded step by step: whatever one step does (hangs, raises),
@@ -20,6 +21,7 @@ from typing import Any
 
 from loguru import logger
 
+from gpu_manager import statedir
 from gpu_manager.aio import Supervisor, wait_event
 from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import DockerService, Inventory, ServiceConfig, load_inventory
@@ -49,6 +51,9 @@ from gpu_manager.units.logrotate import LogRotator, native_logs
 
 LOCK_INFO_EVERY_S = 0.25
 PIDS_EVERY_S = 1.0
+# Of the shutdown budget (from SIGTERM), what the daemon's own stop keeps for itself after
+# the operations in flight (units, lock, clients, the state file; each step bounded).
+STOP_RESERVE_S = 3.0
 
 
 
@@ -84,6 +89,8 @@ class Daemon:
         self.start_s: float | None = None
         self.supervisor = Supervisor()
         self.unit_env: dict[str, str] = {}
+        self.shutdown_deadline: float | None = None  # monotonic; set at the first SIGTERM
+        self._shutdown_timer: asyncio.Task[None] | None = None
 
     @property
     def inventory(self) -> Inventory:
@@ -94,18 +101,26 @@ class Daemon:
 
     # -- one factory for units and drivers, at start-up and on reload -------------------------
     def driver(self, name: str, cfg: ServiceConfig) -> Driver:
-        return make_driver(name, cfg, log_dir=self.settings.state_dir / "logs",
-                           docker=self.docker_engine, extra_env=self.unit_env)
+        s = self.settings
+        return make_driver(name, cfg, log_dir=s.state_dir / "logs", docker=self.docker_engine,
+                           extra_env=self.unit_env, log_max_bytes=s.child_log_max_bytes,
+                           log_backups=s.child_log_backups)
 
     def unit(self, name: str, cfg: ServiceConfig) -> Unit:
         return Unit(name, cfg, self.driver(name, cfg), self.health, self.bus,
                     on_record=self.store.set_unit, restart_gate=self.orchestrator.restart_gate,
-                    bounds=self.bounds, sleeper=self.sleeper)
+                    bounds=self.bounds, sleeper=self.sleeper, flush=self._flush)
+
+    async def _flush(self) -> bool:
+        """Every record made so far on disk (an intent before its call), bounded."""
+        return await asyncio.to_thread(self.store.wait_written, self.bounds.lock_io_s)
 
     async def start(self) -> None:
         t0 = time.monotonic()
         s, inv = self.settings, self.inventory
-        s.state_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything is read or adopted: a second daemon on this directory stops here
+        # (StateDirBusy), having touched nothing.
+        statedir.hold(s.state_dir)
         self.store.load()
         try:
             async with asyncio.timeout(self.bounds.startup_step_s):
@@ -124,9 +139,10 @@ class Daemon:
             inv, self.units, self.poller, self.lock, self.bus, self.store,
             lock_wait_s=s.lock_wait_s, reclaim_timeout_s=s.reclaim_timeout_s,
             on_lock_change=self._lock_dirty.set, bounds=self.bounds,
+            queue_wait_s=s.queue_wait_s,
         )
         self.orchestrator.redis_url = s.redis_url
-        self.orchestrator.executor.serial = s.plan_mode == "serial"
+        self.orchestrator.serial_plans = s.plan_mode == "serial"
         for name, cfg in inv.services.items():
             unit = self.unit(name, cfg)
             unit.start_loop()
@@ -140,6 +156,7 @@ class Daemon:
         self.logrotate = LogRotator(lambda: native_logs(self.units), s.child_log_max_bytes,
                                     s.child_log_backups, every_s=s.child_log_check_s)
         sup = self.supervisor
+        sup.spawn("gpu-lock", self.orchestrator.keeper.watch)
         sup.spawn("lock-info", self._refresh_lock_info)
         sup.spawn("unit-pids", self._refresh_pids)
         sup.spawn("lease-expiry", self.leases.expire_loop)
@@ -162,8 +179,14 @@ class Daemon:
         container. A second live copy of a service is killed, so none is left unaccounted.
         """
         for op_id, data in list(self.store.operations.items()):
-            self.orchestrator.ops.add(interrupted(data))
             self.store.set_operation(op_id, None)
+            try:
+                self.orchestrator.ops.add(interrupted(data))
+            except (KeyError, TypeError, ValueError) as exc:
+                self.store.problems.append(f"operations.{op_id}: {exc!r}")
+                logger.error(f"state file: operation {op_id} cannot be read ({exc!r}); "
+                             "dropped")
+                continue
             logger.warning(f"operation {op_id} ({data.get('request')}) was interrupted by a "
                            "daemon stop; its services are re-adopted below")
         try:
@@ -205,8 +228,43 @@ class Daemon:
                     logger.warning(f"{name}: killing a second copy (pid {stray['pid']})")
                     await asyncio.to_thread(kill_group, stray)
 
+    # -- shutdown -----------------------------------------------------------------------------
+    def begin_shutdown(self) -> float:
+        """At the first SIGTERM (or the server's end, whichever comes first): take no new
+        work, and give the operations in flight until the returned deadline (monotonic), so
+        that the whole shutdown fits `shutdown_timeout_s` counted from the signal. At the
+        deadline they are cancelled and their callers answered 503 `shutting_down`."""
+        if self.shutdown_deadline is None:
+            self.accepting = self.orchestrator.accepting = False
+            self.shutdown_deadline = time.monotonic() + max(
+                0.0, self.settings.shutdown_timeout_s - STOP_RESERVE_S)
+            self._shutdown_timer = asyncio.get_running_loop().create_task(
+                self._cancel_at(self.shutdown_deadline), name="shutdown-deadline")
+        return self.shutdown_deadline
+
+    async def _cancel_at(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        if self.orchestrator.in_flight() or self.orchestrator.busy:
+            logger.warning("shutdown: cancelling the operations still in flight")
+            self.orchestrator.cancel_all("shutting_down", "the daemon is stopping (SIGTERM) "
+                                         "and this operation ran out of the shutdown budget")
+
+    async def finish_operations(self, deadline: float) -> None:
+        """Wait (until `deadline`) for the operations in flight; cancel what is left."""
+        pending = self.orchestrator.in_flight()
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        if any(not t.done() for t in pending) or self.orchestrator.busy:
+            self.orchestrator.cancel_all("shutting_down", "the daemon is stopping")
+            still = [t for t in pending if not t.done()]
+            if still:
+                await asyncio.wait(still, timeout=self.bounds.shutdown_step_s)
+
     async def stop(self) -> None:
         self.accepting = self.orchestrator.accepting = False
+        if self._shutdown_timer is not None:
+            self._shutdown_timer.cancel()
+        await self._quietly("lease acquires", self.leases.close())
         await self._quietly("prewarm and wake-when-free", self.orchestrator.followups.settle())
         await self._quietly("background tasks", self.supervisor.close(self.bounds.shutdown_step_s))
         await self._quietly("units", asyncio.gather(*(u.close() for u in self.units.values())))
@@ -222,6 +280,7 @@ class Daemon:
             await self._quietly("Docker client", asyncio.to_thread(self._docker.close))
         # the last state is on disk before we exit
         await self._quietly("state file", self.store.aclose(self.bounds.shutdown_step_s))
+        statedir.release(self.settings.state_dir)  # last: nothing of ours is written after
         logger.info("daemon stopped; managed services keep running unless stopped above")
 
 
@@ -315,6 +374,8 @@ class Daemon:
             "config": {"ok": self.reloader.error is None, "error": self.reloader.error,
                        "reloads": self.reloader.reloads},
             "tasks": {"ok": self.supervisor.ok, "problems": self.supervisor.problems()},
+            # what the state file held that could not be used (reported, not fatal)
+            "state": {"problems": list(self.store.problems)},
         }
         # every error string here may quote a URL (the lock's, one from services.yaml)
         return (probe_ok and lock_ok and self.accepting and self.supervisor.ok,

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     # Operations queued or running at once through the API (`wait=false` ones pile up):
     # beyond this a request answers 429 with the queue length.
     max_pending_operations: int = Field(default=64, ge=1)
+    # How long an operation may wait for its turn (the transitions before it); past it, it
+    # ends 429 `queue_timeout` with Retry-After. A mutating request's answer takes at most
+    # this plus its plan's own deadline (`deadline_s` in the answer).
+    queue_wait_s: float = Field(default=20.0, gt=0, le=3600)
+    # Largest request body taken (413 beyond): the API's bodies are a few hundred bytes.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Native services' logs roll over past this size, checked while they run, keeping
     # `child_log_backups` old files (name.log.1 ... name.log.N).
     child_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)

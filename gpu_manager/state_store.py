@@ -29,12 +29,40 @@ from loguru import logger
 RETRY_AFTER_S = 1.0
 
 
+def unit_record_problem(record: object) -> str | None:
+    """Why `record` cannot be a unit's record (None: it can). Only the shape is checked
+    here; whether the process or container is still the unit's is for adoption to prove."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a record"
+    kind = record.get("kind")
+    if kind == "native":
+        pid, created = record.get("pid"), record.get("create_time")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return f"pid {pid!r} is not a process id"
+        if not isinstance(created, int | float) or isinstance(created, bool):
+            return f"create_time {created!r} is not a time"
+        if not isinstance(record.get("token"), str | None):
+            return "token is not a string"
+    elif kind == "docker":
+        if not isinstance(record.get("id"), str) or not record["id"]:
+            return "no container id"
+    elif not isinstance(kind, str):
+        return "no kind"
+    for key in ("devices",):
+        value = record.get(key)
+        if value is not None and not (isinstance(value, list)
+                                      and all(isinstance(d, int) for d in value)):
+            return f"{key} {value!r} is not a list of card indices"
+    return None
+
+
 class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.units: dict[str, dict[str, Any]] = {}
         self.phase: int | None = None
         self.operations: dict[str, dict[str, Any]] = {}
+        self.problems: list[str] = []  # what the last load dropped, and why
         self.writes = 0  # files written: how well bursts coalesce (tests, metrics)
         self._cond = threading.Condition(threading.RLock())  # save() nests in set_*
         self._io = threading.Lock()  # one writer of the temp file at a time
@@ -44,18 +72,70 @@ class StateStore:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def load(self) -> None:
+    def load(self) -> list[str]:
+        """Load what is valid and report the rest: one line per part dropped, also kept in
+        `problems`. A file that is not the state's shape (a list, `units` a list, a record
+        of another shape) no longer stops the daemon, which would leave the services running
+        unmanaged; what was dropped is copied beside it (`state.json.damaged-<time>`), so
+        nothing is lost."""
+        self.problems = []
         try:
-            data = json.loads(self.path.read_text())
+            text = self.path.read_text()
         except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            logger.error(f"ignoring unreadable state file {self.path}: {exc}")
-            return
-        self.units = {k: v for k, v in data.get("units", {}).items() if isinstance(v, dict)}
+            return []
+        except OSError as exc:
+            return self._damaged(None, f"unreadable: {exc}")
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            return self._damaged(text, f"not JSON: {exc}")
+        if not isinstance(data, dict):
+            return self._damaged(text, f"a JSON {type(data).__name__}, not an object")
+        units = data.get("units", {})
+        if not isinstance(units, dict):
+            self.problems.append(f"units: a JSON {type(units).__name__}, not an object")
+            units = {}
+        for name, record in units.items():
+            why = unit_record_problem(record)
+            if why is None:
+                self.units[str(name)] = record
+            else:
+                self.problems.append(f"units.{name}: {why}")
         phase = data.get("phase")
-        self.phase = phase if isinstance(phase, int) else None
-        self.operations = dict(data.get("operations", {}))
+        if isinstance(phase, int) and not isinstance(phase, bool):
+            self.phase = phase
+        elif phase is not None:
+            self.problems.append(f"phase: {phase!r} is not a phase number")
+        operations = data.get("operations", {})
+        if not isinstance(operations, dict):
+            self.problems.append(f"operations: a JSON {type(operations).__name__}, "
+                                 "not an object")
+            operations = {}
+        for op_id, op in operations.items():
+            if isinstance(op, dict) and isinstance(op.get("request"), dict):
+                self.operations[str(op_id)] = op
+            else:
+                self.problems.append(f"operations.{op_id}: not an operation record")
+        if self.problems:
+            self._keep_copy(text)
+            for problem in self.problems:
+                logger.error(f"state file {self.path}: dropped {problem}")
+        return list(self.problems)
+
+    def _damaged(self, text: str | None, why: str) -> list[str]:
+        self.problems = [f"the whole file: {why}"]
+        logger.error(f"ignoring the state file {self.path}: {why}")
+        if text is not None:
+            self._keep_copy(text)
+        return list(self.problems)
+
+    def _keep_copy(self, text: str) -> None:
+        copy = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        try:
+            copy.write_text(text)
+            logger.error(f"the damaged state file is kept as {copy}")
+        except OSError as exc:
+            logger.error(f"cannot keep a copy of the damaged state file: {exc}")
 
     # Changes are made under the writer's lock: the writer serializes the dicts in its thread,
     # and a dict changed during that would raise or tear.

@@ -13,7 +13,7 @@ PROBE = """
 import sys, uvicorn
 def listed(*args, **kwargs):
     print("\\n".join(sorted(k for k, v in sys.modules.items() if v is not None)))
-uvicorn.run = listed
+uvicorn.Server.run = listed
 sys.argv = ["gpu-manager", "serve", "--state-dir", sys.argv[1], "--config-dir", sys.argv[2]]
 from gpu_manager.cli import main
 main()

@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse, Response
 from loguru import logger
 
 from gpu_manager import __version__
-from gpu_manager.aio import settle
 from gpu_manager.api import errors, events, leases, metrics, web
 from gpu_manager.api import models as m
 from gpu_manager.api.auth import make_auth
@@ -38,7 +37,6 @@ from gpu_manager.settings import Settings
 
 DryRun = Annotated[bool, Query(description="Return the plan without acting.")]
 Wait = Annotated[bool, Query(description="false: answer 202 at once with an operation id.")]
-RETRY_AFTER_S = 2  # for a 429: transitions take seconds, a retry sooner would just bounce
 
 
 def create_app(settings: Settings, inventory: Inventory | None = None, *,
@@ -47,27 +45,23 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
     `bounds.exit_watchdog_s` after the daemon stopped, even if a driver thread hangs."""
     daemon = Daemon(settings, inventory)
     registry = metrics.make_registry(daemon)
-    background: set[asyncio.Task[Any]] = set()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await daemon.start()
         yield
-        # Graceful shutdown: refuse new mutations, let the transition in flight finish
-        # (bounded), optionally stop the services, release the GPU lock.
-        daemon.accepting = daemon.orchestrator.accepting = False
-        logger.info(f"graceful shutdown: finishing {len(background)} operation(s) in flight, "
+        # Graceful shutdown: refuse new mutations, let the transitions in flight finish
+        # within what is left of the budget counted from SIGTERM (then they are cancelled
+        # and their callers answered), optionally stop the services, release the GPU lock.
+        orch = daemon.orchestrator
+        deadline = daemon.begin_shutdown()
+        logger.info(f"graceful shutdown: finishing {orch.pending} operation(s) in flight, "
                     f"then {'stopping' if settings.on_shutdown == 'stop' else 'leaving'} "
                     "the managed services")
-        deadline = time.monotonic() + settings.shutdown_timeout_s
         # prewarm and wake-when-free first: they would hold the queue a stop-all waits in
-        await daemon.orchestrator.followups.settle()
-        pending = [t for t in background if not t.done()]
-        if pending:
-            # Each operation is bounded by its own deadline; the shutdown budget caps the
-            # whole wait, and what is still running then is cancelled (its lock dropped).
-            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-            await settle([t for t in pending if not t.done()], 10.0)
+        await orch.followups.settle()
+        await daemon.leases.close()
+        await daemon.finish_operations(deadline)
         if settings.on_shutdown == "stop":
             try:
                 async with asyncio.timeout(max(5.0, deadline - time.monotonic())):
@@ -89,8 +83,8 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
     authorized = make_auth(token)
     Auth = Depends(authorized)
     # what every mutating route may answer before it runs: no token, a foreign Origin (403,
-    # always documented), a body that is not JSON, a request that does not fit the schema
-    POST = (*((401,) if token else ()), 415, 422)
+    # always documented), a body too large, not JSON, or that does not fit the schema
+    POST = (*((401,) if token else ()), 413, 415, 422)
     # Examples from the inventory at start-up (the schema is built once; a reload may change
     # the names, an example need not be exhaustive): /docs and contract tests start from
     # requests that reach the planner, not only 404s.
@@ -100,44 +94,49 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
                  examples=sorted(inv.services)[:3] or ["comfyui"])
     phase_ = Path(description="A phase of phases.yaml", examples=sorted(inv.phases)[:3] or [1])
 
-    def _forget(task: asyncio.Task[Any]) -> None:
-        background.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: the outcome lives in the operation log
-
     async def run(req: PlanRequest, dry_run: bool, wait: bool, **shape: Any) -> Any:
         if not daemon.accepting:
             raise ApiError("shutting_down", "the daemon is shutting down")
         orch = daemon.orchestrator
+        name = getattr(req, "name", None)
+        if name is not None and name not in orch.inventory.services:
+            # (a client lease's name, `lease:<id>`, is the planner's but no service)
+            known = ", ".join(sorted(orch.inventory.services)) or "(none)"
+            raise ApiError("unknown_service", f"unknown service {name!r} (known: {known})")
         if dry_run:
             result = await orch.dry_run(req)
             if isinstance(result, Refusal):
                 raise ApiError(result.code, result.message, plan=plan_dict(result))
             return {"success": True, "dry_run": True, **shape, "plan": plan_dict(result)}
-        # Every operation the API made is in `background` until it is done, waited for or
-        # not: cap them, so `wait=false` requests cannot queue without bound.
-        pending, limit = len(background), settings.max_pending_operations
-        if pending >= limit:
+        # Every operation submitted counts until it is done, waited for or not: cap them,
+        # so `wait=false` requests cannot queue without bound. (A request that joins the
+        # identical one in flight adds nothing to the queue.)
+        pending, limit = orch.pending, settings.max_pending_operations
+        if pending >= limit and not orch.would_join(req):
             raise ApiError("too_many_operations",
                            f"{pending} operations are queued or running (the limit is {limit}); "
-                           "retry once some have finished", queued=pending, limit=limit,
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-        op = orch.ops.add(Operation(req))
-        task = asyncio.create_task(orch.execute(op), name=f"op-{op.id}")
-        background.add(task)
-        task.add_done_callback(_forget)
+                           "retry once some have finished", queued=pending, limit=limit)
+        op, task, joined = orch.submit(req)
         if not wait:
             return JSONResponse({"operation_id": op.id, "status": op.status,
-                                 "url": f"/gpu/operations/{op.id}", **shape}, status_code=202)
+                                 "url": f"/gpu/operations/{op.id}", "joined": joined, **shape},
+                                status_code=202)
         try:
             # Shielded: a client that disconnects must not cancel a transition halfway.
             await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # this request is being cancelled, not the operation
+            code, why = op.cancelled_because or ("shutting_down", "the operation was cancelled")
+            raise ApiError("shutting_down" if code == "shutting_down" else "cancelled", why,
+                           status=503, operation=op.as_dict(), **shape) from None
         except Exception as exc:
             raise errors.from_exception(exc, operation=op.as_dict(), **shape) from exc
         finally:
             # so that a /gpu/status read right after this answer shows the lock as it is now
             await daemon.refresh_lock_info()
-        return {"success": True, **shape, "operation_id": op.id, "plan": op.as_dict()}
+        return {"success": True, **shape, "operation_id": op.id, "joined": joined,
+                "plan": op.as_dict()}
 
     app.include_router(leases.make_router(daemon, authorized, POST))
     app.include_router(events.make_router(daemon))
@@ -205,11 +204,14 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
     async def lock_release() -> dict[str, Any]:
         """Force-release the GPU lock, whoever holds it (an operator's last resort)."""
         try:
-            released = await daemon.lock.force_release()
+            # The daemon's own holders first: its leases are told they lost the GPU and
+            # its operations stop before their next start (an operator's last resort).
+            revoked = await daemon.orchestrator.keeper.revoke("force-released by an operator")
+            released = await daemon.lock.force_release() or bool(revoked)
         except Exception as exc:
             raise errors.from_exception(exc) from exc
         await daemon.refresh_lock_info()
-        return {"released": released}
+        return {"released": released, "revoked": revoked}
 
     @app.post("/gpu/reload", tags=["gpu"], dependencies=[Auth],
               responses=answers(*POST, ok=m.Reloaded, why={

@@ -20,11 +20,16 @@ WHY = {
     409: "The plan cannot be carried out: `insufficient_vram` (with the blockers and the MB "
          "short), `needed_by_phase`, `cannot_sleep`, `not_running`, `unmanaged_device` (it "
          "runs on a card this daemon does not manage: stop it).",
+    410: "Gone: the lease was lost (the GPU lock went to someone else).",
+    413: "`payload_too_large`: the body is larger than `GPU_MANAGER_MAX_BODY_BYTES`.",
     415: "`unsupported_media_type`: a mutating call's body must be JSON.",
     422: "`invalid_request`: the request does not match the schema (a list of issues).",
     423: "`lock_held`: someone else holds the GPU lock (`holder`, `ttl`).",
-    429: "`too_many_operations`: too many operations queued; retry after `Retry-After`.",
-    502: "`start_failed` / `stop_failed`: a service did not start or stop (with `gpu_state`).",
+    429: "`too_many_operations`: too many operations queued; `queue_timeout`: it waited "
+         "`GPU_MANAGER_QUEUE_WAIT_S` for its turn; retry after `Retry-After`.",
+    502: "`start_failed` / `stop_failed`: a service did not start or stop (with `gpu_state`); "
+         "`sleep_failed`: a sleep asked for by name ended in a stop (`success: false`, "
+         "`stopped: true`, the detail says why).",
     503: "`shutting_down`, `lock_unavailable`, `lock_lost` or `probe_unavailable`.",
     504: "`reclaim_timeout`: the VRAM did not come back in time; `deadline_exceeded`: the plan "
          "ran past the sum of its steps' deadlines.",

@@ -23,12 +23,15 @@ STATUS = {
     "unknown_service": 404, "unknown_phase": 404, "unknown_operation": 404,
     "insufficient_vram": 409, "needed_by_phase": 409, "unmanaged_device": 409,
     "cannot_sleep": 409, "not_running": 409,
-    "start_failed": 502, "stop_failed": 502, "reclaim_timeout": 504, "deadline_exceeded": 504,
+    "start_failed": 502, "stop_failed": 502, "sleep_failed": 502,
+    "reclaim_timeout": 504, "deadline_exceeded": 504,
     "lock_held": 423, "lock_unavailable": 503, "lock_lost": 503, "probe_unavailable": 503,
     "unauthorized": 401, "shutting_down": 503, "invalid_request": 422,
     "forbidden_host": 403, "cross_origin": 403, "unsupported_media_type": 415,
-    "too_many_operations": 429,
+    "too_many_operations": 429, "queue_timeout": 429, "payload_too_large": 413,
 }
+# Retry-After (s) on the answers that say "later": transitions take seconds.
+RETRY_AFTER = {"too_many_operations": 2, "queue_timeout": 2, "shutting_down": 5}
 
 
 class ApiError(Exception):
@@ -38,6 +41,8 @@ class ApiError(Exception):
         self.code = code
         self.detail = detail
         self.status = status or STATUS.get(code, 400)
+        if headers is None and code in RETRY_AFTER:
+            headers = {"Retry-After": str(RETRY_AFTER[code])}
         self.headers = headers
         self.extra = extra
 

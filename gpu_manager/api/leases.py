@@ -12,8 +12,9 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
+from loguru import logger
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gpu_manager.api.docs import answers
@@ -39,6 +40,9 @@ class AcquireBody(BaseModel):
     metadata: dict[str, Any] | None = None
     # Several GPUs: the card wanted (an index the daemon manages); null: any that fits.
     device: Annotated[int, Field(ge=0, le=63), BeforeValidator(json_int)] | None = None
+    # The client's process as this host sees it: its memory (and its children's) on the
+    # GPU is the lease's, not foreign use counted on top of the lease's claim.
+    pid: Annotated[int, Field(ge=1, le=2**22), BeforeValidator(json_int)] | None = None
 
 
 class ReleaseBody(BaseModel):
@@ -85,6 +89,8 @@ class ReleaseAnswer(Body):
     released_at: str | None
     session_duration_ms: int | None
     error: str | None = None
+    cancelled: bool = Field(default=False, description="The session's acquire was still "
+                            "in flight: it was cancelled, nothing is held.")
 
 
 class RenewAnswer(Body):
@@ -92,6 +98,9 @@ class RenewAnswer(Body):
     session_id: str
     expires_in_s: float | None = None
     error: str | None = None
+    lost: bool = Field(default=False, description="The lease was taken from the client: the "
+                       "GPU lock went to someone else (`error` says why). Stop using the "
+                       "GPU; acquire again.")
 
 
 class LeaseState(Body):
@@ -124,7 +133,9 @@ class LegacyStatus(Body):
 
 
 NOT_GRANTED = {409: "Not granted in time (the body says why, with the same shape).",
-               503: "The lock backend is unavailable."}
+               503: "The lock backend is unavailable, or the daemon is shutting down."}
+LOST = {410: "The lease was lost: the GPU lock went to someone else (`lost: true`, "
+             "`error` says why)."}
 
 
 def iso(ts: float | None) -> str | None:
@@ -144,11 +155,23 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
     @router.post("/gpu/acquire", dependencies=deps,
                  responses=answers(*post, 409, 503, ok=LeaseAnswer, why=NOT_GRANTED,
                                    body=LeaseAnswer))
-    async def acquire(body: AcquireBody) -> JSONResponse:
+    async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
         res = await daemon.leases.acquire(body.session_id, body.requester, body.priority,
                                           body.timeout_ms, body.vram_mb, body.ttl_s,
-                                          body.metadata, device=body.device)
+                                          body.metadata, device=body.device, pid=body.pid)
+        if res.code == "invalid":  # a bad request, not a refusal: the one 422 shape
+            return JSONResponse({"error": "invalid_request", "detail": [
+                {"loc": ["body", "device"], "msg": res.error}]}, status_code=422)
         lease = res.lease
+        if lease is not None and await request.is_disconnected():
+            # Granted to a client that is no longer there to hear it (it gave up; its retry,
+            # if any, joins a new acquire): held by nobody, so given back at once.
+            logger.warning(f"lease {body.session_id}: granted after its client left; "
+                           "released unclaimed")
+            await daemon.leases.release(body.session_id, "unclaimed")
+            lease = None
+            res = type(res)(None, "granted after the client left; released unclaimed",
+                            res.wait_ms, "cancelled")
         cards = lease.devices if lease else ()
         payload = {"success": lease is not None, "session_id": body.session_id,
                    "acquired_at": iso(lease.acquired_at) if lease else None,
@@ -163,26 +186,38 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
         return JSONResponse(payload, status_code=code)
 
     @router.post("/gpu/release", dependencies=deps, responses=answers(
-        *post, 404, ok=ReleaseAnswer, why={404: "No such active session."},
+        *post, 404, 410, ok=ReleaseAnswer, why={404: "No such active session.", **LOST},
         body=ReleaseAnswer))
     async def release(body: ReleaseBody) -> JSONResponse:
+        in_flight = daemon.leases.in_flight(body.session_id)
         lease = await daemon.leases.release(body.session_id)
         now = time.time()
+        if lease is None and in_flight:  # its acquire was still going: cancelled
+            return JSONResponse({"success": True, "session_id": body.session_id,
+                                 "released_at": iso(now), "session_duration_ms": 0,
+                                 "cancelled": True})
         if lease is None:
+            lost = daemon.leases.lost(body.session_id)
             return JSONResponse({"success": False, "session_id": body.session_id,
                                  "released_at": None, "session_duration_ms": None,
-                                 "error": "no such active session"}, status_code=404)
+                                 "error": f"lost: {lost.reason}" if lost
+                                 else "no such active session"},
+                                status_code=410 if lost else 404)
         held_ms = int((now - (lease.acquired_at or now)) * 1000)
         await daemon.refresh_lock_info()
         return JSONResponse({"success": True, "session_id": body.session_id,
                              "released_at": iso(now), "session_duration_ms": held_ms})
 
     @router.post("/gpu/renew", dependencies=deps, responses=answers(
-        *post, 404, ok=RenewAnswer, why={404: "No such active session (expired?)."},
-        body=RenewAnswer))
+        *post, 404, 410, ok=RenewAnswer, why={404: "No such active session (expired?).",
+                                               **LOST}, body=RenewAnswer))
     async def renew(body: RenewBody) -> JSONResponse:
         lease = daemon.leases.renew(body.session_id)
         if lease is None:
+            lost = daemon.leases.lost(body.session_id)
+            if lost is not None:
+                return JSONResponse({"success": False, "session_id": body.session_id,
+                                     "error": lost.reason, "lost": True}, status_code=410)
             return JSONResponse({"success": False, "session_id": body.session_id,
                                  "error": "no such active session (expired?)"}, status_code=404)
         return JSONResponse({"success": True, "session_id": body.session_id,

@@ -145,6 +145,18 @@ class DaemonCollector(Collector):
         if info.ttl_ms is not None:
             yield GaugeMetricFamily("gpu_manager_lock_ttl_seconds", "TTL left on the GPU lock",
                                     value=info.ttl_ms / 1000)
+        keeper = d.orchestrator.keeper
+        losses = CounterMetricFamily(
+            "gpu_manager_lock_losses", "Times the daemon lost the GPU lock it held: taken "
+            "back at once (retaken), or gone to someone else with every lease and operation "
+            "that relied on it (revoked)", labels=["outcome"])
+        losses.add_metric(["retaken"], keeper.retakes)
+        losses.add_metric(["revoked"], keeper.revocations)
+        yield losses
+        yield GaugeMetricFamily("gpu_manager_lock_in_doubt", "1 while the daemon cannot tell "
+                                "whether it still holds the GPU lock (backend unreachable "
+                                "after a loss): no start goes ahead", value=int(
+                                    keeper.doubt is not None))
 
 
 def make_registry(daemon: Daemon) -> CollectorRegistry:

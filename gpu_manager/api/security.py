@@ -16,6 +16,9 @@ So, before any route runs:
 3. Content type, on mutating methods: a non-empty body must be JSON. That is what every route
    expects, and it is what a browser cannot send cross-origin without a CORS preflight, which
    this daemon never approves (it sends no CORS headers at all).
+4. Size: a body over `max_body_bytes` is refused (413) before any route reads it, by its
+   Content-Length or, chunked, by counting as it arrives (the API's bodies are small; a 10 MB
+   JSON body would otherwise be parsed in full on the event loop).
 
 Pure ASGI rather than BaseHTTPMiddleware, so that streaming (/gpu/events) is untouched.
 """
@@ -89,6 +92,7 @@ class Policy:
     restrict_hosts: bool
     allowed_hosts: frozenset[str]  # `name` (any port) or `name:port`; `*` for any
     allowed_origins: frozenset[str]  # normalized; `*` for any
+    max_body_bytes: int = 1024 * 1024
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -110,7 +114,8 @@ class Policy:
                                "(expected scheme://host[:port])")
             else:
                 origins.add(origin)
-        return cls(settings.loopback or bool(hosts), frozenset(hosts), frozenset(origins))
+        return cls(settings.loopback or bool(hosts), frozenset(hosts), frozenset(origins),
+                   settings.max_body_bytes)
 
     def host_ok(self, host: str | None) -> bool:
         if host is None:
@@ -139,6 +144,37 @@ class Policy:
         if headers.get("sec-fetch-site", "").lower() == "cross-site":
             return ("a cross-site browser request is refused (Sec-Fetch-Site: cross-site); "
                     "list its origin in GPU_MANAGER_ALLOWED_ORIGINS to allow it")
+        return None
+
+
+async def _bounded_body(receive: Receive, limit: int) -> tuple[bool, Receive]:
+    """Read the whole body (up to `limit` bytes): whether it fits, and a `receive` that
+    replays it."""
+    buffered: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        buffered.append(message)
+        size += len(message.get("body", b""))
+        if size > limit:
+            return False, receive
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            break
+
+    async def replay() -> Message:
+        return buffered.pop(0) if buffered else await receive()
+
+    return True, replay
+
+
+def _too_large(headers: Headers, limit: int) -> bool | None:
+    """By Content-Length: True/False; None when there is none (chunked)."""
+    length = headers.get("content-length")
+    if length is None:
+        return None
+    try:
+        return int(length) > limit
+    except ValueError:
         return None
 
 
@@ -198,8 +234,16 @@ class SecurityMiddleware:
                 "GPU_MANAGER_ALLOWED_HOSTS")
         elif method in MUTATING:
             why = self.policy.cross_origin(headers, scope["scheme"])
+            limit = self.policy.max_body_bytes
+            large = _too_large(headers, limit)
+            if why is None and large is None:  # chunked: counted as it arrives
+                fits, receive = await _bounded_body(receive, limit)
+                large = not fits
             if why is not None:
                 refusal = ApiError("cross_origin", why)
+            elif large:
+                refusal = ApiError("payload_too_large", f"the request body is larger than "
+                                   f"{limit} bytes (GPU_MANAGER_MAX_BODY_BYTES)")
             elif not is_json(headers.get("content-type")):
                 has_body, receive = await _peek_body(receive)
                 if has_body:

@@ -109,26 +109,33 @@ def gpus(daemon: Daemon, observed: ObservedState) -> list[dict[str, Any]]:
 
 
 def held_for(daemon: Daemon) -> dict[str, Any]:
-    """Who holds the GPU lock and why, from the daemon's own books (now, not the label the
-    lock was first taken under, which the key keeps while leases come and go): operations
-    in flight, client leases, someone outside the daemon (legacy code), or nobody."""
+    """Who holds the GPU lock and why: the backend's holder when it is not this daemon
+    (legacy code, another daemon: even while this daemon's holders think they hold it, the
+    loss not yet settled), else from the daemon's own books (now, not the label the lock was
+    first taken under, which the key keeps while leases come and go): operations in flight,
+    client leases, or nobody."""
     orch = daemon.orchestrator
     info = daemon.lock_info
-    holders = orch.keeper.holders
+    keeper = orch.keeper
+    holders = keeper.holders
     running = {op.label: op for op in orch.ops.in_flight()}
     operations = [{"id": running[h].id, "label": h} for h in sorted(holders) if h in running]
     leases = sorted(h.removeprefix("lease:") for h in holders if h.startswith("lease:"))
-    if holders:
-        kind = "operation" if operations and not leases else \
-            "leases" if leases and not operations else "daemon"
-    elif info.holder is not None and not info.by_daemon:
+    someone_else = info.holder is not None and not keeper.owns(info.holder) \
+        and not keeper.owned(info.holder)
+    if someone_else:
         kind = "legacy"
+    elif holders:
+        kind = "unknown" if keeper.doubt is not None else \
+            "operation" if operations and not leases else \
+            "leases" if leases and not operations else "daemon"
     elif info.holder is not None:
         kind = "releasing"  # the daemon dropped it; the backend has not been read since
     else:
         kind = "none" if info.ok else "unknown"
     return {"kind": kind, "operations": operations, "leases": leases,
-            "legacy": info.holder if kind == "legacy" else None}
+            "legacy": info.holder if kind == "legacy" else None,
+            **({"doubt": keeper.doubt} if keeper.doubt is not None else {})}
 
 
 def lock(daemon: Daemon) -> dict[str, Any]:

@@ -6,12 +6,14 @@ client verbs' modules; `gpu-manager --help` lists it with the others (`cli.main`
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from loguru import logger
 
+from gpu_manager import statedir
 from gpu_manager.cli.options import ConfigDirOpt
 from gpu_manager.config import ConfigError, load_inventory
 from gpu_manager.logs import setup as setup_logs
@@ -41,6 +43,12 @@ def serve(
         for issue in exc.issues:
             typer.echo(str(issue), err=True)
         raise typer.Exit(1) from None
+    try:
+        # One daemon per state directory, before anything is read, adopted or logged there.
+        statedir.hold(settings.state_dir)
+    except statedir.StateDirBusy as exc:
+        typer.secho(f"refusing to start: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
     log_file = setup_logs(settings.state_dir, settings.log_level)
     logger.info(f"logging JSON lines to {log_file}")
     # The web stack and drivers load only to serve, so client verbs start fast.
@@ -49,11 +57,24 @@ def serve(
     app_ = create_app(settings, inventory, exit_watchdog=True)
     import uvicorn  # noqa: PLC0415
 
-    # Bounded graceful shutdown: open requests get this long to finish; then the lifespan
-    # gives operations in flight the rest of shutdown_timeout_s and cancels what is left.
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level="warning",
-                lifespan="on", access_log=False,
-                timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s // 2)))
+    daemon = app_.state.daemon
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # The shutdown budget counts from the signal: operations in flight get what
+            # is left of it (then they are cancelled and their callers answered), not a
+            # full budget of their own after uvicorn's wait for open requests.
+            if self.started:
+                loop = asyncio.get_running_loop()
+                loop.call_soon_threadsafe(daemon.begin_shutdown)
+
+    # Open requests (a client waiting on its transition) may run the whole budget: the
+    # daemon cancels the transitions in flight before it, so they are answered in it.
+    config = uvicorn.Config(app_, host=settings.host, port=settings.port,
+                            log_level="warning", lifespan="on", access_log=False,
+                            timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)))
+    Server(config).run()
 
 
 def serve_only(args: list[str]) -> None:

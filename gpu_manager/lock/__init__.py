@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpu_manager.lock.base import GpuLock, Lease, LockHeld, LockInfo, LockLost, LockUnavailable
+from gpu_manager.lock.base import (
+    GpuLock,
+    LockHeld,
+    LockHold,
+    LockInfo,
+    LockLost,
+    LockUnavailable,
+)
 from gpu_manager.lock.memory import MemoryLock
 
 # redis-py costs ~0.3 s to import: only a daemon configured with Redis pays for it.
@@ -28,8 +35,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "GpuLock",
-    "Lease",
     "LockHeld",
+    "LockHold",
     "LockInfo",
     "LockLost",
     "LockUnavailable",

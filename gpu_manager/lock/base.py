@@ -1,12 +1,15 @@
 """The GPU lock interface: in-process or Redis, the same contract.
 
 A transition holds the lock from planning to the last start, so the VRAM its stops free is
-kept for its own starts. Each acquisition gets a fencing number; `Lease.check()` is called
-before every start and raises `LockLost` once anyone else could have acquired the lock since.
+kept for its own starts. Each acquisition is a `LockHold` with a fencing number;
+`LockHold.check()` is called before every start and raises `LockLost` once anyone else could
+have acquired the lock since. (A `LockHold` is the daemon's hold of the GPU lock; a client's
+VRAM lease is `orchestrator.ledger.ClientLease`, a different thing.)
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,7 +21,7 @@ class LockInfo:
     ttl_ms: int | None  # None: no expiry (or not held)
     ok: bool = True
     error: str | None = None
-    by_daemon: bool = False  # held by a gpu-manager transition (not legacy code)
+    by_daemon: bool = False  # held by a gpu-manager (this daemon or another)
 
 
 class LockHeld(Exception):
@@ -37,9 +40,15 @@ class LockLost(Exception):
     """We no longer own the lock (expired, force-released or taken over)."""
 
 
-class Lease(Protocol):
+class LockHold(Protocol):
+    """One acquisition of the GPU lock. `lost` is set once the backend shows the lock is no
+    longer this acquisition's (deleted, expired, taken over, force-released)."""
+
     holder: str
+    value: str  # what the backend stores for it (the key's value in Redis)
     fencing: int
+    lost: asyncio.Event
+    lost_reason: str
 
     async def check(self) -> None:
         """Raise LockLost unless we still own the lock and nobody acquired it after us."""
@@ -55,7 +64,7 @@ class Lease(Protocol):
 class GpuLock(Protocol):
     backend: str
 
-    async def acquire(self, holder: str, wait_s: float = 0.0) -> Lease:
+    async def acquire(self, holder: str, wait_s: float = 0.0) -> LockHold:
         """Take the lock, waiting up to `wait_s`; raises LockHeld or LockUnavailable."""
         ...
 

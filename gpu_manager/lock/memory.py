@@ -9,18 +9,22 @@ import time
 from gpu_manager.lock.base import LockHeld, LockInfo, LockLost
 
 
-class MemoryLease:
+class MemoryHold:
     def __init__(self, lock: MemoryLock, holder: str, fencing: int) -> None:
         self._lock = lock
         self.holder = holder
+        self.value = holder
         self.fencing = fencing
+        self.lost = asyncio.Event()
+        self.lost_reason = ""
 
     async def check(self) -> None:
-        if self._lock._lease is not self:
-            raise LockLost(f"lock {self.holder!r} (fencing {self.fencing}) was released")
+        if self._lock._hold is not self:
+            raise LockLost(self.lost_reason or
+                           f"lock {self.holder!r} (fencing {self.fencing}) was released")
 
     def is_lost(self) -> bool:
-        return self._lock._lease is not self
+        return self._lock._hold is not self
 
     async def release(self) -> bool:
         return self._lock._release(self)
@@ -30,31 +34,32 @@ class MemoryLock:
     backend = "memory"
 
     def __init__(self) -> None:
-        self._lease: MemoryLease | None = None
-        self._since = 0.0
+        self._hold: MemoryHold | None = None
         self._fencing = itertools.count(1)
         self._freed = asyncio.Condition()
 
-    async def acquire(self, holder: str, wait_s: float = 0.0) -> MemoryLease:
+    async def acquire(self, holder: str, wait_s: float = 0.0) -> MemoryHold:
         deadline = time.monotonic() + wait_s
         async with self._freed:
-            while self._lease is not None:
+            while self._hold is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise LockHeld(self._lease.holder, None)
+                    raise LockHeld(self._hold.holder, None)
                 try:
                     async with asyncio.timeout(left):
                         await self._freed.wait()
                 except TimeoutError:
                     continue
-            self._lease = MemoryLease(self, holder, next(self._fencing))
-            self._since = time.monotonic()
-            return self._lease
+            self._hold = MemoryHold(self, holder, next(self._fencing))
+            return self._hold
 
-    def _release(self, lease: MemoryLease) -> bool:
-        if self._lease is not lease:
+    def _release(self, hold: MemoryHold, why: str = "") -> bool:
+        if self._hold is not hold:
             return False
-        self._lease = None
+        self._hold = None
+        if why:  # taken from its holder, not given back: its owner must hear of it
+            hold.lost_reason = why
+            hold.lost.set()
         asyncio.get_running_loop().create_task(self._notify())
         return True
 
@@ -63,14 +68,14 @@ class MemoryLock:
             self._freed.notify_all()
 
     async def info(self) -> LockInfo:
-        lease = self._lease
-        holder = lease.holder if lease else None
-        return LockInfo(self.backend, holder, None, by_daemon=lease is not None)
+        hold = self._hold
+        holder = hold.holder if hold else None
+        return LockInfo(self.backend, holder, None, by_daemon=hold is not None)
 
     async def force_release(self) -> bool:
-        if self._lease is None:
+        if self._hold is None:
             return False
-        return self._release(self._lease)
+        return self._release(self._hold, "force-released")
 
     async def close(self) -> None:
         pass

@@ -1,15 +1,21 @@
-"""The Redis GPU lock: `SET key value NX PX ttl`, Lua compare-and-act, renewal, fencing.
+"""The Redis GPU lock: acquire and fence in one Lua script, compare-and-act release and
+renewal, and a renewal that doubles as the watch on the key's identity.
 
 The key defaults to `gpu_mutex`, the key the legacy gpu_manager.py v1 takes, so the daemon
 and legacy code exclude each other and each sees the other as the holder. A legacy holder's
 value is its service name; ours is `gpu-manager:<what>:<random>`, unique per acquisition, so
 a release or renewal can never touch a lock someone else took after our TTL ran out.
+
+Acquire is one script (SET NX PX, then INCR of the fencing counter): with two round trips a
+daemon killed between them held a lock with no fencing number, and a second acquirer could
+read the counter before the first had bumped it. The renewal runs every `min(ttl/3, 1 s)`:
+it is also how a deleted key (a Redis restart without persistence, an eviction, someone's
+DEL) is noticed, so the owner (`keeper.LockKeeper`) can take it back within a second.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 
@@ -19,6 +25,15 @@ from redis.exceptions import RedisError
 
 from gpu_manager.lock.base import LockHeld, LockInfo, LockLost, LockUnavailable
 from gpu_manager.redact import redact_url
+
+# KEYS[1] lock key, KEYS[2] fencing counter; ARGV[1] our value, ARGV[2] ttl in ms.
+# Take the key if free and return the new fencing number (0: someone holds it).
+ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('incr', KEYS[2])
+end
+return 0
+"""
 
 # KEYS[1] lock key; ARGV[1] our value. Delete only if it is still ours.
 RELEASE = """
@@ -45,10 +60,12 @@ end
 return 0
 """
 
-POLL_S = 0.01  # waiting for a busy lock: one GET-free SET NX every 10 ms on loopback
+POLL_S = 0.01  # waiting for a busy lock: one acquire script every 10 ms on loopback
+# The renewal's (and so the key watch's) longest period, whatever the TTL.
+RENEW_MAX_S = 1.0
 
 
-class RedisLease:
+class RedisHold:
     def __init__(self, lock: RedisLock, holder: str, value: str, fencing: int) -> None:
         self._lock = lock
         self.holder = holder
@@ -61,7 +78,7 @@ class RedisLease:
 
     async def _renew(self) -> None:
         lock = self._lock
-        interval = lock.ttl_ms / 3000
+        interval = min(lock.ttl_ms / 3000, RENEW_MAX_S)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -103,9 +120,9 @@ class RedisLease:
             raise LockLost(self.lost_reason)
 
     async def release(self) -> bool:
+        # Not awaited: a caller cancelled while it waited here would have its own cancel
+        # swallowed with the renewer's. The renewer stops at its next await.
         self._renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._renewer
         lock = self._lock
         try:
             return bool(await lock._release(keys=[lock.key], args=[self.value]))
@@ -126,18 +143,20 @@ class RedisLock:
         self.ttl_ms = ttl_ms
         self.client: aioredis.Redis = aioredis.from_url(
             url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2)
+        self._acquire = self.client.register_script(ACQUIRE)
         self._release = self.client.register_script(RELEASE)
         self._extend = self.client.register_script(EXTEND)
         self._check = self.client.register_script(CHECK)
 
-    async def acquire(self, holder: str, wait_s: float = 0.0) -> RedisLease:
+    async def acquire(self, holder: str, wait_s: float = 0.0) -> RedisHold:
         value = f"gpu-manager:{holder}:{uuid.uuid4().hex[:12]}"
         deadline = time.monotonic() + wait_s
         try:
             while True:
-                if await self.client.set(self.key, value, nx=True, px=self.ttl_ms):
-                    fencing = int(await self.client.incr(self.fencing_key))
-                    return RedisLease(self, holder, value, fencing)
+                fencing = int(await self._acquire(keys=[self.key, self.fencing_key],
+                                                  args=[value, self.ttl_ms]))
+                if fencing:
+                    return RedisHold(self, holder, value, fencing)
                 if time.monotonic() >= deadline:
                     current = await self.client.get(self.key)
                     ttl = await self.client.pttl(self.key)

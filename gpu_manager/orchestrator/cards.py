@@ -1,17 +1,13 @@
-"""Several GPUs as the orchestrator sees them: each managed card's budget and foreign use,
-the pids on any of them, and how a card is named to the service placed on it."""
+"""Several GPUs as the orchestrator reads them from a snapshot: what pids hold on which card,
+foreign use per card, how a card is named to the service placed on it, and the one rule for
+a sleeper's residual (per card)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
 
-from gpu_manager.planner import DeviceBudget, ObservedState
+from gpu_manager.planner import ObservedState
 from gpu_manager.probe import Snapshot
-
-if TYPE_CHECKING:
-    from gpu_manager.orchestrator.core import Orchestrator
-    from gpu_manager.orchestrator.ledger import LedgerView
 
 
 def held_on(snap: Snapshot, cards: Iterable[int], pids: set[int]) -> list[int | None] | None:
@@ -24,6 +20,31 @@ def held_on(snap: Snapshot, cards: Iterable[int], pids: set[int]) -> list[int | 
             return None
         out += [p.used_mb for p in dev.processes if p.pid in pids]
     return out
+
+
+def held_by_card(snap: Snapshot, cards: Iterable[int],
+                 pids: set[int]) -> dict[int, int] | None:
+    """What `pids` hold on each of `cards` (0 where none is listed: a process that let go of
+    everything leaves the list); None when the GPU cannot tell (a list unknown, or memory
+    not attributable to processes)."""
+    out: dict[int, int] = {}
+    for index in cards:
+        found = held_on(snap, (index,), pids)
+        if found is None or any(mb is None for mb in found):
+            return None
+        out[index] = sum(mb for mb in found if mb is not None)
+    return out
+
+
+def past_residual(held: Mapping[int, int] | None,
+                  residual_mb: int) -> tuple[bool | None, int | None]:
+    """A sleeper's `residual_mb` is what it may keep on EACH of its cards: whether `held`
+    (per card) goes past it on any card (None: unknown), and the MB held in all. The sleep's
+    confirmation, the woke check and the planner's per-card view all count it so; a sum over
+    two cards compared with one card's residual stopped sleepers that had slept."""
+    if held is None:
+        return None, None
+    return any(mb > residual_mb for mb in held.values()), sum(held.values())
 
 
 def foreign_on(observed: ObservedState, card: int) -> int:
@@ -41,47 +62,6 @@ def listed_pids(snap: Snapshot, cards: Iterable[int]) -> set[int] | None:
             return None
         out |= {p.pid for p in dev.processes}
     return out
-
-
-def per_card(orch: Orchestrator, books: LedgerView,
-             names: Iterable[str]) -> dict[int, DeviceBudget]:
-    """Each managed card's budget: its total (NVML's, else the declared one), reserve, and
-    foreign use: what the card has in use less what our units' pids hold there and what
-    our stopped units may still be releasing there."""
-    snap = orch.poller.latest
-    names = list(names)
-    out: dict[int, DeviceBudget] = {}
-    for card in orch.inventory.gpu.managed:
-        dev = snap.device(card.index)
-        total = dev.total_mb if dev is not None and dev.total_mb is not None else card.total_mb
-        foreign = 0
-        if dev is not None and dev.used_mb is not None:
-            ours = sum(orch.measured(n, snap, card.index) or 0 for n in names)
-            releasing = sum(r.mb // len(r.devices) for r in books.releasing.values()
-                            if r.must_exit and card.index in r.devices)
-            foreign = max(0, dev.used_mb - ours - releasing)
-        out[card.index] = DeviceBudget(total or 0, card.reserve_mb, foreign)
-    return out
-
-
-def observed_cards(orch: Orchestrator, books: LedgerView, running: dict[str, int | None],
-                   sleeping: dict[str, int | None], unready: frozenset[str]) -> ObservedState:
-    """The planner's view with several cards: each card's budget, every service on its
-    cards (recorded ones, else the primary card: where a one-GPU daemon ran it, or an
-    adopted record without cards), a multi-card service's MB as measured on each."""
-    gpu = orch.inventory.gpu
-    cards = per_card(orch, books, [*running, *sleeping])
-    placement = {n: orch.cards_of(n) for n in orch.units if n in running or n in sleeping}
-    placement.update({n: lease.devices for n, lease in books.leases.items()
-                      if lease.active and lease.devices})
-    snap = orch.poller.latest
-    card_mb = {n: {d: orch.measured(n, snap, d) for d in on}
-               for n, on in placement.items() if len(on) > 1 and n in orch.units}
-    return ObservedState(
-        sum(c.total_mb for c in cards.values()), running,
-        sum(c.reserve_mb for c in cards.values()),
-        sum(c.foreign_mb for c in cards.values()), orch.current_phase, sleeping, unready,
-        devices=cards, placement=placement, strategy=gpu.placement, card_mb=card_mb)
 
 
 def visible_ids(snap: Snapshot, cards: Iterable[int]) -> tuple[str, ...]:

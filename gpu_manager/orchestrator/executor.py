@@ -16,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 from loguru import logger
 
-from gpu_manager.lock import Lease, LockUnavailable
+from gpu_manager.lock import LockUnavailable
+from gpu_manager.lock.keeper import Claim
 from gpu_manager.orchestrator.cards import listed_pids, visible_ids
 from gpu_manager.orchestrator.operations import Operation, OperationError, StepRecord
 from gpu_manager.orchestrator.releases import Releases
+from gpu_manager.orchestrator.view import GpuView
 from gpu_manager.planner import (
     Plan,
     PreparePhase,
@@ -38,19 +40,15 @@ from gpu_manager.planner.serialize import blocker_dict
 from gpu_manager.probe import Snapshot
 from gpu_manager.units import Event, ServiceState
 
-if TYPE_CHECKING:
-    from gpu_manager.orchestrator.core import Orchestrator
-
-
 S = ServiceState
 
 
-def plan_bound(orch: Orchestrator, plan: Plan) -> float:
+def plan_bound(view: GpuView, plan: Plan) -> float:
     """The longest a plan may take when every step uses its whole deadline."""
-    b = orch.bounds
+    b = view.bounds
     total = b.lock_io_s * 4 + b.pids_s + 2.0 + 2.0  # lock checks, pid refresh, a fresh poll
     for step in plan.steps:
-        unit = orch.units.get(step.service)
+        unit = view.units.get(step.service)
         if unit is None:
             continue
         sleep = unit.cfg.sleep
@@ -63,23 +61,23 @@ def plan_bound(orch: Orchestrator, plan: Plan) -> float:
         else:
             # a reclaim wait, a second one after sleeps fell back to stops, the start (a wake
             # that fails: the stop of what it woke and a cold start)
-            total += 2 * orch.reclaim_timeout_s + unit.start_bound_s
+            total += 2 * view.reclaim_timeout_s + unit.start_bound_s
             if step.action == "wake":
                 total += unit.wake_bound_s + unit.stop_bound_s
     # a wanted service found starting (no step of its own) is joined: its start's bound
-    wanted = wanted_by(orch, plan.request)
+    wanted = wanted_by(view, plan.request)
     stepped = {s.service for s in plan.steps}
     total += max((max(u.start_bound_s, u.wake_bound_s) for n in wanted if n not in stepped
-                  and (u := orch.units.get(n)) is not None), default=0.0)
+                  and (u := view.units.get(n)) is not None), default=0.0)
     return total
 
 
-def wanted_by(orch: Orchestrator, request: Request) -> list[str]:
+def wanted_by(view: GpuView, request: Request) -> list[str]:
     """The services a request wants ready when it answers: a start's, a phase's."""
     if isinstance(request, StartService):
         return [request.name]
-    if isinstance(request, PreparePhase) and request.phase in orch.inventory.phases:
-        return list(orch.inventory.phases[request.phase].services)
+    if isinstance(request, PreparePhase) and request.phase in view.inventory.phases:
+        return list(view.inventory.phases[request.phase].services)
     return []
 
 
@@ -93,15 +91,24 @@ async def lock_call(what: str, aw: Awaitable[Any], bound: float) -> None:
                               f"{bound:g}s") from exc
 
 
-class Executor(Releases):
-    """Runs one plan as the graph the planner drew: every step is a task that waits for the
+class PlanRun(Releases):
+    """One plan, run as the graph the planner drew: every step is a task that waits for the
     steps it names in `after` (a start for the stops whose VRAM it needs), so independent
     stops run side by side, the starts of a phase run side by side, and a start that fits
     beside what still runs begins at once. After a failure nothing new begins; what already
-    runs finishes (each under its own deadline), and the first failure is raised."""
+    runs finishes (each under its own deadline), and the first failure is raised.
 
-    def __init__(self, orch: Orchestrator) -> None:
-        self.orch = orch
+    A run is made for one plan and dropped after it: its claims, failures and fall-backs
+    can never leak into the next plan. `claim` is the operation's hold on the GPU lock,
+    checked (fencing) before every start."""
+
+    def __init__(self, view: GpuView, op: Operation, plan: Plan, claim: Claim, *,
+                 serial: bool = False) -> None:
+        self.view = view
+        self.op = op
+        self.plan = plan
+        self.claim = claim
+        self.serial = serial  # settings.plan_mode == "serial": each step after all before it
         # Starts of this plan that passed their room check, and the MB each was granted: for
         # the rest of the plan a start beside them counts what they have not yet shown on
         # the GPU (the planner counts their declared size too). Set in the same synchronous
@@ -109,17 +116,19 @@ class Executor(Releases):
         # free memory, whatever the awaits after it (a Redis fencing check yields).
         self._claims: dict[str, dict[int, int]] = {}  # name -> {card: MB}
         self._failures: list[BaseException] = []
-        self._began = 0.0
-        self._fallbacks: dict[str, asyncio.Future[str | None]] = {}
-        self.serial = False  # settings.plan_mode == "serial": each step after all before it
-
-    async def run(self, op: Operation, lease: Lease, result: Plan) -> None:
-        orch = self.orch
-        steps = result.steps
-        finished = [asyncio.Event() for _ in steps]
-        failures: list[BaseException] = []
-        self._claims, self._failures, self._fallbacks = {}, failures, {}
         self._began = time.monotonic()
+        self._fallbacks: dict[str, asyncio.Future[str | None]] = {}
+        self.fell_back: dict[str, str] = {}
+
+    def done(self) -> dict[str, str]:
+        """What ran to its end: service -> action."""
+        return {s.service: s.action for s in self.op.steps if s.status == "done"}
+
+    async def run(self) -> None:
+        view, op = self.view, self.op
+        steps = self.plan.steps
+        finished = [asyncio.Event() for _ in steps]
+        failures = self._failures
 
         async def one(i: int) -> None:
             step, record = steps[i], op.steps[i]
@@ -130,8 +139,7 @@ class Executor(Releases):
                 if failures or any(op.steps[d].status != "done" for d in waits):
                     _skip(record)
                     return
-                await self._step(op, lease, step, record,
-                                 [steps[d].service for d in step.after])
+                await self._step(step, record, [steps[d].service for d in step.after])
             except _Skipped:
                 _skip(record)
             except BaseException as exc:
@@ -150,56 +158,52 @@ class Executor(Releases):
             await asyncio.gather(*tasks, return_exceptions=True)  # cancelled with us
         finally:
             refresher.cancel()
-            # what ran is what it is, whether a sibling failed or the deadline struck
-            orch.followups.note(op.request, {s.service: s.action for s in op.steps
-                                           if s.status == "done"})
         if not failures:
-            await self._join_starts(op)
+            await self._join_starts()
         if failures:
             first = failures[0]
             if isinstance(first, OperationError) and "gpu_state" in first.extra:
                 # as it is now that every branch has ended, not as it was at the failure
-                first.extra["gpu_state"] = orch.gpu_state()
+                first.extra["gpu_state"] = view.gpu_state()
             raise first
         if isinstance(op.request, PreparePhase):
-            orch.set_phase(op.request.phase)
-        if result.steps:
+            view.set_phase(op.request.phase)
+        if steps:
             # One fresh poll, so /gpu/status read right after this answer shows the result.
-            await orch.poller.next_snapshot(timeout=2)  # (the pids: after the lock drop)
+            await view.poller.next_snapshot(timeout=2)  # (the pids: after the lock drop)
 
-    async def _join_starts(self, op: Operation) -> None:
+    async def _join_starts(self) -> None:
         """A service the request wants that the plan found already starting (a prewarm that
         gave way, a restart in flight) is waited for: the answer means ready."""
-        orch = self.orch
-        wanted = wanted_by(orch, op.request)
+        view, op = self.view, self.op
+        wanted = wanted_by(view, op.request)
         stepped = {s.service for s in op.steps}
         for name in wanted:
-            unit = orch.units.get(name)
+            unit = view.units.get(name)
             if unit is None or name in stepped or unit.state not in (S.STARTING, S.WAKING):
                 continue
             result = await unit.ensure_ready()  # joins the start in flight
             if not result.ok:
                 raise OperationError("start_failed", f"{name} did not become ready: "
-                                     f"{result.reason}", gpu_state=orch.gpu_state())
+                                     f"{result.reason}", gpu_state=view.gpu_state())
 
-    async def _step(self, op: Operation, lease: Lease, step: Step, record: StepRecord,
-                    deps: list[str]) -> None:
-        orch = self.orch
-        if lease.is_lost():  # the renewal task saw it go: abort before the next step
-            await lock_call("check", lease.check(), orch.bounds.lock_io_s)
+    async def _step(self, step: Step, record: StepRecord, deps: list[str]) -> None:
+        view, op = self.view, self.op
+        if self.claim.is_lost():  # the keeper saw it go: settle it before the next step
+            await lock_call("check", self.claim.check(), view.bounds.lock_io_s)
         record.status, record.started_at = "running", time.time()
-        orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
+        view.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
         t0 = time.monotonic()
         try:
             if step.action == "stop":
                 record.detail = await self.stop(step.service, step.reason, step.preemption)
             elif step.action == "sleep":
                 record.detail = await self.sleep(step.service, step.reason, step.preemption,
-                                                 orch.owner(op.request),
+                                                 view.owner(op.request),
                                                  isinstance(op.request, SleepService))
             else:
                 record.reclaim_wait_s, record.detail = await self.start(
-                    step.service, step.mb, lease, deps, step.devices)
+                    step.service, step.mb, deps, step.devices)
         except BaseException as exc:
             record.status = "failed"
             record.detail = str(exc) or type(exc).__name__
@@ -212,41 +216,40 @@ class Executor(Releases):
                     preemption=step.preemption).info(
             f"{step.action} {step.service} done in {record.duration_s:.3f}s "
             f"({step.reason})" + (f"; {record.detail}" if record.detail else ""))
-        orch.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
+        view.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
 
-    async def start(self, name: str, need_mb: int, lease: Lease,
-                    deps: list[str] | None = None,
+    async def start(self, name: str, need_mb: int, deps: list[str] | None = None,
                     devices: tuple[int, ...] = ()) -> tuple[float, str | None]:
         """Start (or wake) `name` on `devices` (the plan's cards; a single-card plan names
         none: the one card) once `need_mb` (over all its cards) is free there."""
-        orch = self.orch
-        cards = devices or orch.cards_of(name)
+        view = self.view
+        cards = devices or view.cards_of(name)
         # fencing: nobody took the lock since we did
-        await lock_call("check", lease.check(), orch.bounds.lock_io_s)
+        await lock_call("check", self.claim.check(), view.bounds.lock_io_s)
         waited, note = await self.await_reclaim(name, need_mb, deps or [], cards)  # claims
         launched = False
         try:
-            await lock_call("check", lease.check(), orch.bounds.lock_io_s)
+            await lock_call("check", self.claim.check(), view.bounds.lock_io_s)
             if self._failures:  # a sibling failed while this one waited: begin nothing new
                 raise _Skipped
-            result = await self._launch(name, lease, waited, note, cards)
+            result = await self._launch(name, waited, note, cards)
             launched = True
             return result
         finally:
             if not launched:
                 self._claims.pop(name, None)
 
-    async def _launch(self, name: str, lease: Lease, waited: float, note: str | None,
+    async def _launch(self, name: str, waited: float, note: str | None,
                       cards: tuple[int, ...]) -> tuple[float, str | None]:
-        orch = self.orch
-        several = orch.inventory.gpu.several
-        if orch.ledger.lease(name) is not None:  # a client lease: the VRAM is now theirs
-            orch.ledger.activate(name, cards if several else ())
+        view = self.view
+        several = view.inventory.gpu.several
+        if view.ledger.lease(name) is not None:  # a client lease: the VRAM is now theirs
+            view.ledger.activate(name, cards if several else ())
             return waited, note
-        unit = orch.units[name]
+        unit = view.units[name]
         waking = unit.state == S.SLEEPING
         if not waking:  # where it runs, told to it (a wake stays put); one GPU: nothing
-            unit.place(*((cards, visible_ids(orch.poller.latest, cards)) if several
+            unit.place(*((cards, visible_ids(view.poller.latest, cards)) if several
                          else ((), ())))
         result = await unit.ensure_ready()  # wakes it when it sleeps
         if not result.ok and waking:
@@ -262,14 +265,14 @@ class Executor(Releases):
         if not result.ok:
             # The unit has already stopped what it launched; say where that leaves the GPU.
             raise OperationError("start_failed", f"{name} did not become ready: {result.reason}",
-                                 gpu_state=orch.gpu_state())
+                                 gpu_state=view.gpu_state())
         return waited, note
 
     def _claimed(self, but: str, snap: Snapshot, card: int) -> int:
         """MB that starts granted beside this one on `card` have not yet shown there (by
         what the snapshot attributes to their pids; their pids are refreshed while anyone
         waits)."""
-        return sum(max(0, cards[card] - (self.orch.measured(n, snap, card) or 0))
+        return sum(max(0, cards[card] - (self.view.measured(n, snap, card) or 0))
                    for n, cards in self._claims.items() if n != but and card in cards)
 
     async def _refresh_claimants(self) -> None:
@@ -279,7 +282,7 @@ class Executor(Releases):
         while True:
             if self._claims:
                 try:
-                    await self.orch.refresh_pids(prune=False)
+                    await self.view.refresh_pids(prune=False)
                 except Exception as exc:
                     logger.opt(exception=exc).error(f"pid refresh during a plan: {exc}")
             await asyncio.sleep(0.2)
@@ -289,12 +292,12 @@ class Executor(Releases):
         """Wait until the stops `deps` have given their VRAM back (their pids off the GPU's
         list) and free memory covers `need_mb` beside the claims of starts still launching;
         releases this start does not depend on are not waited for."""
-        orch = self.orch
-        gpu = orch.inventory.gpu
+        view = self.view
+        gpu = view.inventory.gpu
         each = -(-need_mb // len(cards))  # on each of its cards
 
         def evidence() -> tuple[frozenset[int], list[str], float]:
-            books = orch.ledger.view()
+            books = view.ledger.view()
             rels = {n: books.releasing[n] for n in deps if n in books.releasing}
             pending = frozenset().union(*(r.pids for r in rels.values()
                                           if r.must_exit and r.pids_known))
@@ -314,7 +317,7 @@ class Executor(Releases):
             devs = [snap.device(c) for c in cards]
             if any(dev is None or dev.lost for dev in devs):
                 return False
-            listed = listed_pids(snap, orch.cards)
+            listed = listed_pids(snap, view.cards)
             if listed is not None:
                 gone = not (pending & listed)
             else:
@@ -326,7 +329,7 @@ class Executor(Releases):
             if gone and room:
                 # granted: no await between check and claim. A wake's need is on top of what
                 # it holds asleep, which `_claimed` subtracts as shown: claim both.
-                self._claims[name] = {c: each + (orch.measured(name, snap, c) or 0)
+                self._claims[name] = {c: each + (view.measured(name, snap, c) or 0)
                                       for c in cards}
             return gone and room
 
@@ -337,35 +340,35 @@ class Executor(Releases):
         note = (f"judged by free memory alone for {', '.join(blind)} (pid list unavailable)"
                 if blind else None)
         t0 = time.monotonic()
-        if reclaimed(orch.poller.latest):
+        if reclaimed(view.poller.latest):
             return 0.0, note
-        async with orch.poller.fast():
-            snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
-            soft = [n for n in deps if n in orch.ledger.view().releasing
-                    and not orch.ledger.view().releasing[n].must_exit
-                    and n in orch.units and orch.units[n].state == S.SLEEPING]
+        async with view.poller.fast():
+            snap = await view.poller.wait_until(reclaimed, view.reclaim_timeout_s)
+            soft = [n for n in deps if n in view.ledger.view().releasing
+                    and not view.ledger.view().releasing[n].must_exit
+                    and n in view.units and view.units[n].state == S.SLEEPING]
             if snap is None and soft and not self._failures:
                 # Asleep, but the memory did not come back: stop them, and say so.
                 for n in soft:
                     await self._fall_back(n)
                 pending, blind, since = evidence()
                 since = max(since, self._began)
-                snap = await orch.poller.wait_until(reclaimed, orch.reclaim_timeout_s)
+                snap = await view.poller.wait_until(reclaimed, view.reclaim_timeout_s)
         if snap is None:
-            latest = orch.poller.latest
-            listed = listed_pids(latest, orch.cards)
+            latest = view.poller.latest
+            listed = listed_pids(latest, view.cards)
             still = sorted(pending & listed) if listed is not None else "?"
             probe = latest.error
             raise OperationError(
                 "reclaim_timeout",
-                f"VRAM for {name} did not come back within {orch.reclaim_timeout_s:g}s: "
+                f"VRAM for {name} did not come back within {view.reclaim_timeout_s:g}s: "
                 + "; ".join(self._room(name, latest, c, each, reserve(c)) for c in cards)
                 + f"; still listed: {still}"
                 + (f"; the probe fails: {probe}" if probe else ""),
-                gpu_state=orch.gpu_state())
-        orch.prune(snap, only=deps)  # another start's evidence is not ours to settle
-        books = orch.ledger.view()
-        orch.ledger.settle_soft([n for n in deps if n in books.releasing
+                gpu_state=view.gpu_state())
+        view.prune(snap, only=deps)  # another start's evidence is not ours to settle
+        books = view.ledger.view()
+        view.ledger.settle_soft([n for n in deps if n in books.releasing
                                  and (not books.releasing[n].pids_known
                                       or not books.releasing[n].must_exit)])
         return time.monotonic() - t0, note
@@ -374,7 +377,7 @@ class Executor(Releases):
         dev = snap.device(card)
         free = dev.free_mb if dev is not None else None
         claimed = self._claimed(name, snap, card)
-        where = f" on GPU {card}" if self.orch.inventory.gpu.several else ""
+        where = f" on GPU {card}" if self.view.inventory.gpu.several else ""
         return (f"need {need} MB + {reserve} MB reserve"
                 + (f" + {claimed} MB claimed by starts beside it" if claimed else "")
                 + f", {free} MB free{where}")
@@ -385,6 +388,7 @@ class Executor(Releases):
         running = self._fallbacks.get(name)
         if running is None:
             logger.warning(f"{name}: VRAM not back after its sleep; stopping it")
+            self.fell_back[name] = "asleep, but its VRAM did not come back; stopped instead"
             running = self._fallbacks[name] = asyncio.ensure_future(
                 self.stop(name, "its sleep did not free its VRAM", False))
         await asyncio.shield(running)

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+LOST_KEPT = 1000  # lost leases remembered for their clients' next renewal
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +57,24 @@ class ClientLease:
     # once active.
     device: int | None = None
     devices: tuple[int, ...] = ()
+    # The client's process (as the host sees it) and its create time: its memory, and its
+    # children's, is the lease's, not foreign. None: not given, or not found on this host.
+    pid: int | None = None
+    pid_created: float | None = None
 
     @property
     def name(self) -> str:
         return lease_name(self.session_id)
+
+
+@dataclass(frozen=True, slots=True)
+class LostLease:
+    """A lease taken from its client (the GPU lock went to someone else), kept so that the
+    client's next renewal hears why instead of a bare "no such session"."""
+
+    lease: ClientLease
+    reason: str
+    at: float  # wall clock
 
 
 def lease_name(session_id: str) -> str:
@@ -88,6 +105,7 @@ class Ledger:
         self._pid_errors: dict[str, str] = {}
         self._releasing: dict[str, Releasing] = {}
         self._leases: dict[str, ClientLease] = {}
+        self._lost: OrderedDict[str, LostLease] = OrderedDict()
         self._last_stop_at = 0.0
         self._view: LedgerView | None = None
 
@@ -105,6 +123,9 @@ class Ledger:
 
     def lease(self, name: str) -> ClientLease | None:
         return self._leases.get(name)
+
+    def lost(self, name: str) -> LostLease | None:
+        return self._lost.get(name)
 
     # -- units --------------------------------------------------------------------------------
     def set_pids(self, fresh: Mapping[str, tuple[int, ...]], errors: Mapping[str, str]) -> None:
@@ -159,6 +180,7 @@ class Ledger:
         False (and nothing changes) when that session already has a lease or a try."""
         if lease.name in self._leases:
             return False
+        self._lost.pop(lease.name, None)
         self._leases[lease.name] = dataclasses.replace(lease, active=False)
         self._changed()
         return True
@@ -198,6 +220,18 @@ class Ledger:
         del self._leases[name]
         self._changed()
         return lease
+
+    def lose(self, name: str, reason: str) -> ClientLease | None:
+        """The lease's client no longer has the GPU (the lock went to someone else): out of
+        the books, remembered as lost for its next renewal."""
+        lease = self._leases.pop(name, None)
+        if lease is None:
+            return None
+        self._lost[name] = LostLease(lease, reason, time.time())
+        while len(self._lost) > LOST_KEPT:
+            self._lost.popitem(last=False)
+        self._changed()
+        return lease if lease.active else None
 
     def expired(self, now: float) -> list[ClientLease]:
         return [x for x in self._leases.values() if x.active and x.expires < now]

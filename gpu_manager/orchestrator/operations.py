@@ -67,8 +67,11 @@ class Operation:
     dry_run: bool = False
     # The plan's overall deadline: the sum of its steps' own deadlines.
     deadline_s: float | None = None
-    # A prewarm cancelled for a real request: that request's label.
-    superseded_by: str | None = None
+    # Why it was cancelled, when whoever cancelled it knew: (code, detail), e.g. a prewarm
+    # that gave way to a real request, an acquire whose timeout passed.
+    cancelled_because: tuple[str, str] | None = None
+    # Identical requests that joined it (their answer is its answer).
+    joined: int = 0
 
     @property
     def done(self) -> bool:

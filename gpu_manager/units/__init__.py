@@ -20,11 +20,12 @@ from gpu_manager.units.unit import Unit
 
 def make_driver(
     name: str, cfg: ServiceConfig, *, log_dir: Path, docker: Callable[[], Any],
-    extra_env: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None, log_max_bytes: int = 10 * 1024 * 1024,
+    log_backups: int = 3,
 ) -> Driver:
     """`docker` gives the shared DockerEngine; it is only called for a docker service."""
     if isinstance(cfg, NativeService):
-        return NativeDriver(name, cfg, log_dir, extra_env)
+        return NativeDriver(name, cfg, log_dir, extra_env, log_max_bytes, log_backups)
     assert isinstance(cfg, DockerService)
     from gpu_manager.units.drivers.docker import DockerDriver  # noqa: PLC0415
 

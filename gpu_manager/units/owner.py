@@ -1,10 +1,11 @@
 """The owner-loop machinery every unit is built on: one inbox, one task that reads it, bounded
 asks, guarded helper tasks, and state changes checked against the transition table.
 
-`Unit` (units/unit.py) adds what the messages mean: start, stop, adopt, reconfigure, and what
-the watchers report. This half knows nothing of services; it makes sure that whatever a
-handler does, a caller gets an answer in bounded time and a unit never stays in a state that
-nothing will move it out of.
+`Unit` (units/unit.py) adds what the messages (units/messages.py) mean: start, stop, adopt,
+reconfigure, sleep, and what the watchers report. This half knows nothing of services; it
+makes sure that whatever a handler does, a caller gets an answer in bounded time, a message
+whose caller gave up is not acted on later, and a unit never stays in a state that nothing
+will move it out of.
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ from gpu_manager.config import ServiceConfig
 from gpu_manager.units.drivers.base import Driver, DriverError, ExitInfo
 from gpu_manager.units.events import Event, EventBus
 from gpu_manager.units.health import HealthChecker
+from gpu_manager.units.messages import (
+    Adopt,
+    Ask,
+    Crashed,
+    EnsureReady,
+    Message,
+    Reconfigure,
+    Sleep,
+    Stop,
+    Woke,
+)
 from gpu_manager.units.restart import RestartPolicy, Restarts
 from gpu_manager.units.result import UnitResult
 from gpu_manager.units.sleeper import HttpSleeper, Sleeper
@@ -37,6 +49,9 @@ from gpu_manager.units.states import (
 S = ServiceState
 RecordSink = Callable[[str, dict[str, Any] | None], None]
 RestartGate = Callable[[str], Awaitable[bool]]
+# Waits (bounded) until every record made so far is on disk: an intent must be, before the
+# call it announces (a daemon killed during a sleep call must find "sleep" in the record).
+Flush = Callable[[], Awaitable[bool]]
 
 
 class UnitOwner:
@@ -45,6 +60,7 @@ class UnitOwner:
         bus: EventBus, *, on_record: RecordSink | None = None,
         restart_gate: RestartGate | None = None, policy: RestartPolicy | None = None,
         bounds: Bounds = DEFAULT, sleeper: Sleeper | None = None,
+        flush: Flush | None = None,
     ) -> None:
         self.name = name
         self.bounds = bounds
@@ -63,7 +79,7 @@ class UnitOwner:
         self.health_failures = 0  # failed checks of a running service, for metrics
         self.faults = 0  # crashed helper tasks and handler errors, for /gpu/status
         self.restarts = Restarts(policy or RestartPolicy())
-        self._inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._gen = 0  # bumps with every launch/adopt/stop, so stale watcher news is dropped
         self._waiters: list[asyncio.Future[UnitResult]] = []
         self._start_began = 0.0
@@ -75,6 +91,9 @@ class UnitOwner:
         self._next: tuple[ServiceConfig, Driver] | None = None  # reconfigure while running
         self.sleeper: Sleeper = sleeper or HttpSleeper()
         self._sleep_memo: tuple[str, ...] = ()  # what the wake needs of the sleep
+        # A sleep or wake under way, in the record before its call: "sleep" or "wake".
+        self._intent: str | None = None
+        self._flush = flush
         self.sleeps = 0  # for metrics: sleeps the service confirmed, wakes that worked
         self.wakes = 0
         # Several GPUs: the cards it was placed on (indices) and how the driver names them to
@@ -126,28 +145,31 @@ class UnitOwner:
 
     async def ensure_ready(self) -> UnitResult:
         # a start, or a wake (its call plus the health check) when it sleeps
-        return await self._ask(max(self.start_bound_s, self.wake_bound_s), "ensure_ready")
+        return await self._ask(max(self.start_bound_s, self.wake_bound_s),
+                               EnsureReady)
 
     async def sleep(self, reason: str, requester: str = "gpu-manager") -> UnitResult:
         """Ask the service to let its VRAM go (the `sleep:` block). ok: it said it did; the
         GPU's evidence is the caller's to check."""
-        return await self._ask(self.sleep_bound_s, "sleep", reason, requester)
+        return await self._ask(self.sleep_bound_s + self.bounds.lock_io_s,
+                               lambda f: Sleep(f, reason, requester))
 
     async def woke(self, detail: str) -> UnitResult:
         """It holds its VRAM again on its own (a request reloaded the model)."""
-        return await self._ask(self.bounds.unit_call_s, "woke", detail)
+        return await self._ask(self.bounds.unit_call_s, lambda f: Woke(f, detail))
 
     async def stop(self, reason: str = "requested") -> UnitResult:
-        return await self._ask(self.stop_bound_s, "stop", reason)
+        return await self._ask(self.stop_bound_s, lambda f: Stop(f, reason))
 
     async def adopt(self, record: dict[str, Any]) -> bool | None:
         """True: adopted; False: nothing of it runs; None: could not tell (keep the record)."""
-        result = await self._ask(self.bounds.unit_call_s, "adopt", record)
+        result = await self._ask(self.bounds.unit_call_s + self.sleep_bound_s,
+                                 lambda f: Adopt(f, record))
         return None if result.unknown else result.ok
 
     async def reconfigure(self, cfg: ServiceConfig, driver: Driver) -> UnitResult:
         """Take a changed definition: now when nothing runs, else at the next launch."""
-        return await self._ask(self.bounds.unit_call_s, "reconfigure", cfg, driver)
+        return await self._ask(self.bounds.unit_call_s, lambda f: Reconfigure(f, cfg, driver))
 
     async def close(self) -> None:
         """Stop owning the service without stopping it (daemon shutdown / restart)."""
@@ -179,37 +201,48 @@ class UnitOwner:
             self.state, self.stop_bound_s)
         return (now or time.monotonic()) - self.since_mono > bound + self.bounds.answer_margin_s
 
-    async def _ask(self, bound: float, *msg: Any) -> UnitResult:
+    async def _ask(self, bound: float,
+                   make: Callable[[asyncio.Future[UnitResult]], Message]) -> UnitResult:
         self.start_loop()
         fut: asyncio.Future[UnitResult] = asyncio.get_running_loop().create_future()
-        self._inbox.put_nowait((msg[0], fut, *msg[1:]))
+        msg = make(fut)
+        assert isinstance(msg, Ask)
+        kind = type(msg).__name__
+        self._inbox.put_nowait(msg)
         try:
             async with asyncio.timeout(bound + self.bounds.answer_margin_s):
                 return await asyncio.shield(fut)
         except TimeoutError:
-            logger.error(f"{self.name}: no answer to {msg[0]} within {bound:g}s "
+            # The caller gives up: a message still in the inbox is dropped, not acted on
+            # later for nobody (a stop long after its operation ended, say).
+            fut.cancel()
+            logger.error(f"{self.name}: no answer to {kind} within {bound:g}s "
                          f"(state {self.state.value}: {self.reason})")
             waited = bound + self.bounds.answer_margin_s
-            return UnitResult(False, self.state, f"{self.name} did not answer {msg[0]} within "
+            return UnitResult(False, self.state, f"{self.name} did not answer {kind} within "
                               f"{waited:g}s (state {self.state.value})", waited, unknown=True)
+
+    async def _handle(self, msg: Message) -> None:
+        """Act on one message: the Unit's one `match` (units/unit.py)."""
 
     # -- the owner loop -----------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            kind, *args = await self._inbox.get()
-            self.handling = kind
+            msg = await self._inbox.get()
+            if isinstance(msg, Ask) and msg.fut.done():
+                continue  # its caller gave up before it was handled
+            kind = self.handling = type(msg).__name__
             try:
-                await getattr(self, f"_on_{kind}")(*args)
+                await self._handle(msg)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the owner loop must outlive any single failure
                 self.faults += 1
                 logger.opt(exception=exc).error(f"{self.name}: error handling {kind}: {exc}")
                 self._recover(f"internal error handling {kind}: {type(exc).__name__}: {exc}")
-                for a in args:
-                    if isinstance(a, asyncio.Future) and not a.done():
-                        a.set_result(UnitResult(False, self.state, f"internal error: {exc}", 0,
-                                                unknown=True))
+                if isinstance(msg, Ask) and not msg.fut.done():
+                    msg.fut.set_result(UnitResult(False, self.state, f"internal error: {exc}",
+                                                  0, unknown=True))
             finally:
                 self.handling = None
 
@@ -225,7 +258,7 @@ class UnitOwner:
             self._record()
             self._finish_waiters(False, why)
 
-    def _post(self, *msg: Any) -> None:
+    def _post(self, msg: Message) -> None:
         self._inbox.put_nowait(msg)
 
     def _set(self, state: ServiceState, reason: str) -> None:
@@ -236,6 +269,7 @@ class UnitOwner:
     def _force(self, state: ServiceState, reason: str) -> None:
         """Set a state without the table: only `_recover` uses it, to reach `failed`."""
         prev, self.state, self.reason = self.state, state, reason
+        self._intent = None  # a sleep or wake under way ends with any change of state
         self.since, self.since_mono = time.time(), time.monotonic()
         self._bus.publish(Event("state", self.name, {
             "state": state.value, "previous": prev.value, "reason": reason,
@@ -256,7 +290,7 @@ class UnitOwner:
             old.cancel()
         self._tasks[key] = asyncio.create_task(
             guarded(factory, f"{self.name}-{key}",
-                    lambda exc: self._post("crashed", key, gen, exc)),
+                    lambda exc: self._post(Crashed(key, gen, exc))),
             name=f"{self.name}-{key}")
 
     def _alive(self, key: str) -> bool:
@@ -276,9 +310,28 @@ class UnitOwner:
         if record is not None and self.state == S.SLEEPING:
             # so a restarted daemon adopts it as asleep, and knows what to wake
             record = {**record, "asleep": True, "memo": list(self._sleep_memo)}
+        if record is not None and self._intent is not None:
+            # a sleep or wake under way: a daemon that dies during its call asks the service
+            # how it is (and the GPU what it holds) instead of trusting the state before it
+            record = {**record, "intent": self._intent, "memo": list(self._sleep_memo)}
         if record is not None and self.devices:
             record = {**record, "devices": list(self.devices), "visible": list(self.visible)}
         self._on_record(self.name, record)
+
+    async def _announce(self, intent: str | None) -> None:
+        """Record `intent` (or that none is under way) and, for an intent, wait (bounded)
+        until it is on disk: the call it announces comes after."""
+        self._intent = intent
+        self._record()
+        if intent is not None and self._flush is not None:
+            try:
+                async with asyncio.timeout(self.bounds.lock_io_s):
+                    written = await self._flush()
+            except TimeoutError:
+                written = False
+            if not written:
+                logger.warning(f"{self.name}: the record of its {intent} is not yet on disk; "
+                               "going on (a crash now is reconciled from the service)")
 
     def _finish_waiters(self, ok: bool, reason: str) -> None:
         result = UnitResult(ok, self.state, reason, time.monotonic() - self._start_began)

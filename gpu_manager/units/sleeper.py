@@ -52,6 +52,10 @@ class Sleeper(Protocol):
 
     async def wake(self, name: str, cfg: SleepConfig, memo: tuple[str, ...]) -> Outcome: ...
 
+    async def asleep(self, name: str, cfg: SleepConfig) -> bool | None:
+        """Whether the service says it sleeps now; None when its API cannot say."""
+        ...
+
 
 class _Refused(Exception):
     """The server answered, but not what a successful call answers."""
@@ -72,6 +76,26 @@ class HttpSleeper:
 
     async def wake(self, name: str, cfg: SleepConfig, memo: tuple[str, ...]) -> Outcome:
         return await self._bounded("wake", cfg, cfg.wake_timeout_s, self._wake(cfg, memo))
+
+    async def asleep(self, name: str, cfg: SleepConfig) -> bool | None:
+        """vLLM: `GET /is_sleeping`; Ollama: no model loaded (`GET /api/ps`); `http`: its
+        `asleep` check. The others have no way to say (None): the GPU will."""
+        try:
+            async with asyncio.timeout(cfg.timeout_s + GRACE_S):
+                match cfg.api:
+                    case "vllm":
+                        state = (await self._call(cfg, "GET", "/is_sleeping",
+                                                  cfg.timeout_s)).json()
+                        value = state.get("is_sleeping") if isinstance(state, dict) else None
+                        return value if isinstance(value, bool) else None
+                    case "ollama":
+                        ps = (await self._call(cfg, "GET", "/api/ps", cfg.timeout_s)).json()
+                        return not ps.get("models") if isinstance(ps, dict) else None
+                    case "http" if cfg.asleep is not None:
+                        return await self._asleep(cfg)
+                return None
+        except (TimeoutError, _Refused, httpx.HTTPError, ValueError):
+            return None
 
     async def _bounded(self, what: str, cfg: SleepConfig, timeout: float,
                        call: Any) -> Outcome:

@@ -20,13 +20,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, assert_never
 
 from loguru import logger
 
 from gpu_manager.config import ServiceConfig
 from gpu_manager.units.drivers.base import Driver, DriverError, ExitInfo
 from gpu_manager.units.events import Event
+from gpu_manager.units.messages import (
+    Adopt,
+    Crashed,
+    EnsureReady,
+    Exited,
+    Health,
+    Launched,
+    Message,
+    Ready,
+    Reconfigure,
+    Restart,
+    Sleep,
+    StartFailed,
+    Stop,
+    WakeRefused,
+    Woke,
+    Woken,
+)
 from gpu_manager.units.owner import RecordSink, RestartGate, S
 from gpu_manager.units.result import UnitResult
 from gpu_manager.units.sleepwake import SleepWake
@@ -36,6 +54,43 @@ __all__ = ["RecordSink", "RestartGate", "Unit"]
 
 
 class Unit(SleepWake):
+    async def _handle(self, msg: Message) -> None:
+        """The one dispatch of the owner loop: every message kind, checked by the type
+        checker (a new kind without a case here fails `assert_never`)."""
+        match msg:
+            case EnsureReady(fut):
+                await self._on_ensure_ready(fut)
+            case Stop(fut, reason):
+                await self._on_stop(fut, reason)
+            case Sleep(fut, reason, requester):
+                await self._on_sleep(fut, reason, requester)
+            case Woke(fut, detail):
+                await self._on_woke(fut, detail)
+            case Adopt(fut, record):
+                await self._on_adopt(fut, record)
+            case Reconfigure(fut, cfg, driver):
+                await self._on_reconfigure(fut, cfg, driver)
+            case Crashed(key, gen, exc):
+                await self._on_crashed(key, gen, exc)
+            case Launched(gen):
+                await self._on_launched(gen)
+            case Ready(gen, detail):
+                await self._on_ready(gen, detail)
+            case StartFailed(gen, reason):
+                await self._on_start_failed(gen, reason)
+            case Exited(gen, info):
+                await self._on_exited(gen, info)
+            case Health(gen, ok, detail):
+                await self._on_health(gen, ok, detail)
+            case Restart(gen, allowed):
+                await self._on_restart(gen, allowed)
+            case Woken(gen, detail):
+                await self._on_woken(gen, detail)
+            case WakeRefused(gen, detail):
+                await self._on_wake_refused(gen, detail)
+            case _:
+                assert_never(msg)
+
     # -- commands -----------------------------------------------------------------------------
     async def _on_ensure_ready(self, fut: asyncio.Future[UnitResult]) -> None:
         if self.state == S.READY:
@@ -115,10 +170,13 @@ class Unit(SleepWake):
         self.driver.visible, self.driver.cards = self.visible, self.devices
         gen = self._gen
         self._spawn("exit", lambda: self._watch_exit(gen), gen)
-        if record.get("asleep") and self.cfg.sleep is not None:
-            # It was put to sleep before the restart: still asleep (a wake brings it back).
+        asleep, why = await self._was_asleep(record)
+        if asleep:
+            # Asleep before the restart (or maybe: a sleep or wake was under way): asleep
+            # now; a wake brings it back, and the GPU's evidence (it holds more than its
+            # residual) makes it `ready` at the next pid refresh if it is not.
             self._sleep_memo = tuple(str(m) for m in record.get("memo") or ())
-            self._set(S.SLEEPING, "adopted after a daemon restart, asleep")
+            self._set(S.SLEEPING, f"adopted after a daemon restart, asleep ({why})")
             self._record()
             fut.set_result(UnitResult(True, self.state, "adopted, asleep", 0.0))
             return
@@ -126,6 +184,23 @@ class Unit(SleepWake):
         self._record()
         self._spawn("start", lambda: self._start_sequence(gen, launch=False), gen)
         fut.set_result(UnitResult(True, self.state, "adopted", 0.0))
+
+    async def _was_asleep(self, record: dict[str, Any]) -> tuple[bool, str]:
+        """Whether an adopted service sleeps, reconciled from the record and the service's
+        own answer: a record that says a sleep or wake was under way (the daemon died during
+        the call) is not taken at its word."""
+        if self.cfg.sleep is None:
+            return False, "it has no sleep: block"
+        intent = record.get("intent")
+        if not record.get("asleep") and intent not in ("sleep", "wake"):
+            return False, "the record says awake"
+        said = await self._asleep_now()
+        if said is not None:
+            return said, f"it says so{f', after a {intent} was cut short' if intent else ''}"
+        # It cannot say: the record (a cut-short sleep or wake counts as asleep, the safe
+        # side: a start then wakes it, and memory it holds shows it awake)
+        return True, ("the record says asleep" if intent is None
+                      else f"a {intent} was cut short and it cannot say")
 
     async def _on_reconfigure(self, fut: asyncio.Future[UnitResult], cfg: ServiceConfig,
                               driver: Driver) -> None:
@@ -254,7 +329,7 @@ class Unit(SleepWake):
                     allowed = await self._restart_gate(self.name)
             except TimeoutError:
                 allowed = False
-        self._post("restart", gen, allowed)
+        self._post(Restart(gen, allowed))
 
     async def _on_restart(self, gen: int, allowed: bool) -> None:
         if gen != self._gen or self.state not in (S.STOPPED, S.FAILED):

@@ -8,6 +8,7 @@ import asyncio
 import time
 
 from gpu_manager.units.drivers.base import DriverError
+from gpu_manager.units.messages import Exited, Health, Launched, Ready, StartFailed
 from gpu_manager.units.owner import UnitOwner
 
 
@@ -19,8 +20,8 @@ class Watchers(UnitOwner):
             async with asyncio.timeout(bound):
                 await self._start_steps(gen, launch, deadline)
         except TimeoutError:
-            self._post("start_failed", gen, f"start did not finish within {bound:g}s "
-                                            f"(last: {self.health_detail or 'no answer'})")
+            self._post(StartFailed(gen, f"start did not finish within {bound:g}s "
+                                        f"(last: {self.health_detail or 'no answer'})"))
 
     async def _start_steps(self, gen: int, launch: bool, deadline: float) -> None:
         if launch:
@@ -28,30 +29,30 @@ class Watchers(UnitOwner):
                 await self._driver(f"launching {self.name}", self.driver.start(),
                                    self.cfg.start_timeout_s)
             except DriverError as exc:
-                self._post("start_failed", gen, str(exc))
+                self._post(StartFailed(gen, str(exc)))
                 return
-            self._post("launched", gen)
+            self._post(Launched(gen))
         health = self.cfg.health
         if health is None:
-            self._post("ready", gen, "started (no health check configured)")
+            self._post(Ready(gen, "started (no health check configured)"))
             return
         await asyncio.sleep(0.01)  # first check within 50 ms of the launch
         while True:
             ok, detail = await self._health.check(health)
             self.health_detail = detail
             if ok:
-                self._post("ready", gen, f"healthy ({detail})")
+                self._post(Ready(gen, f"healthy ({detail})"))
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                self._post("start_failed", gen,
-                           f"not healthy after {self.cfg.start_timeout_s:g}s (last: {detail})")
+                self._post(StartFailed(
+                    gen, f"not healthy after {self.cfg.start_timeout_s:g}s (last: {detail})"))
                 return
             await asyncio.sleep(min(health.startup_interval_s, left))
 
     async def _watch_exit(self, gen: int) -> None:
         info = await self.driver.wait_exit()
-        self._post("exited", gen, info)
+        self._post(Exited(gen, info))
 
     async def _watch_health(self, gen: int) -> None:
         health = self.cfg.health
@@ -63,4 +64,4 @@ class Watchers(UnitOwner):
                     ok, detail = await self._health.check(health)
             except TimeoutError:
                 ok, detail = False, f"no answer within {health.timeout_s:g}s"
-            self._post("health", gen, ok, detail)
+            self._post(Health(gen, ok, detail))

@@ -320,8 +320,10 @@ class World:
         for unit in self.units.values():
             unit.start_loop()
         self.supervisor.spawn("lease-expiry", self.leases.expire_loop)
+        self.supervisor.spawn("gpu-lock", self.orch.keeper.watch)
 
     async def close(self) -> None:
+        await self.leases.close()
         await self.supervisor.close(2)
         await asyncio.gather(*(u.close() for u in self.units.values()))
         await self.orch.keeper.release_all()
@@ -356,6 +358,10 @@ class World:
         if driver is not None and driver.alive and driver.pid is not None:
             self.gpu.set_mb(driver.pid, (cfg.residual_mb or 0) // 2)
         return Outcome(True, f"{cfg.api}: released")
+
+    async def asleep(self, name: str, cfg: SleepConfig) -> bool | None:
+        """The fake services cannot say (as SGLang, ComfyUI): the record and the GPU do."""
+        return None
 
     async def wake(self, name: str, cfg: SleepConfig, memo: tuple[str, ...]) -> Outcome:
         """Fault point "resume": refuse (a CUDA OOM answer: still asleep), hang, raise."""

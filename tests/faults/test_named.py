@@ -4,6 +4,7 @@ the unit ends in a state that says why, the lock is free, the books match the fa
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ async def run(w: World, req: StartService | StopService | PreparePhase | SleepSe
 
 
 def lock_free(w: World) -> bool:
-    return w.lock._lease is None and not w.orch.keeper.holders
+    return w.lock._hold is None and not w.orch.keeper.holders
 
 
 async def test_health_checker_that_raises_fails_the_start_not_the_daemon(world: World) -> None:
@@ -215,7 +216,10 @@ async def test_removed_service_whose_stop_fails_stays_counted(world: World,
 async def test_declined_restart_is_retried(world: World) -> None:
     await run(world, PreparePhase(3))  # cosyvoice: restart on-failure
     await run(world, StartService("comfyui"))  # 12000 + 4000 of 19000: cosyvoice stays
-    lease = await world.leases.acquire("hog", "test", 1, 2000, vram_mb=3000, ttl_s=5)
+    # (with its pid: the lease's own memory is its process's, so the desktop's below is not
+    # taken for the lease's, as it would be for a lease without a pid)
+    lease = await world.leases.acquire("hog", "test", 1, 2000, vram_mb=3000, ttl_s=5,
+                                       pid=os.getpid())
     assert lease.lease is not None
     world.gpu.foreign_mb = 1000  # a desktop: 12000 + 3000 + 4000 no longer fit in 18000
     await world.poller.next_snapshot(1)
@@ -315,7 +319,10 @@ async def test_a_sleep_that_raises_is_stopped_and_the_unit_stays_consistent(
     await run(world, StartService("vllm"))
     world.faults.arm("vllm", "release", Fault("raise"))
     op, error, _ = await run(world, SleepService("vllm"))
-    assert error is None, op.error
+    # a sleep asked for by name that ended in a stop says so: not a success
+    assert error is not None and error.code == "sleep_failed", op.error
+    assert error.extra["success"] is False and error.extra["stopped"] is True
+    assert "stopped instead" in error.detail
     step = next(s for s in op.steps if s.service == "vllm")
     assert step.action == "sleep" and "sleep failed" in (step.detail or ""), step
     assert "stopped instead" in (step.detail or "")

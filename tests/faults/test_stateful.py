@@ -270,7 +270,7 @@ class Coordinator(RuleBasedStateMachine):
         world = self.world
         active = {x.name for x in world.orch.ledger.view().active_leases}
         assert set(world.orch.keeper.holders) == active
-        assert (world.lock._lease is not None) == bool(active)
+        assert (world.lock._hold is not None) == bool(active)
         assert not world.orch.busy
 
     @invariant()

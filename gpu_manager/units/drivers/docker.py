@@ -1,8 +1,9 @@
 """Docker services through the Docker SDK; every SDK call runs off the event loop.
 
 One `DockerEngine` per daemon owns the client and a single `die` event stream, so a container
-that dies is noticed as soon as dockerd says so (no polling). A driver stops only the
-container id it started or adopted, and reports "stopped" only after inspecting it.
+that dies is noticed as soon as dockerd says so (no polling). A driver stops only a
+container id it created, started or adopted (never one found by name and refused, such as an
+operator's container pinned to another card), and reports "stopped" only after inspecting it.
 """
 
 from __future__ import annotations
@@ -216,6 +217,9 @@ class DockerDriver(ExitWatch):
         self.engine = engine
         self.container_name = cfg.container.lstrip("/")
         self.container_id: str | None = None
+        # A container this driver created whose launch did not finish (abandoned, failed
+        # to start): still ours to stop. Written by the launch's thread.
+        self._created_id: str | None = None
         self._exit: asyncio.Future[ExitInfo] | None = None
         self._cancel_launch: threading.Event | None = None
 
@@ -247,14 +251,16 @@ class DockerDriver(ExitWatch):
                   "detach": True}
         try:
             try:
-                return client.containers.create(self.cfg.image, **kwargs)
+                created = client.containers.create(self.cfg.image, **kwargs)
             except errors.ImageNotFound:
                 logger.info(f"{self.name}: pulling {self.cfg.image}")
                 client.images.pull(self.cfg.image)
                 if cancel.is_set():  # the pull outlived the start: create nothing
                     raise DriverError(f"start of {self.container_name!r} abandoned during "
                                       "the image pull") from None
-                return client.containers.create(self.cfg.image, **kwargs)
+                created = client.containers.create(self.cfg.image, **kwargs)
+            self._created_id = str(created.id)
+            return created
         except errors.APIError as exc:
             if exc.status_code == 409:
                 raise DriverError(f"name conflict: a container named {self.container_name!r} "
@@ -269,6 +275,7 @@ class DockerDriver(ExitWatch):
         # before it creates or starts anything, so a start we abandoned never leaves a
         # running container that no unit tracks. A stop sets it too.
         cancel = self._cancel_launch = threading.Event()
+        self._created_id = None
 
         def launch(client: Any) -> str:
             container = self._get_or_create(client, cancel)
@@ -327,7 +334,9 @@ class DockerDriver(ExitWatch):
 
     # -- stop ---------------------------------------------------------------------------------
     async def stop(self, timeout: float) -> ExitInfo:
-        cid = self.container_id or self.container_name
+        # Only an id this driver created, started or adopted: never the name, which may
+        # be an operator's own container that a failed launch only looked at.
+        cid = self.container_id or self._created_id
         errors = docker.errors
 
         def stop(client: Any) -> str:
@@ -345,6 +354,8 @@ class DockerDriver(ExitWatch):
 
         if self._cancel_launch is not None:
             self._cancel_launch.set()  # a launch still in its thread must not start it now
+        if cid is None:
+            return ExitInfo(None, detail="nothing of it was started")
         # docker-py lets the stop request itself run `timeout` past the engine timeout
         status = await self.engine.call(stop, about=self.container_name,
                                         deadline_s=timeout + 2 * self.engine.timeout

@@ -310,18 +310,23 @@ class NativeDriver(ExitWatch):
 
     # -- adoption -----------------------------------------------------------------------------
     async def adopt(self, record: dict[str, Any]) -> bool:
+        """Take over the process a record names, on the process's own proof only: the same
+        pid and create time, and in its environment our token naming THIS unit and the
+        owner naming THIS daemon's state dir. A record that disagrees (another unit's
+        process, another daemon's, a token that does not match) is refused and reported,
+        never acted on."""
         try:
             pid, create_time = int(record["pid"]), float(record["create_time"])
             token = str(record["token"]) if record.get("token") else None
         except (KeyError, TypeError, ValueError):
             return False
-        proc = _same_process(pid, create_time)
-        if proc is None:
-            return False  # gone, or the pid now belongs to another process
-        if token is not None:
-            with contextlib.suppress(psutil.Error, OSError):
-                if proc.environ().get(MARKER_ENV) != token:
-                    return False
+        why = await asyncio.to_thread(self._disproof, pid, create_time, token)
+        if why is not None:
+            if why != "gone":
+                logger.error(f"{self.name}: the record names pid {pid}, but {why}: the record "
+                             "is dropped and the process left alone")
+            return False
+        assert token is not None
         self.pid, self.create_time, self.token = pid, create_time, token
         self._tagged, self._tagged_at = {}, -TAGGED_TTL_S
         self.started_at = record.get("started_at")
@@ -329,6 +334,26 @@ class NativeDriver(ExitWatch):
         self._exit = loop.create_future()
         self._watch = asyncio.create_task(self._watch_adopted(pid), name=f"{self.name}-exit")
         return True
+
+    def _disproof(self, pid: int, create_time: float, token: str | None) -> str | None:
+        """Why the process is not this unit's, on its own word (None: it is). Blocking."""
+        proc = _same_process(pid, create_time)
+        if proc is None:
+            return "gone"  # gone, or the pid now belongs to another process
+        if token is None or token.split(":", 1)[0] != self.name:
+            return f"the record's token {token!r} does not name {self.name}"
+        try:
+            env = proc.environ()
+        except (psutil.Error, OSError) as exc:
+            return f"its environment cannot be read ({exc})"
+        if env.get(MARKER_ENV) != token:
+            seen = env.get(MARKER_ENV)
+            return (f"that process is {seen.split(':', 1)[0]!r}'s" if seen
+                    else "that process carries no token of ours")
+        owner = self.extra_env.get(OWNER_ENV)
+        if owner is not None and env.get(OWNER_ENV) != owner:
+            return f"that process belongs to the daemon of {env.get(OWNER_ENV)!r}"
+        return None
 
     async def _watch_adopted(self, pid: int) -> None:
         """Not our child after a daemon restart: wait on a pidfd (instant), else poll."""
