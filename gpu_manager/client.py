@@ -201,7 +201,7 @@ class GPUClient:
             try:
                 resp = await self._client().post("/gpu/renew", json={
                     "session_id": task_id, "requester": self.service_id})
-                if resp.status_code == 410:
+                if resp.status_code == 409 and resp.json().get("lost"):
                     await self._lost(task_id, str(resp.json().get("error") or "lost"))
                     return
                 if resp.status_code == 404:

@@ -35,6 +35,19 @@ def legacy_module() -> ModuleType:
     return module
 
 
+def test_the_shipped_shim_is_the_package_module() -> None:
+    # One source: gpu_manager/legacy.py (what `import gpu_manager` serves) is a link to
+    # compat/gpu_manager.py (what users copy over the old file), never a second copy.
+    shim = ROOT / "compat" / "gpu_manager.py"
+    module = ROOT / "gpu_manager" / "legacy.py"
+    assert module.is_symlink() and not shim.is_symlink()
+    assert module.resolve() == shim.resolve()
+    import gpu_manager.legacy as package_module
+
+    assert Path(package_module.__file__ or "").resolve() == shim.resolve()
+    assert legacy_module().GPUManager.__doc__ == package_module.GPUManager.__doc__
+
+
 @pytest.fixture
 def rdb(redis_server: RedisServer) -> Iterator[redis.Redis]:
     r = redis.Redis.from_url(redis_server.url, decode_responses=True)

@@ -174,7 +174,7 @@ def test_leases_per_card(daemon: DaemonProc) -> None:
     # a named card that does not exist: a clear refusal
     bad = d.post("/gpu/acquire", json={"session_id": "l2", "requester": "t", "vram_mb": 10,
                                        "device": 7})
-    assert bad.status_code == 409 and "device 7 is not managed" in bad.json()["error"]
+    assert bad.status_code == 422 and "device 7 is not managed" in str(bad.json()["detail"])
     d.post("/gpu/release", json={"session_id": "l1"})
     # the GPUClient asks for a card and learns what to hand CUDA
     from gpu_manager.client import GPUClient
@@ -221,7 +221,7 @@ async def test_a_restart_by_policy_goes_only_where_the_plan_would_put_it(
     # would put it there; a card filled meanwhile must not get it on top.
     from gpu_manager.daemon import Daemon
     from gpu_manager.orchestrator.operations import Operation
-    from gpu_manager.planner import StartService
+    from gpu_manager.planner import StartService, StopAll
     from gpu_manager.settings import Settings
 
     (tmp_path / "config").mkdir()
@@ -239,6 +239,7 @@ async def test_a_restart_by_policy_goes_only_where_the_plan_would_put_it(
         crashed.devices = (1,)
         assert await orch.restart_gate("c") is True  # its card has room: it may go
     finally:
+        await d.orchestrator.execute(Operation(StopAll()))  # the stand-ins go with the test
         await d.stop()
 
 
@@ -247,7 +248,7 @@ async def test_one_gpu_hands_no_cards_even_to_a_unit_that_had_some(tmp_path: Pat
     # gets no CUDA_VISIBLE_DEVICES (one card: the service finds its own, as before).
     from gpu_manager.daemon import Daemon
     from gpu_manager.orchestrator.operations import Operation
-    from gpu_manager.planner import StartService
+    from gpu_manager.planner import StartService, StopAll
     from gpu_manager.settings import Settings
     from tests.support.daemon import write_inventory
 
@@ -263,4 +264,5 @@ async def test_one_gpu_hands_no_cards_even_to_a_unit_that_had_some(tmp_path: Pat
         assert unit.devices == () and pids
         assert "CUDA_VISIBLE_DEVICES" not in psutil.Process(pids[0]).environ()
     finally:
+        await d.orchestrator.execute(Operation(StopAll()))  # the stand-in goes with the test
         await d.stop()

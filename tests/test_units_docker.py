@@ -296,3 +296,31 @@ async def test_a_placed_container_is_created_on_its_card_and_one_pinned_elsewher
         await elsewhere.start()
     except DriverError as exc:
         assert "pinned to" not in str(exc), exc
+
+
+async def test_a_failed_launch_never_stops_a_container_it_did_not_start(
+    h: Harness, names: list[str], busybox_image: str, docker_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The operator's own container runs under the service's name.
+    name = fresh(names)
+    docker_client.containers.run(busybox_image, ["sleep", "600"], name=name, detach=True,
+                                 network_disabled=True)
+    unit = h.docker("svc", container=name, image=busybox_image, command=["sleep", "600"],
+                    network_mode="none", stop_timeout_s=1)
+    # A driver that neither created, started nor adopted anything stops nothing.
+    info = await DockerDriver("svc", unit.cfg, h.engine).stop(1)  # type: ignore[arg-type]
+    assert "nothing of it was started" in info.detail
+    assert docker_client.containers.get(name).status == "running"
+    # Through the unit: the launch finds the container by name and refuses it (as one
+    # pinned to another card: the engine here has no GPU runtime to make one, so the
+    # refusal is raised where it is made). The unit fails; the container runs on. It used
+    # to be stopped by name on the failure path.
+    def refuse(*_: Any) -> None:
+        raise DriverError(f"container {name!r} exists pinned to GPU 0 but the plan placed "
+                          "svc on GPU 1")
+
+    monkeypatch.setattr("gpu_manager.units.drivers.docker.check_cards", refuse)
+    result = await unit.ensure_ready()
+    assert not result.ok and unit.state == S.FAILED and "pinned to GPU 0" in result.reason
+    assert docker_client.containers.get(name).status == "running"

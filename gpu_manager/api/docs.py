@@ -20,7 +20,6 @@ WHY = {
     409: "The plan cannot be carried out: `insufficient_vram` (with the blockers and the MB "
          "short), `needed_by_phase`, `cannot_sleep`, `not_running`, `unmanaged_device` (it "
          "runs on a card this daemon does not manage: stop it).",
-    410: "Gone: the lease was lost (the GPU lock went to someone else).",
     413: "`payload_too_large`: the body is larger than `GPU_MANAGER_MAX_BODY_BYTES`.",
     415: "`unsupported_media_type`: a mutating call's body must be JSON.",
     422: "`invalid_request`: the request does not match the schema (a list of issues).",

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from loguru import logger
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from gpu_manager.api.docs import answers
 from gpu_manager.api.models import Body, JsonInt, json_int
@@ -91,6 +91,8 @@ class ReleaseAnswer(Body):
     error: str | None = None
     cancelled: bool = Field(default=False, description="The session's acquire was still "
                             "in flight: it was cancelled, nothing is held.")
+    lost: bool = Field(default=False, description="The lease had been lost (the GPU lock went "
+                       "to someone else): nothing to release.")
 
 
 class RenewAnswer(Body):
@@ -134,7 +136,7 @@ class LegacyStatus(Body):
 
 NOT_GRANTED = {409: "Not granted in time (the body says why, with the same shape).",
                503: "The lock backend is unavailable, or the daemon is shutting down."}
-LOST = {410: "The lease was lost: the GPU lock went to someone else (`lost: true`, "
+LOST = {409: "The lease was lost: the GPU lock went to someone else (`lost: true`, "
              "`error` says why)."}
 
 
@@ -147,14 +149,29 @@ def engine_of(task_id: str) -> str:
     return match.group(1) if match else task_id
 
 
+def acquire_body(cards: list[int]) -> type[AcquireBody]:
+    """The acquire body of this daemon: `device` one of the cards it manages (the schema
+    says which, so a generated client never sends another; another is a 422)."""
+    def managed(v: int) -> int:
+        if v not in cards:
+            raise ValueError(f"device {v} is not managed by this daemon (devices: "
+                             f"{', '.join(map(str, cards))})")
+        return v
+
+    class Acquire(AcquireBody):
+        device: Annotated[int, Field(json_schema_extra={"enum": cards}),
+                          BeforeValidator(json_int), AfterValidator(managed)] | None = None
+
+    Acquire.__name__ = "AcquireBody"
+    return Acquire
+
+
 def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
     """`post`: what every mutating route answers before it runs (app.py's POST)."""
     router = APIRouter(tags=["leases"])
     deps = [Depends(auth)]
+    Body_ = acquire_body([c.index for c in daemon.inventory.gpu.managed])
 
-    @router.post("/gpu/acquire", dependencies=deps,
-                 responses=answers(*post, 409, 503, ok=LeaseAnswer, why=NOT_GRANTED,
-                                   body=LeaseAnswer))
     async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
         res = await daemon.leases.acquire(body.session_id, body.requester, body.priority,
                                           body.timeout_ms, body.vram_mb, body.ttl_s,
@@ -185,8 +202,14 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
         await daemon.refresh_lock_info()
         return JSONResponse(payload, status_code=code)
 
+    # validated (and documented) as this daemon's body: its cards
+    acquire.__annotations__["body"] = Body_
+    router.post("/gpu/acquire", dependencies=deps,
+                responses=answers(*post, 409, 503, ok=LeaseAnswer, why=NOT_GRANTED,
+                                  body=LeaseAnswer))(acquire)
+
     @router.post("/gpu/release", dependencies=deps, responses=answers(
-        *post, 404, 410, ok=ReleaseAnswer, why={404: "No such active session.", **LOST},
+        *post, 404, 409, ok=ReleaseAnswer, why={404: "No such active session.", **LOST},
         body=ReleaseAnswer))
     async def release(body: ReleaseBody) -> JSONResponse:
         in_flight = daemon.leases.in_flight(body.session_id)
@@ -201,15 +224,15 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
             return JSONResponse({"success": False, "session_id": body.session_id,
                                  "released_at": None, "session_duration_ms": None,
                                  "error": f"lost: {lost.reason}" if lost
-                                 else "no such active session"},
-                                status_code=410 if lost else 404)
+                                 else "no such active session", "lost": lost is not None},
+                                status_code=409 if lost else 404)
         held_ms = int((now - (lease.acquired_at or now)) * 1000)
         await daemon.refresh_lock_info()
         return JSONResponse({"success": True, "session_id": body.session_id,
                              "released_at": iso(now), "session_duration_ms": held_ms})
 
     @router.post("/gpu/renew", dependencies=deps, responses=answers(
-        *post, 404, 410, ok=RenewAnswer, why={404: "No such active session (expired?).",
+        *post, 404, 409, ok=RenewAnswer, why={404: "No such active session (expired?).",
                                                **LOST}, body=RenewAnswer))
     async def renew(body: RenewBody) -> JSONResponse:
         lease = daemon.leases.renew(body.session_id)
@@ -217,7 +240,7 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
             lost = daemon.leases.lost(body.session_id)
             if lost is not None:
                 return JSONResponse({"success": False, "session_id": body.session_id,
-                                     "error": lost.reason, "lost": True}, status_code=410)
+                                     "error": lost.reason, "lost": True}, status_code=409)
             return JSONResponse({"success": False, "session_id": body.session_id,
                                  "error": "no such active session (expired?)"}, status_code=404)
         return JSONResponse({"success": True, "session_id": body.session_id,

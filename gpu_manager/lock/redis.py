@@ -21,14 +21,22 @@ import uuid
 
 import redis.asyncio as aioredis
 from loguru import logger
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gpu_manager.lock.base import LockHeld, LockInfo, LockLost, LockUnavailable
 from gpu_manager.redact import redact_url
 
 # KEYS[1] lock key, KEYS[2] fencing counter; ARGV[1] our value, ARGV[2] ttl in ms.
-# Take the key if free and return the new fencing number (0: someone holds it).
+# Take the key if free and return the new fencing number (0: someone holds it). Already ours
+# (a retry whose first try ran but whose answer was lost): the number it got then.
 ACQUIRE = """
+local current = redis.call('get', KEYS[1])
+if current == ARGV[1] then
+  return tonumber(redis.call('get', KEYS[2]) or '0')
+end
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('incr', KEYS[2])
 end
@@ -141,8 +149,11 @@ class RedisLock:
         self.key = key
         self.fencing_key = f"{key}:fencing"
         self.ttl_ms = ttl_ms
+        # A pooled connection that Redis closed (a restart) fails its next command: tried
+        # once more on a fresh connection. Every script here is safe to run twice.
         self.client: aioredis.Redis = aioredis.from_url(
-            url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2)
+            url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
         self._acquire = self.client.register_script(ACQUIRE)
         self._release = self.client.register_script(RELEASE)
         self._extend = self.client.register_script(EXTEND)

@@ -189,12 +189,12 @@ class PlanRun(Releases):
 
     async def _step(self, step: Step, record: StepRecord, deps: list[str]) -> None:
         view, op = self.view, self.op
-        if self.claim.is_lost():  # the keeper saw it go: settle it before the next step
-            await lock_call("check", self.claim.check(), view.bounds.lock_io_s)
         record.status, record.started_at = "running", time.time()
         view.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
         t0 = time.monotonic()
         try:
+            if self.claim.is_lost():  # the keeper saw it go: settled before this step
+                await lock_call("check", self.claim.check(), view.bounds.lock_io_s)
             if step.action == "stop":
                 record.detail = await self.stop(step.service, step.reason, step.preemption)
             elif step.action == "sleep":

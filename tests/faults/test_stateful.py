@@ -2,13 +2,17 @@
 poller, on fakes that raise, hang or answer late at any await point.
 
 It drives random sequences of phases, starts, stops, release-all, leases (acquire, renew,
-release, expiry), reloads (adding, removing and changing services, evicted and paused ones
-included), crashes, deaths during a Docker-style event-stream gap with the reconnect's
-re-inspection, probe faults and foreign memory, and checks after every step:
+release, expiry, a client that times out and retries with the same session), the GPU lock's
+key lost (deleted, taken back by the daemon) or stolen (a legacy worker takes it), reloads
+(adding, removing and changing services, evicted and paused ones included), crashes,
+deaths during a Docker-style event-stream gap with the reconnect's re-inspection, probe
+faults and foreign memory, and checks after every step:
 - every call returned within its bound (an operation within its own deadline);
 - the GPU never had to allocate past its total (the plan never exceeded the budget);
 - no unit sits in `starting`/`stopping` past its timeout;
-- the lock is held exactly while client leases are (no operation runs between steps);
+- the lock is held exactly while client leases are (no operation runs between steps), or by
+  an intruder (a legacy worker that took the key after a loss), never by nobody, never by
+  the daemon and the intruder at once (the leases that relied on it are lost);
 - the books match the fakes: no live process that no unit owns, none behind a `stopped`
   unit, the ledger's pids are the live process's, every owner loop is alive.
 """
@@ -82,6 +86,7 @@ class Coordinator(RuleBasedStateMachine):
         self.world = World(self.tmp)
         self.run(self.world.start(), 5)
         self.sessions: set[str] = set()
+        self.intruder: Any = None  # the legacy worker's hold of the key, while it has it
         self.n = 0
         self.log: list[str] = []
 
@@ -242,6 +247,58 @@ class Coordinator(RuleBasedStateMachine):
         if self.world.leases.renew(sid) is None:
             self.sessions.discard(sid)  # it expired
 
+    @rule(mb=st.sampled_from([1000, 5000]))
+    def acquire_retried(self, mb: int) -> None:
+        """A client whose call timed out asks again with the same session: one acquire,
+        one answer for both, nothing granted to nobody."""
+        self.n += 1
+        sid = f"r{self.n}"
+        world = self.world
+
+        async def both() -> tuple[Any, Any]:
+            first = asyncio.ensure_future(world.leases.acquire(sid, "test", 2, 200, vram_mb=mb))
+            await asyncio.sleep(0)
+            second = await world.leases.acquire(sid, "test", 2, 200, vram_mb=mb)
+            return await first, second
+
+        first, second = self.run(both(), 200 / 1000 + world.orch.reclaim_timeout_s * 2 + 30)
+        assert (first.lease is None) == (second.lease is None), (first, second)
+        if first.lease is not None:
+            self.sessions.add(sid)
+        else:
+            assert world.orch.ledger.lease(f"lease:{sid}") is None
+
+    # -- the GPU lock's key -------------------------------------------------------------------
+    @rule()
+    def key_lost(self) -> None:
+        """The key vanishes (a Redis restart, an eviction): the daemon takes it back."""
+        if self.intruder is None:
+            self.run(self.world.lock.force_release(), 1)
+            self.settle(0.05)
+
+    @rule()
+    def key_stolen(self) -> None:
+        """The key vanishes and a legacy worker takes it before the daemon can: every lease
+        that relied on it is lost."""
+        if self.intruder is not None:
+            return
+
+        async def steal() -> Any:
+            await self.world.lock.force_release()
+            return await self.world.lock.acquire("legacy-worker")
+
+        self.intruder = self.run(steal(), 1)
+        self.settle(0.05)
+        for sid in list(self.sessions):
+            if self.world.leases.get(sid) is None:
+                self.sessions.discard(sid)
+
+    @precondition(lambda self: self.intruder is not None)
+    @rule()
+    def intruder_leaves(self) -> None:
+        self.run(self.intruder.release(), 1)
+        self.intruder = None
+
     # -- reloads ------------------------------------------------------------------------------
     @rule(variant=st.sampled_from(sorted(RELOADS)))
     def reload(self, variant: str) -> None:
@@ -268,10 +325,16 @@ class Coordinator(RuleBasedStateMachine):
     @invariant()
     def lock_held_only_for_leases(self) -> None:
         world = self.world
+        self.settle(0.02)  # the keeper's watch reacts to a loss at its next turn
         active = {x.name for x in world.orch.ledger.view().active_leases}
-        assert set(world.orch.keeper.holders) == active
-        assert (world.lock._hold is not None) == bool(active)
         assert not world.orch.busy
+        if self.intruder is not None and world.lock._hold is self.intruder:
+            # never held by two: what relied on the daemon's hold was revoked
+            assert not active and not world.orch.keeper.holders, (active, self.log[-6:])
+            return
+        assert set(world.orch.keeper.holders) == active
+        # never held by nobody, never released under a holder
+        assert (world.lock._hold is not None) == bool(active), (active, self.log[-6:])
 
     @invariant()
     def books_match_the_fakes(self) -> None:
