@@ -24,7 +24,13 @@ from loguru import logger
 from gpu_manager import statedir
 from gpu_manager.aio import Supervisor, wait_event
 from gpu_manager.bounds import DEFAULT, Bounds
-from gpu_manager.config import DockerService, Inventory, ServiceConfig, load_inventory
+from gpu_manager.config import (
+    DockerService,
+    Inventory,
+    LeaseConfig,
+    ServiceConfig,
+    load_inventory,
+)
 from gpu_manager.lock import GpuLock, LockInfo, make_lock
 from gpu_manager.orchestrator import Orchestrator
 from gpu_manager.orchestrator.cards import foreign_on
@@ -111,6 +117,9 @@ class Daemon:
                     on_record=self.store.set_unit, restart_gate=self.orchestrator.restart_gate,
                     bounds=self.bounds, sleeper=self.sleeper, flush=self._flush)
 
+    def _set_leases(self, cfg: LeaseConfig) -> None:
+        self.leases.cfg = cfg
+
     async def _flush(self) -> bool:
         """Every record made so far on disk (an intent before its call), bounded."""
         return await asyncio.to_thread(self.store.wait_written, self.bounds.lock_io_s)
@@ -150,7 +159,7 @@ class Daemon:
         await self._adopt()
         await self.orchestrator.refresh_pids()
         self.leases = LeaseManager(self.orchestrator, inv.leases)
-        self.reloader = Reloader(self)
+        self.reloader = Reloader(s.config_dir, self.orchestrator, self, self._set_leases)
         self.reloader.start()
         # Native services' logs roll over by size while they run (bounded disk use).
         self.logrotate = LogRotator(lambda: native_logs(self.units), s.child_log_max_bytes,

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
 
 from loguru import logger
 
@@ -24,21 +25,27 @@ from gpu_manager.config import (
     PHASES_FILE,
     SERVICES_FILE,
     ConfigError,
+    LeaseConfig,
     load_inventory,
 )
-from gpu_manager.orchestrator import Operation
+from gpu_manager.orchestrator import Operation, Orchestrator
+from gpu_manager.orchestrator.reconfig import UnitFactory
 from gpu_manager.planner import StartService, StopService
-
-if TYPE_CHECKING:
-    from gpu_manager.daemon import Daemon
 
 WATCH_EVERY_S = 1.0
 LOAD_TIMEOUT_S = 10.0
 
 
 class Reloader:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    """Reads `config_dir`, swaps the inventory in `orch` through units built by `make`, and
+    hands the new `leases:` section to `on_leases`."""
+
+    def __init__(self, config_dir: Path, orch: Orchestrator, make: UnitFactory,
+                 on_leases: Callable[[LeaseConfig], None]) -> None:
+        self.config_dir = config_dir
+        self.orch = orch
+        self.make = make
+        self.on_leases = on_leases
         self.error: str | None = None
         self.reloads = 0
         self._mtimes = self._stat()
@@ -46,7 +53,7 @@ class Reloader:
         self._hup = asyncio.Event()
 
     def _stat(self) -> tuple[float | None, ...]:
-        base = self.daemon.settings.config_dir
+        base = self.config_dir
         out: list[float | None] = []
         for name in (SERVICES_FILE, PHASES_FILE):
             try:
@@ -81,10 +88,10 @@ class Reloader:
             return await self._reload()
 
     async def _reload(self) -> tuple[bool, str]:
-        d = self.daemon
+        orch = self.orch
         try:
             async with asyncio.timeout(LOAD_TIMEOUT_S):
-                new = await asyncio.to_thread(load_inventory, d.settings.config_dir)
+                new = await asyncio.to_thread(load_inventory, self.config_dir)
         except ConfigError as exc:
             self.error = str(exc)
             logger.error(f"config reload rejected, keeping the running inventory:\n{exc}")
@@ -95,15 +102,15 @@ class Reloader:
             return False, self.error
         for issue in new.warnings:
             logger.warning(f"config: {issue}")
-        if new.gpu != d.inventory.gpu:
+        if new.gpu != orch.inventory.gpu:
             logger.warning("the gpu: section changed; that takes a daemon restart (ignored)")
-        res = await d.orchestrator.apply_inventory(new, d)
-        d.leases.cfg = new.leases
+        res = await orch.apply_inventory(new, self.make)
+        self.on_leases(new.leases)
         restarted: list[str] = []
         for name in res.restart:
             try:
-                await d.orchestrator.execute(Operation(StopService(name, force=True)))
-                await d.orchestrator.execute(Operation(StartService(name)))
+                await orch.execute(Operation(StopService(name, force=True)))
+                await orch.execute(Operation(StartService(name)))
                 restarted.append(name)
             except Exception as exc:  # the reload stands; the restart's failure is reported
                 logger.error(f"{name}: restart after its change failed: {exc}")

@@ -29,9 +29,15 @@ from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import Inventory
 from gpu_manager.lock import GpuLock, LockHeld, LockLost, LockUnavailable
 from gpu_manager.lock.keeper import LockKeeper
-from gpu_manager.orchestrator.executor import PlanRun, lock_call, plan_bound, refusal_error
+from gpu_manager.orchestrator.deadlines import lock_call, plan_bound
+from gpu_manager.orchestrator.executor import PlanRun
 from gpu_manager.orchestrator.followups import Followups
-from gpu_manager.orchestrator.operations import Operation, OperationError, OperationLog
+from gpu_manager.orchestrator.operations import (
+    Operation,
+    OperationError,
+    OperationLog,
+    refusal_error,
+)
 from gpu_manager.orchestrator.reconfig import ReloadResult, UnitFactory, apply_inventory
 from gpu_manager.orchestrator.view import PREWARM_PRIORITY, GpuView
 from gpu_manager.planner import (

@@ -1,94 +1,28 @@
 """Run one plan: release (stop or sleep) -> wait for reclaim by evidence -> start or wake ->
-wait ready, each bounded, as the graph the planner drew.
-
-Bounds, all derived from the inventory and settings: a unit answers a stop within its stop
-timeout plus the kill grace, a start within its start timeout (plus the stops around it); a
-sleep within its `sleep.timeout_s`, and its release is confirmed on the GPU within the same
-again; a wake within `wake_timeout_s` plus the start timeout; the reclaim wait within
-`reclaim_timeout_s`;
-lock calls within `bounds.lock_io_s` (all margins: gpu_manager/bounds.py). The caller
-(`Orchestrator.execute`) adds an overall deadline as a backstop and always drops the GPU
-lock, whatever happened.
+wait ready, each bounded (orchestrator/deadlines.py), as the graph the planner drew. The
+caller (`Orchestrator.execute`) adds an overall deadline as a backstop and always drops the
+GPU lock, whatever happened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
-from typing import Any
 
 import psutil
 from loguru import logger
 
-from gpu_manager.lock import LockUnavailable
 from gpu_manager.lock.keeper import Claim
 from gpu_manager.orchestrator.cards import listed_pids, visible_ids
+from gpu_manager.orchestrator.deadlines import lock_call, wanted_by
 from gpu_manager.orchestrator.operations import Operation, OperationError, StepRecord
 from gpu_manager.orchestrator.releases import Releases
 from gpu_manager.orchestrator.view import GpuView
-from gpu_manager.planner import (
-    Plan,
-    PreparePhase,
-    Refusal,
-    Request,
-    SleepService,
-    StartService,
-    Step,
-)
-from gpu_manager.planner.serialize import blocker_dict
+from gpu_manager.planner import Plan, PreparePhase, SleepService, Step
 from gpu_manager.probe import Snapshot
 from gpu_manager.units import Event, ServiceState
 
 S = ServiceState
-
-
-def plan_bound(view: GpuView, plan: Plan) -> float:
-    """The longest a plan may take when every step uses its whole deadline."""
-    b = view.bounds
-    total = b.lock_io_s * 4 + b.pids_s + 2.0 + 2.0  # lock checks, pid refresh, a fresh poll
-    for step in plan.steps:
-        unit = view.units.get(step.service)
-        if unit is None:
-            continue
-        sleep = unit.cfg.sleep
-        if step.action == "stop":
-            total += unit.stop_bound_s + b.pids_s
-        elif step.action == "sleep":
-            # the call, its confirmation on the GPU, the stop when it frees nothing
-            total += unit.sleep_bound_s + (sleep.timeout_s if sleep else 0.0) \
-                + unit.stop_bound_s + b.pids_s
-        else:
-            # a reclaim wait, a second one after sleeps fell back to stops, the start (a wake
-            # that fails: the stop of what it woke and a cold start)
-            total += 2 * view.reclaim_timeout_s + unit.start_bound_s
-            if step.action == "wake":
-                total += unit.wake_bound_s + unit.stop_bound_s
-    # a wanted service found starting (no step of its own) is joined: its start's bound
-    wanted = wanted_by(view, plan.request)
-    stepped = {s.service for s in plan.steps}
-    total += max((max(u.start_bound_s, u.wake_bound_s) for n in wanted if n not in stepped
-                  and (u := view.units.get(n)) is not None), default=0.0)
-    return total
-
-
-def wanted_by(view: GpuView, request: Request) -> list[str]:
-    """The services a request wants ready when it answers: a start's, a phase's."""
-    if isinstance(request, StartService):
-        return [request.name]
-    if isinstance(request, PreparePhase) and request.phase in view.inventory.phases:
-        return list(view.inventory.phases[request.phase].services)
-    return []
-
-
-async def lock_call(what: str, aw: Awaitable[Any], bound: float) -> None:
-    """A call to the lock backend under `bound`; expiry is LockUnavailable."""
-    try:
-        async with asyncio.timeout(bound):
-            await aw
-    except TimeoutError as exc:
-        raise LockUnavailable(f"the lock backend did not answer {what} within "
-                              f"{bound:g}s") from exc
 
 
 class PlanRun(Releases):
@@ -401,12 +335,3 @@ class _Skipped(Exception):
 def _skip(record: StepRecord) -> None:
     record.status = "skipped"
     record.detail = "not run: another step of this plan failed"
-
-
-def refusal_error(result: Refusal) -> OperationError:
-    extra = {} if result.code != "insufficient_vram" else {
-        "short_mb": result.short_mb,
-        "blockers": [blocker_dict(b) for b in result.blockers]}
-    return OperationError(result.code, result.message, **extra)
-
-

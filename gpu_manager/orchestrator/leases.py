@@ -31,7 +31,7 @@ from gpu_manager.aio import wait_event
 from gpu_manager.config import LeaseConfig
 from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
 from gpu_manager.orchestrator.core import Orchestrator
-from gpu_manager.orchestrator.executor import lock_call
+from gpu_manager.orchestrator.deadlines import lock_call
 from gpu_manager.orchestrator.ledger import ClientLease, LostLease, lease_name
 from gpu_manager.orchestrator.operations import Operation, OperationError
 from gpu_manager.planner import Plan, StartService

@@ -12,13 +12,14 @@ from gpu_manager.planner import (
     Plan,
     PreparePhase,
     Prewarm,
+    Refusal,
     Request,
     SleepService,
     StartService,
     StopAll,
     StopService,
 )
-from gpu_manager.planner.serialize import request_dict
+from gpu_manager.planner.serialize import blocker_dict, request_dict
 
 OpStatus = Literal["queued", "running", "succeeded", "failed", "refused", "interrupted"]
 
@@ -31,6 +32,13 @@ class OperationError(Exception):
         self.code = code
         self.detail = detail
         self.extra = extra
+
+
+def refusal_error(result: Refusal) -> OperationError:
+    extra = {} if result.code != "insufficient_vram" else {
+        "short_mb": result.short_mb,
+        "blockers": [blocker_dict(b) for b in result.blockers]}
+    return OperationError(result.code, result.message, **extra)
 
 
 @dataclass
