@@ -81,6 +81,16 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append(("daemon CPU with the dashboard open (phase change every 4 s)",
                     f"{o['cpu_pct']:.1f}% vs {c['cpu_pct']:.1f}% closed, RSS "
                     f"{o['rss_max_mb']:.0f} vs {c['rss_max_mb']:.0f} MB", "small", "met"))
+    if (cc := load("concurrency")) is not None:
+        late = cc["acquire_late_s"]
+        fives = sum(v for k, v in cc["status_classes"].items() if k == "5xx")
+        out.append((f"{cc['clients']} concurrent mixed clients, {cc['seconds']:g} s: answers "
+                    "over 30 s, 5xx, acquire late beyond its timeout (max)",
+                    f"{cc['over_30s']}, {fives}, {late['max']:.2f} s", "0, 0, < 1 s",
+                    verdict(cc["over_30s"] == 0 and fives == 0 and late["max"] < 1)))
+        out.append(("...and never over the GPU's total",
+                    f"{cc['max_vram_used_mb']} of {cc['total_mb']} MB", "<= total",
+                    verdict(cc["max_vram_used_mb"] <= cc["total_mb"])))
     if (pr := load("probe")) is not None:
         sim = pr["simulated"]
         out.append(("snapshot read + can_fit p99 (no probe call)",
@@ -136,6 +146,29 @@ def real_profile(tr: dict[str, Any]) -> list[str]:
     return lines
 
 
+def concurrency(after: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
+    """bench/concurrency.py, with the figures of the code before the books' fixes when
+    they were kept (bench/results/concurrency_before.json)."""
+    runs = [("before (commit 470f0f9)", before)] if before else []
+    runs.append(("now", after))
+    lines = ["## Many clients at once (bench/concurrency.py)", "",
+             f"`python -m bench.concurrency` ({after['clients']} clients, "
+             f"{after['seconds']:g} s, root inventory on the simulated 24 GB GPU; run at "
+             f"{after['when']}).", "",
+             "| run | answers (/s) | over 30 s | 5xx | 4xx | worst phase / start / acquire / "
+             "status (s) | acquire late p50 / p99 / max (s) | max VRAM (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, r in runs:
+        assert r is not None
+        cls, worst, late = r["status_classes"], r["worst_s"], r["acquire_late_s"]
+        lines.append(
+            f"| {label} | {r['answers']} ({r['answers_per_s']}) | {r['over_30s']} | "
+            f"{cls.get('5xx', 0)} | {cls.get('4xx', 0)} | {worst.get('phase')} / "
+            f"{worst.get('start')} / {worst.get('acquire')} / {worst.get('status')} | "
+            f"{late['p50']} / {late['p99']} / {late['max']} | {r['max_vram_used_mb']} |")
+    return [*lines, ""]
+
+
 def main() -> None:
     any_result = next((load(n) for n in ("status_load", "transitions", "probe") if load(n)), None)
     machine = any_result["machine"] if any_result else {}
@@ -161,6 +194,8 @@ def main() -> None:
     ]
     if (tr := load("transitions_real")) is not None:
         lines += real_profile(tr)
+    if (cc := load("concurrency")) is not None:
+        lines += concurrency(cc, load("concurrency_before"))
     notes = DOC.with_name("benchmarks-notes.md")
     if notes.exists():
         lines += ["## Notes", "", notes.read_text().strip(), ""]

@@ -100,6 +100,7 @@ class LockKeeper:
         self.revocations = 0  # losses to someone else (or to an operator's force release)
         self.doubt: str | None = None  # why nobody can tell who holds it now
         self._last_value: str | None = None  # the value of the hold released last
+        self._changed = asyncio.Event()  # a hold taken: the watch starts watching it now
 
     @property
     def holders(self) -> frozenset[str]:
@@ -135,6 +136,7 @@ class LockKeeper:
                 self.doubt = None
                 self._on_change()
             self._holders.add(label)
+            self._changed.set()
             return Claim(self, label)
 
     async def drop(self, label: str) -> None:
@@ -166,14 +168,28 @@ class LockKeeper:
         keep retrying while it is unreachable, and release a hold nobody holds."""
         while True:
             hold = self._hold
+            self._changed.clear()
             if hold is not None and not hold.is_lost() and self._holders:
-                await wait_event(hold.lost, RETRY_S)
-            else:
-                await asyncio.sleep(RETRY_S if self._holders else RETRY_S / 5)
+                await self._lost_or_changed(hold)
+            elif self._holders:  # in doubt: try again in a while
+                await asyncio.sleep(RETRY_S)
+            else:  # nothing held: until something is
+                await wait_event(self._changed, RETRY_S)
             if self._hold is not None and not self._holders:
                 await self._shielded(self._release_if_idle())
             elif self._holders and (self._hold is None or self._hold.is_lost()):
                 await self.recover()
+
+    async def _lost_or_changed(self, hold: LockHold) -> None:
+        """Until `hold` is lost, or the keeper's hold changes (released, replaced), or
+        RETRY_S."""
+        waits = [asyncio.ensure_future(hold.lost.wait()),
+                 asyncio.ensure_future(self._changed.wait())]
+        try:
+            await asyncio.wait(waits, timeout=RETRY_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def close(self, timeout: float = IO_S) -> None:
         """Wait (bounded) for the releases still running."""
@@ -205,6 +221,7 @@ class LockKeeper:
             self.doubt = f"the GPU lock was lost ({reason}) and cannot be confirmed: {why}"
             return
         self._hold = fresh
+        self._changed.set()
         self._retaken(reason)
         self._on_change()
 
@@ -237,6 +254,7 @@ class LockKeeper:
                 return
             hold, self._hold = self._hold, None
             self._last_value = hold.value
+            self._changed.set()
             try:
                 async with asyncio.timeout(IO_S):
                     await hold.release()
