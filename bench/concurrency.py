@@ -2,22 +2,26 @@
 
     python -m bench.concurrency [--clients 200] [--seconds 60] [--out concurrency]
 
-`--clients` asyncio clients share one keep-alive pool and loop for `--seconds`, each picking
-at random: read `/gpu/status` (30 %), prepare phase 2, 3 or 4 (25 %), start (15 %) or stop
-(10 %) a service, or acquire a client lease (20 %: 2000-6000 MB, `timeout_ms` 1000, released
-0.2 s after it is granted). The root inventory runs on the simulated GPU; a thread samples the
-simulated GPU every 5 ms from outside the daemon.
+`--clients` asyncio clients, each on its own keep-alive connection (plain HTTP/1.1 over
+asyncio streams: an httpx client at this rate costs the load generator a whole core on 2
+CPUs, and then it measures itself), loop for `--seconds`, each picking at random: read
+`/gpu/status` (30 %), prepare phase 2, 3 or 4 (25 %), start (15 %) or stop (10 %) a service,
+or acquire a client lease (20 %: 2000-6000 MB, `timeout_ms` 1000, released 0.2 s after it is
+granted). The root inventory runs on the simulated GPU; a thread samples the simulated GPU
+every 5 ms from outside the daemon.
 
 Printed (and written to bench/results/<out>.json): answers that took over 30 s, the worst
 answer of each kind, how late acquires answered beyond their own `timeout_ms` (p50, p99, max),
 answers by status class (5xx must be 0), the most VRAM the GPU ever had in use against its
 total (must never exceed it), and what an operator would see: requests answered per second.
+To measure code of another commit with the same load, put its checkout first on PYTHONPATH.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import tempfile
 import time
@@ -25,8 +29,6 @@ import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from bench.common import pct, row, write
 from tests.support.daemon import DaemonProc, Sampler
@@ -36,7 +38,44 @@ ACQUIRE_TIMEOUT_MS = 1000
 SLOW_S = 30.0
 
 
-async def client(http: httpx.AsyncClient, stop_at: float, rng: random.Random,
+class Conn:
+    """One keep-alive HTTP/1.1 connection: a request, then its whole answer."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.io: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                      ) -> tuple[int, bytes]:
+        if self.io is None:
+            self.io = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.io
+        data = json.dumps(body).encode() if body is not None else b""
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"Content-Length: {len(data)}\r\n")
+        if body is not None:
+            head += "Content-Type: application/json\r\n"
+        try:
+            writer.write(head.encode() + b"\r\n" + data)
+            await writer.drain()
+            raw = await reader.readuntil(b"\r\n\r\n")
+            status = int(raw.split(b" ", 2)[1])
+            length = 0
+            for line in raw.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            return status, await reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError):
+            writer.close()
+            self.io = None
+            raise
+
+    def close(self) -> None:
+        if self.io is not None:
+            self.io[1].close()
+
+
+async def client(conn: Conn, stop_at: float, rng: random.Random,
                  out: list[tuple[str, float, int, float]]) -> None:
     """One client's loop: (kind, seconds, status, seconds late beyond its own timeout)."""
     while time.monotonic() < stop_at:
@@ -45,29 +84,31 @@ async def client(http: httpx.AsyncClient, stop_at: float, rng: random.Random,
         late = 0.0
         try:
             if pick < 0.30:
-                kind, resp = "status", await http.get("/gpu/status")
+                kind, (code, _) = "status", await conn.request("GET", "/gpu/status")
             elif pick < 0.55:
                 kind = "phase"
-                resp = await http.post(f"/gpu/prepare-phase/{rng.choice((2, 3, 4))}")
+                code, _ = await conn.request("POST",
+                                             f"/gpu/prepare-phase/{rng.choice((2, 3, 4))}")
             elif pick < 0.70:
                 kind = "start"
-                resp = await http.post(f"/gpu/service/{rng.choice(SERVICES)}/start")
+                code, _ = await conn.request(
+                    "POST", f"/gpu/service/{rng.choice(SERVICES)}/start")
             elif pick < 0.80:
                 kind = "stop"
-                resp = await http.post(f"/gpu/service/{rng.choice(SERVICES)}/stop")
+                code, _ = await conn.request(
+                    "POST", f"/gpu/service/{rng.choice(SERVICES)}/stop")
             else:
                 kind = "acquire"
                 sid = f"bench-{uuid.uuid4().hex[:8]}"
-                resp = await http.post("/gpu/acquire", json={
+                code, _ = await conn.request("POST", "/gpu/acquire", {
                     "session_id": sid, "requester": "bench", "priority": rng.choice((1, 2)),
                     "timeout_ms": ACQUIRE_TIMEOUT_MS, "vram_mb": rng.randrange(2000, 6001),
                     "ttl_s": 5})
                 late = max(0.0, time.monotonic() - t0 - ACQUIRE_TIMEOUT_MS / 1000)
-                if resp.status_code == 200:
+                if code == 200:
                     await asyncio.sleep(0.2)
-                    await http.post("/gpu/release", json={"session_id": sid})
-            code = resp.status_code
-        except httpx.HTTPError:
+                    await conn.request("POST", "/gpu/release", {"session_id": sid})
+        except (OSError, asyncio.IncompleteReadError):
             kind, code = "transport", 0
         out.append((kind, time.monotonic() - t0, code, late))
         await asyncio.sleep(rng.random() * 0.05)
@@ -75,12 +116,15 @@ async def client(http: httpx.AsyncClient, stop_at: float, rng: random.Random,
 
 async def run(url: str, clients: int, seconds: float, seed: int) -> list[Any]:
     out: list[tuple[str, float, int, float]] = []
-    limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits,
-                                 trust_env=False) as http:
-        stop_at = time.monotonic() + seconds
-        await asyncio.gather(*(client(http, stop_at, random.Random(seed + i), out)
-                               for i in range(clients)))
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conns = [Conn(host, int(port)) for _ in range(clients)]
+    stop_at = time.monotonic() + seconds
+    try:
+        await asyncio.gather(*(client(c, stop_at, random.Random(seed + i), out)
+                               for i, c in enumerate(conns)))
+    finally:
+        for c in conns:
+            c.close()
     return out
 
 
