@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import pct, row, write
+from bench.loadgen import request
 from tests.support.daemon import DaemonProc, Sampler
 
 SERVICES = ("vidi", "cosyvoice", "comfyui", "ollama")
@@ -49,24 +50,11 @@ class Conn:
                       ) -> tuple[int, bytes]:
         if self.io is None:
             self.io = await asyncio.open_connection(self.host, self.port)
-        reader, writer = self.io
-        data = json.dumps(body).encode() if body is not None else b""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                f"Content-Length: {len(data)}\r\n")
-        if body is not None:
-            head += "Content-Type: application/json\r\n"
         try:
-            writer.write(head.encode() + b"\r\n" + data)
-            await writer.drain()
-            raw = await reader.readuntil(b"\r\n\r\n")
-            status = int(raw.split(b" ", 2)[1])
-            length = 0
-            for line in raw.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            return status, await reader.readexactly(length)
+            return await request(self.io, self.host, method, path,
+                                 json.dumps(body).encode() if body is not None else None)
         except (OSError, asyncio.IncompleteReadError):
-            writer.close()
+            self.io[1].close()
             self.io = None
             raise
 

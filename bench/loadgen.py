@@ -17,18 +17,27 @@ async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.
     return await asyncio.open_connection(host, port)
 
 
-async def _request(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: str,
-                   path: str) -> int:
+async def request(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: str,
+                  method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    """One request on a keep-alive connection (a JSON body when given): status and body."""
     reader, writer = conn
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    writer.write(head.encode() + b"\r\n" + (body or b""))
     await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
+    raw = await reader.readuntil(b"\r\n\r\n")
+    status = int(raw.split(b" ", 2)[1])
     length = 0
-    for line in head.split(b"\r\n"):
+    for line in raw.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
-    await reader.readexactly(length)
+    return status, await reader.readexactly(length)
+
+
+async def _request(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: str,
+                   path: str) -> int:
+    status, _ = await request(conn, host, "GET", path)
     return status
 
 
