@@ -120,3 +120,20 @@ async def test_memory_lock_excludes_waits_and_fences() -> None:
     with pytest.raises(LockLost):
         await b.check()
     assert (await lk.info()).holder is None
+
+
+async def test_acquire_is_one_script_and_a_retry_of_it_takes_no_second_number(
+        lock: RedisLock, redis_client: Any) -> None:
+    hold = await lock.acquire("a")
+    assert int(await redis_client.get("gpu_mutex:fencing")) == hold.fencing
+    # the same script again with the same value (a retry whose first answer was lost on a
+    # connection Redis closed): the number it already got, no second INCR
+    again = await lock._acquire(keys=[lock.key, lock.fencing_key],
+                                args=[hold.value, lock.ttl_ms])
+    assert int(again) == hold.fencing
+    assert int(await redis_client.get("gpu_mutex:fencing")) == hold.fencing
+    # someone else's acquire while it is held: refused, and the number does not move
+    assert int(await lock._acquire(keys=[lock.key, lock.fencing_key],
+                                   args=["other", lock.ttl_ms])) == 0
+    assert int(await redis_client.get("gpu_mutex:fencing")) == hold.fencing
+    await hold.release()

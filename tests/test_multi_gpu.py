@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -266,3 +267,49 @@ async def test_one_gpu_hands_no_cards_even_to_a_unit_that_had_some(tmp_path: Pat
     finally:
         await d.orchestrator.execute(Operation(StopAll()))  # the stand-in goes with the test
         await d.stop()
+
+
+def test_a_two_card_sleeper_keeps_its_residual_on_each_card(tmp_path: Path) -> None:
+    # residual_mb is per card: 800 MB left on each of two cards is within 1000 (the sum,
+    # 1600, used to be compared with it, and the sleeper was stopped instead, then taken
+    # for awake by the pid refresh)
+    port = free_port()
+    (tmp_path / "config").mkdir()
+    d = DaemonProc(tmp_path)
+    (tmp_path / "config" / "services.yaml").write_text(f"""
+gpu:
+  backend: simulated
+  release_delay_ms: 100
+  poll_interval_s: 0.2
+  devices:
+    - {{total_mb: 24576, reserve_mb: 1024}}
+    - {{total_mb: 24576}}
+services:
+  tp:
+    type: native
+    vram_mb: 6000
+    priority: 5
+    gpus: 2
+    command: ["{{python}}", "-m", "gpu_manager.sim.workload", "--name", "tp", "--vram-mb",
+              "6000", "--port", "{port}", "--api", "vllm", "--sleep-vram-mb", "800"]
+    health: {{url: "http://127.0.0.1:{port}/health", timeout_s: 2, interval_s: 5}}
+    sleep: {{api: vllm, url: "http://127.0.0.1:{port}", residual_mb: 1000, timeout_s: 5}}
+    start_timeout_s: 30
+    stop_timeout_s: 10
+""")
+    (tmp_path / "config" / "phases.yaml").write_text("phases: {}\n")
+    d.start()
+    try:
+        assert d.post("/gpu/service/tp/start").status_code == 200
+        assert registered_on(d, "tp") == {0, 1}
+        slept = d.post("/gpu/service/tp/sleep")
+        assert slept.status_code == 200, slept.text
+        step = slept.json()["plan"]["steps"][0]
+        assert step["action"] == "sleep" and "stopped instead" not in (step["detail"] or "")
+        assert "1600 MB left" in step["detail"], step
+        time.sleep(2.5)  # two pid refreshes: the woke check sees 800 a card, not 1600 > 1000
+        assert d.states()["tp"] == "sleeping"
+        woken = d.post("/gpu/service/tp/start")
+        assert [s["action"] for s in woken.json()["plan"]["steps"]] == ["wake"]
+    finally:
+        d.close()
