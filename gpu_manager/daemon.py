@@ -191,7 +191,7 @@ class Daemon:
             self.store.set_operation(op_id, None)
             try:
                 self.orchestrator.ops.add(interrupted(data))
-            except (KeyError, TypeError, ValueError) as exc:
+            except Exception as exc:  # a record of any shape: reported, never fatal
                 self.store.problems.append(f"operations.{op_id}: {exc!r}")
                 logger.error(f"state file: operation {op_id} cannot be read ({exc!r}); "
                              "dropped")
@@ -245,6 +245,7 @@ class Daemon:
         deadline they are cancelled and their callers answered 503 `shutting_down`."""
         if self.shutdown_deadline is None:
             self.accepting = self.orchestrator.accepting = False
+            self.leases.abandon_all()  # their clients hear 503 now, no new plan begins
             self.shutdown_deadline = time.monotonic() + max(
                 0.0, self.settings.shutdown_timeout_s - STOP_RESERVE_S)
             self._shutdown_timer = asyncio.get_running_loop().create_task(

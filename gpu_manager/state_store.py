@@ -48,11 +48,17 @@ def unit_record_problem(record: object) -> str | None:
             return "no container id"
     elif not isinstance(kind, str):
         return "no kind"
-    for key in ("devices",):
+    value = record.get("devices")
+    if value is not None and not (isinstance(value, list)
+                                  and all(isinstance(d, int) for d in value)):
+        return f"devices {value!r} is not a list of card indices"
+    for key in ("visible", "memo"):
         value = record.get(key)
         if value is not None and not (isinstance(value, list)
-                                      and all(isinstance(d, int) for d in value)):
-            return f"{key} {value!r} is not a list of card indices"
+                                      and all(isinstance(v, str) for v in value)):
+            return f"{key} {value!r} is not a list of names"
+    if not isinstance(record.get("intent"), str | None):
+        return "intent is not a string"
     return None
 
 

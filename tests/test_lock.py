@@ -137,3 +137,42 @@ async def test_acquire_is_one_script_and_a_retry_of_it_takes_no_second_number(
                                    args=["other", lock.ttl_ms])) == 0
     assert int(await redis_client.get("gpu_mutex:fencing")) == hold.fencing
     await hold.release()
+
+
+async def test_an_acquire_cut_short_after_the_script_ran_gives_the_key_back(
+        lock: RedisLock, redis_client: Any) -> None:
+    # The reply is lost (a cancel, a socket timeout) after the script took the key: our own
+    # value would sit there unrenewed, and our next acquire would take it for someone else's.
+    real = lock._acquire
+
+    async def lost_reply(**kw: Any) -> Any:
+        await real(**kw)
+        raise asyncio.CancelledError
+
+    lock._acquire = lost_reply  # type: ignore[assignment]
+    with pytest.raises(asyncio.CancelledError):
+        await lock.acquire("cut-short")
+    lock._acquire = real
+    deadline = time.monotonic() + 2
+    while await redis_client.get("gpu_mutex") is not None:
+        assert time.monotonic() < deadline, "the key was not given back"
+        await asyncio.sleep(0.01)
+    hold = await lock.acquire("next")  # free again for us
+    await hold.release()
+
+
+async def test_a_lost_fencing_counter_is_taken_back_not_revoked(
+        lock: RedisLock, redis_client: Any) -> None:
+    # The counter evicted while the key is still ours: the check fails, the keeper gives
+    # its own value back and takes the lock again; nobody is revoked, nothing stays locked.
+    from gpu_manager.lock.keeper import LockKeeper
+
+    lost: list[Any] = []
+    keeper = LockKeeper(lock, on_lost=lambda *a: lost.append(a))
+    claim = await keeper.hold("lease:a")
+    await redis_client.delete("gpu_mutex:fencing")
+    await claim.check()
+    assert keeper.retakes == 1 and not lost and keeper.holders == frozenset({"lease:a"})
+    assert str(await redis_client.get("gpu_mutex")).startswith("gpu-manager:")
+    await keeper.drop("lease:a")
+    assert await redis_client.get("gpu_mutex") is None

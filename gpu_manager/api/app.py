@@ -125,11 +125,11 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
             # Shielded: a client that disconnects must not cancel a transition halfway.
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            if not task.cancelled():
-                raise  # this request is being cancelled, not the operation
-            code, why = op.cancelled_because or ("shutting_down", "the operation was cancelled")
-            raise ApiError("shutting_down" if code == "shutting_down" else "cancelled", why,
-                           status=503, operation=op.as_dict(), **shape) from None
+            me = asyncio.current_task()
+            if not task.cancelled() or (me is not None and me.cancelling()):
+                raise  # this request is being cancelled, not (only) the operation
+            _, why = op.cancelled_because or ("shutting_down", "the operation was cancelled")
+            raise ApiError("shutting_down", why, operation=op.as_dict(), **shape) from None
         except Exception as exc:
             raise errors.from_exception(exc, operation=op.as_dict(), **shape) from exc
         finally:

@@ -29,7 +29,8 @@ WHY = {
     502: "`start_failed` / `stop_failed`: a service did not start or stop (with `gpu_state`); "
          "`sleep_failed`: a sleep asked for by name ended in a stop (`success: false`, "
          "`stopped: true`, the detail says why).",
-    503: "`shutting_down`, `lock_unavailable`, `lock_lost` or `probe_unavailable`.",
+    503: "`shutting_down` (the daemon is stopping; an operation it cancelled for that says "
+         "so), `lock_unavailable`, `lock_lost` or `probe_unavailable`.",
     504: "`reclaim_timeout`: the VRAM did not come back in time; `deadline_exceeded`: the plan "
          "ran past the sum of its steps' deadlines.",
 }

@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
-from loguru import logger
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from gpu_manager.api.docs import answers
@@ -180,15 +179,11 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
             return JSONResponse({"error": "invalid_request", "detail": [
                 {"loc": ["body", "device"], "msg": res.error}]}, status_code=422)
         lease = res.lease
-        if lease is not None and await request.is_disconnected():
-            # Granted to a client that is no longer there to hear it (it gave up; its retry,
-            # if any, joins a new acquire): held by nobody, so given back at once.
-            logger.warning(f"lease {body.session_id}: granted after its client left; "
-                           "released unclaimed")
-            await daemon.leases.release(body.session_id, "unclaimed")
-            lease = None
-            res = type(res)(None, "granted after the client left; released unclaimed",
-                            res.wait_ms, "cancelled")
+        if lease is not None:
+            # Granted: did this caller get it? A caller that gave up (its retry, if any,
+            # joined this same acquire and hears it there) leaves a grant nobody holds,
+            # which then expires within seconds instead of its whole TTL.
+            daemon.leases.answered(body.session_id, not await request.is_disconnected())
         cards = lease.devices if lease else ()
         payload = {"success": lease is not None, "session_id": body.session_id,
                    "acquired_at": iso(lease.acquired_at) if lease else None,

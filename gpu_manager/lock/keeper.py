@@ -202,11 +202,20 @@ class LockKeeper:
         if hold is not None and not hold.is_lost():
             return
         self._hold = None
+        reason = (hold.lost_reason or "lost") if hold is not None else (self.doubt or "lost")
         if hold is not None:
             self._last_value = hold.value
+            # Given back if the key still holds its value (a lost fencing counter, say):
+            # else our own old value would read as someone else's below.
+            try:
+                async with asyncio.timeout(IO_S):
+                    await hold.release()
+            except TimeoutError:
+                pass
         if not self._holders:
             return
-        reason = (hold.lost_reason or "lost") if hold is not None else (self.doubt or "lost")
+        # in doubt until the retake below says otherwise (also if this is cancelled)
+        self.doubt = f"the GPU lock was lost ({reason}); taking it back"
         try:
             async with asyncio.timeout(IO_S):
                 fresh = await self.lock.acquire(self._label, 0.0)

@@ -35,7 +35,9 @@ from gpu_manager.redact import redact_url
 ACQUIRE = """
 local current = redis.call('get', KEYS[1])
 if current == ARGV[1] then
-  return tonumber(redis.call('get', KEYS[2]) or '0')
+  local fencing = redis.call('get', KEYS[2])
+  if fencing then return tonumber(fencing) end
+  return redis.call('incr', KEYS[2])
 end
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('incr', KEYS[2])
@@ -71,6 +73,7 @@ return 0
 POLL_S = 0.01  # waiting for a busy lock: one acquire script every 10 ms on loopback
 # The renewal's (and so the key watch's) longest period, whatever the TTL.
 RENEW_MAX_S = 1.0
+GIVE_BACK_S = 5.0  # the compare-and-delete of an acquire cut short
 
 
 class RedisHold:
@@ -109,6 +112,8 @@ class RedisHold:
     def _mark_lost(self, reason: str) -> None:
         self.lost_reason = reason
         self.lost.set()
+        if self._renewer is not asyncio.current_task():
+            self._renewer.cancel()  # a lost hold is never extended again
         logger.error(f"GPU lock lost ({self.holder}, fencing {self.fencing}): {reason}")
 
     def is_lost(self) -> bool:
@@ -155,6 +160,7 @@ class RedisLock:
             url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2,
             retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
         self._acquire = self.client.register_script(ACQUIRE)
+        self._giving_back: set[asyncio.Task[None]] = set()
         self._release = self.client.register_script(RELEASE)
         self._extend = self.client.register_script(EXTEND)
         self._check = self.client.register_script(CHECK)
@@ -164,8 +170,15 @@ class RedisLock:
         deadline = time.monotonic() + wait_s
         try:
             while True:
-                fencing = int(await self._acquire(keys=[self.key, self.fencing_key],
-                                                  args=[value, self.ttl_ms]))
+                try:
+                    fencing = int(await self._acquire(keys=[self.key, self.fencing_key],
+                                                      args=[value, self.ttl_ms]))
+                except BaseException:
+                    # Cancelled or cut off after the script may have run: the key may now
+                    # hold our value with nobody renewing it, and our own next acquire
+                    # would take it for someone else's. Give it back (compare-and-delete).
+                    self._give_back(value)
+                    raise
                 if fencing:
                     return RedisHold(self, holder, value, fencing)
                 if time.monotonic() >= deadline:
@@ -178,6 +191,19 @@ class RedisLock:
         except RedisError as exc:
             raise LockUnavailable(
                 f"Redis unreachable at {self.safe_url}: {redact_url(str(exc))}") from exc
+
+    def _give_back(self, value: str) -> None:
+        async def release() -> None:
+            try:
+                async with asyncio.timeout(GIVE_BACK_S):
+                    await self._release(keys=[self.key], args=[value])
+            except (TimeoutError, RedisError) as exc:
+                logger.warning(f"could not give back a lock acquire cut short (it expires "
+                               f"by its TTL): {exc}")
+
+        task = asyncio.get_running_loop().create_task(release(), name="gpu-lock-give-back")
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     async def info(self) -> LockInfo:
         try:

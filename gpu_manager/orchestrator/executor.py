@@ -195,6 +195,7 @@ class PlanRun(Releases):
             await self.stop(name, f"wake failed: {result.reason}", False)
             await self.await_reclaim(name, unit.cfg.vram_mb * len(cards), [name],
                                      cards)  # its memory back first
+            await lock_call("check", self.claim.check(), view.bounds.lock_io_s)  # fencing
             result = await unit.ensure_ready()
         if not result.ok:
             # The unit has already stopped what it launched; say where that leaves the GPU.

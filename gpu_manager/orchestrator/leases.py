@@ -39,6 +39,7 @@ from gpu_manager.units import Event
 
 RETRY_S = 0.5  # re-try the head of the queue at least this often (foreign usage may drop)
 CANCEL_WAIT_S = 1.0  # how long a timed-out attempt is given to unwind before we answer
+UNCLAIMED_S = 5.0  # a grant no caller received: how long before it expires
 
 
 @dataclass(order=True)
@@ -181,6 +182,8 @@ class LeaseManager:
         result: AcquireResult | None = None
         try:
             while True:
+                if not self.orch.accepting:  # shutting down: no new attempt
+                    self._abandon(a, "unavailable", "the daemon is shutting down")
                 if a.abandoned is None and self._queue[0] is waiter:
                     outcome = await self._attempt(a)
                     granted = self.get(session_id)
@@ -303,6 +306,17 @@ class LeaseManager:
     def renew(self, session_id: str) -> ClientLease | None:
         return self.orch.ledger.renew(lease_name(session_id))
 
+    def answered(self, session_id: str, received: bool) -> None:
+        """An acquire's caller was answered with its grant (`received`), or had gone. A
+        grant every caller missed expires within UNCLAIMED_S, said so in the log; one that
+        any caller got (a retry joined the same acquire) keeps its TTL."""
+        name = lease_name(session_id)
+        if received:
+            self.orch.ledger.renew(name)
+        elif self.orch.ledger.unclaimed(name, UNCLAIMED_S) is not None:
+            logger.warning(f"lease {session_id}: granted after its client left; it expires "
+                           f"unclaimed within {UNCLAIMED_S:g}s unless a client renews it")
+
     async def release(self, session_id: str, why: str = "released") -> ClientLease | None:
         """End the session's lease; a session whose acquire is still in flight has it
         cancelled (None is returned: there was no lease)."""
@@ -330,10 +344,14 @@ class LeaseManager:
             self._cancel_attempt(a, (code, why))
             self._notify()
 
-    async def close(self, why: str = "the daemon is shutting down") -> None:
+    def abandon_all(self, why: str = "the daemon is shutting down") -> None:
         """Shutdown: every acquire in flight ends now, answered `unavailable`."""
         for a in list(self._pending.values()):
             self._abandon(a, "unavailable", why)
+
+    async def close(self, why: str = "the daemon is shutting down") -> None:
+        """Shutdown: abandon every acquire in flight and wait (bounded) for them to end."""
+        self.abandon_all(why)
         tasks = [a.task for a in self._pending.values() if a.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=2 * CANCEL_WAIT_S)

@@ -61,6 +61,9 @@ class ClientLease:
     # children's, is the lease's, not foreign. None: not given, or not found on this host.
     pid: int | None = None
     pid_created: float | None = None
+    # Its grant reached a client (an answer to a caller still connected, or a renewal): a
+    # grant no caller received expires within seconds instead of its whole TTL.
+    claimed: bool = False
 
     @property
     def name(self) -> str:
@@ -198,10 +201,24 @@ class Ledger:
         return lease
 
     def renew(self, name: str) -> ClientLease | None:
+        """Its full TTL again, from now; a renewal is also proof a client has it."""
         lease = self._leases.get(name)
         if lease is None or not lease.active:
             return None
-        lease = dataclasses.replace(lease, expires=time.monotonic() + lease.ttl_s)
+        lease = dataclasses.replace(lease, expires=time.monotonic() + lease.ttl_s,
+                                    claimed=True)
+        self._leases[name] = lease
+        self._changed()
+        return lease
+
+    def unclaimed(self, name: str, within_s: float) -> ClientLease | None:
+        """A grant whose caller had gone: expires within `within_s` unless a client claims
+        it first (a retry that joined the same acquire, a renewal)."""
+        lease = self._leases.get(name)
+        if lease is None or not lease.active or lease.claimed:
+            return None
+        lease = dataclasses.replace(lease, expires=min(lease.expires,
+                                                       time.monotonic() + within_s))
         self._leases[name] = lease
         self._changed()
         return lease

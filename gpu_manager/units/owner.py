@@ -54,6 +54,12 @@ RestartGate = Callable[[str], Awaitable[bool]]
 Flush = Callable[[], Awaitable[bool]]
 
 
+def answer(fut: asyncio.Future[UnitResult], result: UnitResult) -> None:
+    """Answer a caller, unless it gave up meanwhile (its bound passed: `_ask` cancelled it)."""
+    if not fut.done():
+        fut.set_result(result)
+
+
 class UnitOwner:
     def __init__(
         self, name: str, cfg: ServiceConfig, driver: Driver, health: HealthChecker,
@@ -240,9 +246,9 @@ class UnitOwner:
                 self.faults += 1
                 logger.opt(exception=exc).error(f"{self.name}: error handling {kind}: {exc}")
                 self._recover(f"internal error handling {kind}: {type(exc).__name__}: {exc}")
-                if isinstance(msg, Ask) and not msg.fut.done():
-                    msg.fut.set_result(UnitResult(False, self.state, f"internal error: {exc}",
-                                                  0, unknown=True))
+                if isinstance(msg, Ask):
+                    answer(msg.fut, UnitResult(False, self.state, f"internal error: {exc}",
+                                               0, unknown=True))
             finally:
                 self.handling = None
 

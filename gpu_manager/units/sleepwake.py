@@ -21,7 +21,7 @@ from loguru import logger
 
 from gpu_manager.config import SleepConfig
 from gpu_manager.units.messages import StartFailed, WakeRefused, Woken
-from gpu_manager.units.owner import S
+from gpu_manager.units.owner import S, answer
 from gpu_manager.units.result import UnitResult
 from gpu_manager.units.sleeper import Outcome
 from gpu_manager.units.watchers import Watchers
@@ -75,11 +75,11 @@ class SleepWake(Watchers):
         t0 = time.monotonic()
         sleep = self.cfg.sleep
         if self.state == S.SLEEPING:
-            fut.set_result(UnitResult(True, self.state, "already asleep", 0.0))
+            answer(fut, UnitResult(True, self.state, "already asleep", 0.0))
             return
         if sleep is None or self.state != S.READY:
             why = "no sleep: block" if sleep is None else f"not ready ({self.state.value})"
-            fut.set_result(UnitResult(False, self.state, f"cannot sleep: {why}", 0.0))
+            answer(fut, UnitResult(False, self.state, f"cannot sleep: {why}", 0.0))
             return
         self._cancel("health")  # a sleeping server may well fail its check: not a fault
         await self._announce("sleep")
@@ -91,14 +91,14 @@ class SleepWake(Watchers):
             if self.state == S.READY and self.cfg.health is not None:
                 gen = self._gen
                 self._spawn("health", lambda: self._watch_health(gen), gen)
-            fut.set_result(UnitResult(False, self.state, outcome.detail, took))
+            answer(fut, UnitResult(False, self.state, outcome.detail, took))
             return
         self._sleep_memo = outcome.memo
         self._intent = None
         self.sleeps += 1
         self._set(S.SLEEPING, f"{reason}: {outcome.detail}")
         self._record()
-        fut.set_result(UnitResult(True, self.state, outcome.detail, took))
+        answer(fut, UnitResult(True, self.state, outcome.detail, took))
 
     async def _sleep_call(self, sleep: SleepConfig, requester: str, reason: str) -> Outcome:
         """The sleeper bounds itself; this bounds any sleeper, and turns a raise into an
@@ -131,11 +131,11 @@ class SleepWake(Watchers):
 
     async def _on_woke(self, fut: asyncio.Future[UnitResult], detail: str) -> None:
         if self.state != S.SLEEPING:
-            fut.set_result(UnitResult(False, self.state, f"not asleep ({self.state.value})", 0))
+            answer(fut, UnitResult(False, self.state, f"not asleep ({self.state.value})", 0))
             return
         self._set(S.READY, f"awake on its own: {detail}")
         self._record()
         if self.cfg.health is not None:
             gen = self._gen
             self._spawn("health", lambda: self._watch_health(gen), gen)
-        fut.set_result(UnitResult(True, self.state, detail, 0.0))
+        answer(fut, UnitResult(True, self.state, detail, 0.0))

@@ -45,7 +45,7 @@ from gpu_manager.units.messages import (
     Woke,
     Woken,
 )
-from gpu_manager.units.owner import RecordSink, RestartGate, S
+from gpu_manager.units.owner import RecordSink, RestartGate, S, answer
 from gpu_manager.units.result import UnitResult
 from gpu_manager.units.sleepwake import SleepWake
 from gpu_manager.units.states import RUNNING
@@ -94,7 +94,7 @@ class Unit(SleepWake):
     # -- commands -----------------------------------------------------------------------------
     async def _on_ensure_ready(self, fut: asyncio.Future[UnitResult]) -> None:
         if self.state == S.READY:
-            fut.set_result(UnitResult(True, self.state, "already ready", 0.0))
+            answer(fut, UnitResult(True, self.state, "already ready", 0.0))
             return
         self._waiters.append(fut)
         if self.state in (S.STARTING, S.WAKING):
@@ -130,10 +130,10 @@ class Unit(SleepWake):
         t0 = time.monotonic()
         self._cancel("restart")
         if self.state in (S.STOPPED, S.FAILED) and not self.driver.running():
-            fut.set_result(UnitResult(True, self.state, "not running", 0.0))
+            answer(fut, UnitResult(True, self.state, "not running", 0.0))
             return
         ok = await self._do_stop(reason)
-        fut.set_result(UnitResult(ok, self.state, self.reason, time.monotonic() - t0))
+        answer(fut, UnitResult(ok, self.state, self.reason, time.monotonic() - t0))
 
     async def _do_stop(self, reason: str) -> bool:
         self._gen += 1  # everything the old instance's watchers say is now stale
@@ -156,10 +156,10 @@ class Unit(SleepWake):
             found = await self._driver(f"adopting {self.name}", self.driver.adopt(record),
                                        self.bounds.unit_call_s)
         except DriverError as exc:  # the engine is down, say: we cannot tell
-            fut.set_result(UnitResult(False, self.state, str(exc), 0.0, unknown=True))
+            answer(fut, UnitResult(False, self.state, str(exc), 0.0, unknown=True))
             return
         if not found:
-            fut.set_result(UnitResult(False, self.state, "nothing to adopt", 0.0))
+            answer(fut, UnitResult(False, self.state, "nothing to adopt", 0.0))
             self._record()
             return
         self._gen += 1
@@ -178,12 +178,12 @@ class Unit(SleepWake):
             self._sleep_memo = tuple(str(m) for m in record.get("memo") or ())
             self._set(S.SLEEPING, f"adopted after a daemon restart, asleep ({why})")
             self._record()
-            fut.set_result(UnitResult(True, self.state, "adopted, asleep", 0.0))
+            answer(fut, UnitResult(True, self.state, "adopted, asleep", 0.0))
             return
         self._set(S.STARTING, "adopted after a daemon restart")
         self._record()
         self._spawn("start", lambda: self._start_sequence(gen, launch=False), gen)
-        fut.set_result(UnitResult(True, self.state, "adopted", 0.0))
+        answer(fut, UnitResult(True, self.state, "adopted", 0.0))
 
     async def _was_asleep(self, record: dict[str, Any]) -> tuple[bool, str]:
         """Whether an adopted service sleeps, reconciled from the record and the service's
@@ -208,10 +208,10 @@ class Unit(SleepWake):
             # The running process stays on its old definition (and the old driver, which
             # knows its pid or container) until it is stopped; the next launch uses these.
             self._next = (cfg, driver)
-            fut.set_result(UnitResult(True, self.state, "applies at the next start", 0.0))
+            answer(fut, UnitResult(True, self.state, "applies at the next start", 0.0))
             return
         self.cfg, self.driver, self._next = cfg, driver, None
-        fut.set_result(UnitResult(True, self.state, "applied", 0.0))
+        answer(fut, UnitResult(True, self.state, "applied", 0.0))
 
     # -- what the helper tasks (units/watchers.py) report --------------------------------------
     async def _on_crashed(self, key: str, gen: int, exc: Exception) -> None:

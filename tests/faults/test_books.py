@@ -15,6 +15,7 @@ from gpu_manager.lock import LockLost, LockUnavailable, MemoryLock
 from gpu_manager.lock.keeper import LockKeeper
 from gpu_manager.orchestrator import Operation, OperationError
 from gpu_manager.orchestrator.cards import past_residual
+from gpu_manager.orchestrator.ledger import ClientLease, Ledger
 from gpu_manager.planner import PreparePhase, StartService
 from gpu_manager.units import ServiceState
 from gpu_manager.units.messages import EnsureReady
@@ -229,3 +230,17 @@ async def test_identical_requests_join_the_one_in_flight(world: World) -> None:
     assert b is a and task_b is task_a and a.joined == 1 and d is not a
     await asyncio.gather(task_a, *world.orch.in_flight(), return_exceptions=True)
     assert a.status == "succeeded"
+
+
+def test_a_grant_no_caller_received_expires_unless_one_got_it() -> None:
+    ledger = Ledger()
+    for sid in ("gone", "retried"):
+        ledger.add_pending(ClientLease(sid, "ml", 90, 1, 1000, 60))
+        ledger.activate(f"lease:{sid}")
+    ledger.unclaimed("lease:gone", 5)  # its one caller had left
+    ledger.unclaimed("lease:retried", 5)  # the first caller had left...
+    ledger.renew("lease:retried")  # ...and a retry that joined got it
+    ledger.unclaimed("lease:retried", 5)  # (order does not matter once it is claimed)
+    gone, kept = ledger.lease("lease:gone"), ledger.lease("lease:retried")
+    assert gone is not None and gone.expires - time.monotonic() <= 5.0
+    assert kept is not None and kept.claimed and kept.expires - time.monotonic() > 50

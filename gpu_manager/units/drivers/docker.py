@@ -217,8 +217,8 @@ class DockerDriver(ExitWatch):
         self.engine = engine
         self.container_name = cfg.container.lstrip("/")
         self.container_id: str | None = None
-        # A container this driver created whose launch did not finish (abandoned, failed
-        # to start): still ours to stop. Written by the launch's thread.
+        # A container this driver created or started whose launch did not finish (abandoned,
+        # failed to start): still ours to stop. Written by the launch's thread.
         self._created_id: str | None = None
         self._exit: asyncio.Future[ExitInfo] | None = None
         self._cancel_launch: threading.Event | None = None
@@ -282,6 +282,8 @@ class DockerDriver(ExitWatch):
             if cancel.is_set():
                 raise DriverError(f"start of {self.container_name!r} abandoned before it ran")
             if container.status != "running":
+                # started by this launch: ours to stop, even if the launch is abandoned
+                self._created_id = str(container.id)
                 try:
                     container.start()
                 except errors.APIError as exc:
