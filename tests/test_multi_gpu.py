@@ -307,8 +307,15 @@ services:
         step = slept.json()["plan"]["steps"][0]
         assert step["action"] == "sleep" and "stopped instead" not in (step["detail"] or "")
         assert "1600 MB left" in step["detail"], step
-        time.sleep(2.5)  # two pid refreshes: the woke check sees 800 a card, not 1600 > 1000
-        assert d.states()["tp"] == "sleeping"
+        # The woke check runs at every pid refresh (each second) on the latest snapshot: once
+        # the status measures the sleeper (1600 MB, 800 a card), it must stay asleep through
+        # the refreshes that follow (an absence: watched over two refresh periods).
+        wait_for(lambda: d.status()["services"]["tp"]["measured_mb"] == 1600, 10,
+                 "the sleeper measured after its sleep")
+        until_t = time.monotonic() + 2.2
+        while time.monotonic() < until_t:
+            assert d.states()["tp"] == "sleeping", "taken for awake"
+            time.sleep(0.1)
         woken = d.post("/gpu/service/tp/start")
         assert [s["action"] for s in woken.json()["plan"]["steps"]] == ["wake"]
     finally:

@@ -203,11 +203,17 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
               responses=answers(*POST, 503, ok=m.Released))
     async def lock_release() -> dict[str, Any]:
         """Force-release the GPU lock, whoever holds it (an operator's last resort)."""
+        bound = 2 * daemon.bounds.lock_io_s
         try:
             # The daemon's own holders first: its leases are told they lost the GPU and
             # its operations stop before their next start (an operator's last resort).
-            revoked = await daemon.orchestrator.keeper.revoke("force-released by an operator")
-            released = await daemon.lock.force_release() or bool(revoked)
+            async with asyncio.timeout(bound):
+                revoked = await daemon.orchestrator.keeper.revoke(
+                    "force-released by an operator")
+                released = await daemon.lock.force_release() or bool(revoked)
+        except TimeoutError as exc:
+            raise ApiError("lock_unavailable", f"the lock backend did not answer within "
+                           f"{bound:g}s") from exc
         except Exception as exc:
             raise errors.from_exception(exc) from exc
         await daemon.refresh_lock_info()

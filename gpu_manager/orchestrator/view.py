@@ -88,16 +88,11 @@ class GpuView:
 
     def cards_of(self, name: str) -> tuple[int, ...]:
         """The cards `name` runs (or last ran) on: its recorded ones with several cards,
-        else the primary card (one GPU, or a record from a one-GPU daemon). A client lease:
-        the card(s) it was granted."""
+        else the primary card (one GPU, or a record from a one-GPU daemon)."""
         gpu = self.inventory.gpu
         unit = self.units.get(name)
-        if gpu.several and unit is not None and unit.devices:
-            return unit.devices
-        lease = self.ledger.lease(name)
-        if gpu.several and lease is not None and lease.devices:
-            return lease.devices
-        return (gpu.device,)
+        return unit.devices if gpu.several and unit is not None and unit.devices \
+            else (gpu.device,)
 
     def measured(self, name: str, snap: Snapshot | None = None,
                  device: int | None = None) -> int | None:
