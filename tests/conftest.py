@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,10 @@ def _leftovers(session: pytest.Session) -> list[psutil.Process]:
     found: dict[int, psutil.Process] = {}
     for child in me.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if child.status() != psutil.STATUS_ZOMBIE:
+            # `./dev test` execs into pytest, so what it started before (dockerd) is our
+            # child too: only children born after the session began are a test's
+            if child.status() != psutil.STATUS_ZOMBIE \
+                    and child.create_time() >= _SESSION_START - 1.0:
                 found[child.pid] = child
     if base is not None:
         for proc in psutil.process_iter():
@@ -83,6 +87,14 @@ def _leftovers(session: pytest.Session) -> list[psutil.Process]:
                         and proc.status() != psutil.STATUS_ZOMBIE:
                     found[proc.pid] = proc
     return list(found.values())
+
+
+_SESSION_START = time.time()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _SESSION_START
+    _SESSION_START = time.time()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
