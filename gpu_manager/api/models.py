@@ -51,6 +51,8 @@ class DeviceProcess(Body):
     name: str | None
     memory_mb: int | None
     kind: str | None
+    util_pct: int | None = Field(
+        default=None, description="This process's SM utilisation (%); null: not reported")
 
 
 class Device(Body):

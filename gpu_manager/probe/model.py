@@ -15,6 +15,9 @@ class GpuProcess:
     # None: the driver cannot attribute memory (WDDM, MIG, NOT_SUPPORTED).
     used_mb: int | None
     kind: Literal["compute", "graphics", "simulated"] = "compute"
+    # SM utilisation of this process over the last sampling window, in percent; None: the
+    # driver gives no per-process figure (then only the device's `utilization_percent`).
+    util_pct: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,8 @@ class DeviceSnapshot:
             "reserved_mb": self.reserved_mb, "temperature_c": self.temperature_c,
             "utilization_percent": self.utilization_percent,
             "processes": None if self.processes is None else [
-                {"pid": p.pid, "name": p.name, "memory_mb": p.used_mb, "kind": p.kind}
+                {"pid": p.pid, "name": p.name, "memory_mb": p.used_mb, "kind": p.kind,
+                 "util_pct": p.util_pct}
                 for p in self.processes
             ],
             "lost": self.lost, "error": self.error,
