@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     queue_wait_s: float = Field(default=20.0, gt=0, le=3600)
     # Largest request body taken (413 beyond): the API's bodies are a few hundred bytes.
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Bodies the front door forwards (`/v1`, `/svc`: audio, images): a larger bound of
+    # their own. `/v1` reads the body for its `model` field; `/svc` streams it up.
+    proxy_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Native services' logs roll over past this size, checked while they run, keeping
     # `child_log_backups` old files (name.log.1 ... name.log.N).
     child_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)

@@ -243,7 +243,14 @@ def _legacy_warnings(sdoc: _Doc) -> list[ConfigIssue]:
 def _check_services(sfile: ServicesFile, sdoc: _Doc) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     containers: dict[str, str] = {}
+    models: dict[str, str] = {}
     for name, svc in sfile.services.items():
+        for i, model in enumerate(svc.serve.models if svc.serve else ()):
+            if model in models:
+                issues.append(sdoc.issue(
+                    ("services", name, "serve", "models", str(i)),
+                    f"model {model!r} is already served by service {models[model]!r}"))
+            models.setdefault(model, name)
         issues += _check_placement(sfile.gpu, sdoc, name, svc)
         if svc.residual_mb is not None and svc.residual_mb > svc.vram_mb:
             issues.append(sdoc.issue(

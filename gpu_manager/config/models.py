@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from gpu_manager.config.serve import ServeConfig
 from gpu_manager.config.sleep import (
     AsleepCheck,
     HttpCall,
@@ -26,7 +27,8 @@ from gpu_manager.config.sleep import (
     legacy_sleep,
 )
 
-__all__ = ["AsleepCheck", "HttpCall", "OllamaEvict", "PauseConfig", "SleepApi", "SleepConfig"]
+__all__ = ["AsleepCheck", "HttpCall", "OllamaEvict", "PauseConfig", "ServeConfig", "SleepApi",
+           "SleepConfig"]
 
 ServiceName = Annotated[
     str,
@@ -171,6 +173,8 @@ class _ServiceBase(_Strict):
     device: int | Literal["any"] = "any"
     devices: list[int] | None = Field(default=None, min_length=1)
     gpus: int = Field(default=1, ge=1, le=16)
+    # Reached through the daemon's front door (`/v1`, `/svc/<name>`): see config/serve.py.
+    serve: ServeConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

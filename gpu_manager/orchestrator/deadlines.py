@@ -27,6 +27,8 @@ def plan_bound(view: GpuView, plan: Plan) -> float:
         if unit is None:
             continue
         sleep = unit.cfg.sleep
+        if step.action in ("stop", "sleep"):  # the front door's drain comes first
+            total += view.drain_bound_s(step.service)
         if step.action == "stop":
             total += unit.stop_bound_s + b.pids_s
         elif step.action == "sleep":

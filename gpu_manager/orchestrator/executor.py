@@ -18,7 +18,7 @@ from gpu_manager.orchestrator.deadlines import lock_call, wanted_by
 from gpu_manager.orchestrator.operations import Operation, OperationError, StepRecord
 from gpu_manager.orchestrator.releases import Releases
 from gpu_manager.orchestrator.view import GpuView
-from gpu_manager.planner import Plan, PreparePhase, SleepService, Step
+from gpu_manager.planner import RELEASES, Plan, PreparePhase, SleepService, Step
 from gpu_manager.probe import Snapshot
 from gpu_manager.units import Event, ServiceState
 
@@ -129,12 +129,16 @@ class PlanRun(Releases):
         try:
             if self.claim.is_lost():  # the keeper saw it go: settled before this step
                 await lock_call("check", self.claim.check(), view.bounds.lock_io_s)
-            if step.action == "stop":
-                record.detail = await self.stop(step.service, step.reason, step.preemption)
-            elif step.action == "sleep":
-                record.detail = await self.sleep(step.service, step.reason, step.preemption,
-                                                 view.owner(op.request),
-                                                 isinstance(op.request, SleepService))
+            if step.action in RELEASES:
+                # requests in flight at the front door finish first (up to its drain_s)
+                async with view.holding_back(step.service, op.request) as notes:
+                    if step.action == "stop":
+                        detail = await self.stop(step.service, step.reason, step.preemption)
+                    else:
+                        detail = await self.sleep(step.service, step.reason, step.preemption,
+                                                  view.owner(op.request),
+                                                  isinstance(op.request, SleepService))
+                record.detail = "; ".join([*notes, *([detail] if detail else [])]) or None
             else:
                 record.reclaim_wait_s, record.detail = await self.start(
                     step.service, step.mb, deps, step.devices)

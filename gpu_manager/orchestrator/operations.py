@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gpu_manager.planner import (
+    IdleSleep,
+    IdleStop,
     Plan,
     PreparePhase,
     Prewarm,
     Refusal,
     Request,
+    RequestStart,
     SleepService,
     StartService,
     StopAll,
@@ -126,6 +129,9 @@ def interrupted(data: dict[str, Any]) -> Operation:
     kinds: dict[str, Any] = {
         "PreparePhase": lambda: PreparePhase(int(req["phase"])),
         "StartService": lambda: StartService(str(req["name"])),
+        "RequestStart": lambda: RequestStart(str(req["name"])),
+        "IdleSleep": lambda: IdleSleep(str(req["name"]), bool(req.get("force"))),
+        "IdleStop": lambda: IdleStop(str(req["name"]), bool(req.get("force"))),
         "StopService": lambda: StopService(str(req["name"]), bool(req.get("force"))),
         "StopAll": StopAll,
         "SleepService": lambda: SleepService(str(req["name"]), bool(req.get("force"))),

@@ -15,6 +15,7 @@ pid on the GPU shows there as foreign, and counting it as both would refuse star
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 
@@ -25,6 +26,7 @@ from gpu_manager.aio import retrieve
 from gpu_manager.bounds import Bounds
 from gpu_manager.config import Inventory
 from gpu_manager.orchestrator.cards import held_by_card, held_on, listed_pids, past_residual
+from gpu_manager.orchestrator.drain import Drainer, no_drain
 from gpu_manager.orchestrator.ledger import ClientLease, Ledger, LedgerView
 from gpu_manager.planner import (
     DeviceBudget,
@@ -74,6 +76,8 @@ class GpuView:
         # Started (or woken) by prewarm and not yet asked for by a phase or a start; written
         # only by the follow-ups (Followups.note).
         self.prewarmed: frozenset[str] = frozenset()
+        # The front door, once it is up: what a release step drains first (set once).
+        self.drainer: Drainer | None = None
         self._pid_reads: dict[tuple[str, int], asyncio.Future[list[int]]] = {}
 
     # -- where things are ---------------------------------------------------------------------
@@ -112,6 +116,14 @@ class GpuView:
         residual = unit.cfg.residual_mb if unit is not None else None
         pids = set(self.ledger.view().unit_pids.get(name, ()))
         return past_residual(held_by_card(snap, self.cards_of(name), pids), residual or 0)
+
+    def holding_back(self, name: str,
+                     request: Request) -> contextlib.AbstractAsyncContextManager[list[str]]:
+        """Around a release step of `name`: the front door drains its requests first."""
+        return no_drain() if self.drainer is None else self.drainer.hold_back(name, request)
+
+    def drain_bound_s(self, name: str) -> float:
+        return 0.0 if self.drainer is None else self.drainer.drain_bound_s(name)
 
     def gpu_state(self) -> dict[str, str]:
         return {n: u.state.value for n, u in list(self.units.items())}

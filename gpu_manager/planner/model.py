@@ -142,6 +142,29 @@ class Prewarm:
     services: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class RequestStart(StartService):
+    """A start (or wake) caused by a request at the front door (`reason: request`): planned as
+    any start, preempting only lower priorities; its own kind in events, metrics and the
+    operations list."""
+
+    reason: Literal["request"] = "request"
+
+
+@dataclass(frozen=True, slots=True)
+class IdleSleep(SleepService):
+    """The front door's idle release of a service that can sleep (`reason: idle`)."""
+
+    reason: Literal["idle"] = "idle"
+
+
+@dataclass(frozen=True, slots=True)
+class IdleStop(StopService):
+    """The front door's idle release of a service that cannot sleep (`reason: idle`)."""
+
+    reason: Literal["idle"] = "idle"
+
+
 Request = PreparePhase | StartService | StopService | StopAll | SleepService | Prewarm
 Action = Literal["stop", "sleep", "start", "wake"]
 RELEASES = frozenset({"stop", "sleep"})

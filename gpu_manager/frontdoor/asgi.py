@@ -1,0 +1,199 @@
+"""The front door's two entrances on the daemon's own port, as plain ASGI (no FastAPI
+routing or validation on the hot path: it adds latency and would buffer bodies):
+
+- `/v1/...`: OpenAI-compatible. `GET /v1/models` lists every served model with its service's
+  state; any POST routes by the body's `model` (JSON, multipart or form) to the service that
+  serves it. Errors in OpenAI's shape.
+- `/svc/<name>/<path>`: a plain reverse proxy to a service with `serve.url`, WebSocket too.
+
+Everything else goes on to the daemon's API. With a token configured, both entrances need it
+(`Authorization: Bearer`, i.e. the OpenAI SDK's api_key, or `X-Service-Token`); it is never
+forwarded.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+import urllib.parse
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gpu_manager.frontdoor.door import FrontDoor
+from gpu_manager.frontdoor.errors import DoorError
+from gpu_manager.frontdoor.relay import Relay, Upstream, up_headers
+from gpu_manager.frontdoor.ws import bridge
+
+_MULTIPART_MODEL = re.compile(
+    rb'content-disposition:[^\r\n]*name="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n',
+    re.IGNORECASE)
+
+
+def proxied(path: str) -> bool:
+    return path.startswith(("/v1/", "/svc/")) or path == "/v1"
+
+
+class FrontDoorApp:
+    def __init__(self, app: ASGIApp, door: FrontDoor, token: str | None,
+                 max_body: int) -> None:
+        self.app, self.door, self.token, self.max_body = app, door, token, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] not in ("http", "websocket") or not proxied(path):
+            await self.app(scope, receive, send)
+            return
+        openai = not path.startswith("/svc/")
+        try:
+            self._authorize(Headers(scope=scope))
+            if scope["type"] == "websocket":
+                name, rest = self._service_path(path)
+                await bridge(self.door, scope, receive, send, name, rest)
+            elif openai:
+                await self._openai(scope, receive, send, path)
+            else:
+                await self._svc(scope, receive, send, path)
+        except DoorError as err:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008,
+                            "reason": err.message[:120]})
+            else:
+                await err.send(send, openai)
+
+    def _authorize(self, headers: Headers) -> None:
+        if self.token is None:
+            return
+        auth = headers.get("authorization", "")
+        given = auth[7:] if auth[:7].lower() == "bearer " else headers.get(
+            "x-service-token", "")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise DoorError(401, "unauthorized", "a valid token is required: "
+                            "`Authorization: Bearer <token>` (the OpenAI SDK's api_key)")
+
+    # -- /v1 -----------------------------------------------------------------------------------
+    async def _openai(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        method = scope["method"]
+        if method == "GET" and path.rstrip("/") == "/v1/models":
+            await _json(send, 200, {"object": "list", "data": self.model_list()})
+            return
+        if method == "GET" and path.startswith("/v1/models/"):
+            wanted = urllib.parse.unquote(path[len("/v1/models/"):])
+            found = [m for m in self.model_list() if m["id"] == wanted]
+            if not found:
+                raise self._unknown_model(wanted)
+            await _json(send, 200, found[0])
+            return
+        if method != "POST":
+            raise DoorError(404, "not_found", f"{method} {path} is not served here: /v1 "
+                            "takes GET /v1/models and POSTs that name a `model`")
+        headers = Headers(scope=scope)
+        body = await self._read_body(receive, headers)
+        model = model_of(body, headers.get("content-type", ""))
+        if not model:
+            raise DoorError(400, "model_required", "the request names no `model`: give one "
+                            f"of {', '.join(sorted(self.door.models())) or '(none served)'}")
+        name = self.door.models().get(model)
+        if name is None:
+            raise self._unknown_model(model)
+        await self._forward(scope, receive, send, name, path, body, openai=True)
+
+    def _unknown_model(self, model: str) -> DoorError:
+        served = sorted(self.door.models())
+        return DoorError(404, "model_not_found", f"the model {model!r} is not served here; "
+                         f"served: {', '.join(served) or '(none)'}", served=served)
+
+    def model_list(self) -> list[dict[str, Any]]:
+        out = []
+        for model, name in sorted(self.door.models().items()):
+            unit = self.door.daemon.units.get(name)
+            out.append({"id": model, "object": "model", "created": 0, "owned_by": name,
+                        "service": name,
+                        "state": unit.state.value if unit is not None else "unknown"})
+        return out
+
+    async def _read_body(self, receive: Receive, headers: Headers) -> bytes:
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise _too_large(self.max_body)
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise DoorError(400, "client_gone", "the client went away")
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise _too_large(self.max_body)
+            parts.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(parts)
+
+    # -- /svc ----------------------------------------------------------------------------------
+    def _service_path(self, path: str) -> tuple[str, str]:
+        name, _, rest = path[len("/svc/"):].partition("/")
+        if self.door.serve_of(name) is None:
+            served = sorted(self.door.served())
+            raise DoorError(404, "unknown_service", f"{name!r} is not a served service; "
+                            f"served: {', '.join(served) or '(none)'}", served=served)
+        return name, "/" + rest
+
+    async def _svc(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        name, rest = self._service_path(path)
+        headers = Headers(scope=scope)
+        streamed = "content-length" in headers or "transfer-encoding" in headers
+        await self._forward(scope, receive, send, name, rest, None if streamed else b"",
+                            openai=False)
+
+    # -- both ----------------------------------------------------------------------------------
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, name: str,
+                       path: str, body: bytes | None, openai: bool) -> None:
+        cfg = self.door.serve_of(name)
+        if cfg is None:
+            raise DoorError(404, "unknown_service", f"{name} is not served")
+        t0 = time.monotonic()
+        try:
+            slot = await self.door.admit(name, cfg)
+        except DoorError as err:
+            self.door.stats.answered(name, f"{err.status // 100}xx", time.monotonic() - t0)
+            raise
+        qs = scope.get("query_string", b"")
+        url = cfg.url + urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~%") + (
+            "?" + qs.decode("latin-1") if qs else "")
+        relay = Relay(self.door.client, self.door.stats, name, cfg, slot,
+                      Upstream(scope["method"], url, up_headers(scope["headers"], cfg), body),
+                      openai, self.max_body)
+        await relay(receive, send)
+
+
+def model_of(body: bytes, content_type: str) -> str | None:
+    """The `model` field of a JSON, multipart or url-encoded body; None if it has none."""
+    ctype = content_type.split(";", maxsplit=1)[0].strip().lower()
+    if ctype == "multipart/form-data":
+        found = _MULTIPART_MODEL.search(body)
+        return found.group(1).decode("utf-8", "replace").strip() if found else None
+    if ctype == "application/x-www-form-urlencoded":
+        values = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("model")
+        return values[0] if values else None
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        raise DoorError(400, "invalid_json", "the request body is not valid JSON") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _too_large(limit: int) -> DoorError:
+    return DoorError(413, "payload_too_large", f"the request body is larger than {limit} bytes "
+                     "(GPU_MANAGER_PROXY_MAX_BODY_BYTES)")
+
+
+async def _json(send: Send, status: int, body: Any) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data, "more_body": False})

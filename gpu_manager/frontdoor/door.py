@@ -1,0 +1,227 @@
+"""The front door: requests for a served service start it, wake it, or wait their turn.
+
+A request is admitted when its service is ready, nothing holds it back (a release draining
+it) and fewer than `max_concurrent` requests are in flight; otherwise it waits in the
+service's queue (at most `queue.max`, for at most `queue.timeout_s`). A stopped or sleeping
+service is started through the planner as a `RequestStart` operation, one per service at a
+time however many requests wait (they all join it). A start that is refused or fails answers
+every request that was waiting for it, with the blockers and the MB short.
+
+One owner per piece of state: the gates are written by the request handlers and the releases
+they hold back (all on the event loop); the start tasks by `_ensure_start`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import httpx
+from loguru import logger
+
+from gpu_manager.config.serve import ServeConfig
+from gpu_manager.frontdoor.errors import DoorError
+from gpu_manager.frontdoor.gate import Gate, Slot
+from gpu_manager.frontdoor.stats import DoorStats
+from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
+from gpu_manager.orchestrator import OperationError
+from gpu_manager.planner import IdleSleep, IdleStop, Request, RequestStart, StopService
+from gpu_manager.units import Event, ServiceState
+
+if TYPE_CHECKING:
+    from gpu_manager.daemon import Daemon
+
+S = ServiceState
+# Retry-After (s): a refused start waits for something else to finish; a full queue drains.
+RETRY_REFUSED_S = 5.0
+RETRY_QUEUE_S = 2.0
+STARTABLE = frozenset({S.STOPPED, S.SLEEPING, S.FAILED})
+
+
+class FrontDoor:
+    def __init__(self, daemon: Daemon, stats: DoorStats) -> None:
+        self.daemon = daemon
+        self.stats = stats
+        self.gates: dict[str, Gate] = {}
+        self._starts: dict[str, asyncio.Task[None]] = {}
+        # service -> (when, why): the last start a request caused that did not succeed; the
+        # requests that were waiting by then are answered with it.
+        self._failed: dict[str, tuple[float, DoorError]] = {}
+        self._models: tuple[object, dict[str, str]] = (None, {})
+        # One pooled client for every upstream: keep-alive connections, no retries (a
+        # request is not idempotent), deadlines per request from the service's `serve:`.
+        self.client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256,
+                                keepalive_expiry=30.0),
+            timeout=httpx.Timeout(30.0), follow_redirects=False, trust_env=False)
+
+    # -- the inventory, read live (a reload swaps it) -----------------------------------------
+    def serve_of(self, name: str) -> ServeConfig | None:
+        cfg = self.daemon.inventory.services.get(name)
+        return None if cfg is None else cfg.serve
+
+    def served(self) -> dict[str, ServeConfig]:
+        return {n: c.serve for n, c in self.daemon.inventory.services.items()
+                if c.serve is not None}
+
+    def models(self) -> dict[str, str]:
+        """Model name -> service, rebuilt when the inventory changes."""
+        inv = self.daemon.inventory
+        if self._models[0] is not inv:
+            self._models = (inv, {m: n for n, c in self.served().items() for m in c.models})
+        return self._models[1]
+
+    def gate(self, name: str) -> Gate:
+        gate = self.gates.get(name)
+        if gate is None:
+            gate = self.gates[name] = Gate(name)
+        return gate
+
+    # -- life ----------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Hook into the daemon: releases drain through us, unit changes wake our waiters."""
+        self.daemon.orchestrator.drainer = self
+        self.daemon.bus.on(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind == "state" and event.service in self.gates:
+            self.gates[event.service].notify()
+
+    async def aclose(self) -> None:
+        for task in list(self._starts.values()):
+            task.cancel()
+        for gate in self.gates.values():
+            for slot in list(gate.in_flight):
+                slot.cut("the daemon is stopping")
+            gate.notify()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self.client.aclose()
+
+    # -- admission -----------------------------------------------------------------------------
+    async def admit(self, name: str, cfg: ServeConfig) -> Slot:
+        """A slot for one request to `name`, once it is ready and has room. Raises DoorError:
+        429 when the queue is full, 503 when its wait ends without a slot."""
+        gate = self.gate(name)
+        task = asyncio.current_task()
+        unit = self.daemon.units.get(name)
+        if unit is not None and unit.state is S.READY and gate.has_room(cfg.max_concurrent) \
+                and not gate.waiting:
+            return gate.take(task)  # the hot path: no queue, no clock
+        if not self.daemon.accepting:
+            raise DoorError(503, "shutting_down", "the daemon is stopping", retry_after=5)
+        if gate.waiting >= cfg.queue.max:
+            raise DoorError(429, "queue_full", f"{gate.waiting} requests already wait for "
+                            f"{name} (serve.queue.max {cfg.queue.max})",
+                            retry_after=RETRY_QUEUE_S)
+        t0 = time.monotonic()
+        deadline = t0 + cfg.queue.timeout_s
+        cold = False
+        gate.waiting += 1
+        try:
+            while True:
+                unit = self.daemon.units.get(name)
+                if unit is None or self.serve_of(name) is None:
+                    raise DoorError(404, "unknown_service", f"{name} is no longer served")
+                if unit.state is S.READY and gate.has_room(cfg.max_concurrent):
+                    waited = time.monotonic() - t0
+                    self.stats.queued(name, waited, cold)
+                    return gate.take(task)
+                failed = self._failed.get(name)
+                if failed is not None and failed[0] >= t0:
+                    raise failed[1]
+                if not self.daemon.accepting:
+                    raise DoorError(503, "shutting_down", "the daemon is stopping",
+                                    retry_after=5)
+                if unit.state in STARTABLE and gate.holds == 0:
+                    cold = True
+                    self._ensure_start(name)
+                elif unit.state in (S.STARTING, S.WAKING):
+                    cold = True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DoorError(
+                        503, "queue_timeout", f"{name} was not ready with a free slot within "
+                        f"{cfg.queue.timeout_s:g}s (serve.queue.timeout_s); it is "
+                        f"{unit.state.value}", retry_after=RETRY_QUEUE_S,
+                        state=unit.state.value)
+                await gate.changed(left)
+        finally:
+            gate.waiting -= 1
+
+    def _ensure_start(self, name: str) -> None:
+        task = self._starts.get(name)
+        if task is None or task.done():
+            self._starts[name] = asyncio.create_task(self._start(name),
+                                                     name=f"front-door-start-{name}")
+
+    async def _start(self, name: str) -> None:
+        """One start (or wake) for every request waiting on `name`; its failure is theirs."""
+        gate = self.gate(name)
+        try:
+            op, task, joined = self.daemon.orchestrator.submit(RequestStart(name))
+            if not joined:
+                gate.starts += 1
+                self.stats.started(name)
+            logger.info(f"front door: a request starts {name} (operation {op.id})")
+            await asyncio.shield(task)  # our waiters may give up; the start goes on
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed[name] = (time.monotonic(), start_error(name, exc))
+            if not isinstance(exc, OperationError | LockHeld | LockLost | LockUnavailable):
+                logger.opt(exception=exc).error(f"front door: starting {name} failed: {exc}")
+        finally:
+            self._starts.pop(name, None)
+            gate.notify()
+
+    # -- the orchestrator's side: releases drain us first --------------------------------------
+    def drain_bound_s(self, name: str) -> float:
+        cfg = self.serve_of(name)
+        return 0.0 if cfg is None else cfg.drain_s
+
+    @contextlib.asynccontextmanager
+    async def hold_back(self, name: str, request: Request) -> AsyncIterator[list[str]]:
+        cfg = self.serve_of(name)
+        if cfg is None:
+            yield []
+            return
+        gate = self.gate(name)
+        if isinstance(request, IdleSleep | IdleStop) and gate.busy:
+            raise OperationError("not_idle", f"{name} has requests again; not released")
+        gate.holds += 1  # new requests wait from now on
+        try:
+            force = isinstance(request, StopService) and request.force
+            had, cut = await gate.drain(0.0 if force else cfg.drain_s)
+            notes = []
+            if had:
+                notes.append(f"drained {had - cut} request(s) in flight" + (
+                    f", cut {cut} after {0.0 if force else cfg.drain_s:g}s" if cut else ""))
+                self.stats.drained(name, had - cut, cut)
+            yield notes
+        finally:
+            gate.holds -= 1
+            gate.notify()
+
+
+def start_error(name: str, exc: Exception) -> DoorError:
+    """What the requests waiting for a start that did not happen are answered."""
+    if isinstance(exc, OperationError):
+        status = 503 if exc.code in ("insufficient_vram", "needed_by_phase", "lock_held",
+                                     "queue_timeout", "lock_unavailable", "lock_lost",
+                                     "shutting_down", "unmanaged_device") else 502
+        return DoorError(status, exc.code, f"{name} could not be started for this request: "
+                         f"{exc.detail}", retry_after=RETRY_REFUSED_S,
+                         **{k: v for k, v in exc.extra.items()
+                            if k in ("blockers", "short_mb", "plan")})
+    if isinstance(exc, LockHeld):
+        return DoorError(503, "lock_held", f"{name} could not be started: {exc}",
+                         retry_after=RETRY_REFUSED_S, holder=exc.holder)
+    if isinstance(exc, LockUnavailable | LockLost):
+        return DoorError(503, "lock_unavailable", f"{name} could not be started: {exc}",
+                         retry_after=RETRY_REFUSED_S)
+    return DoorError(502, "start_failed", f"{name} could not be started (internal error; see "
+                     "the daemon's log)", retry_after=RETRY_REFUSED_S)

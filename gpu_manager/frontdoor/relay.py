@@ -1,0 +1,188 @@
+"""Forward one admitted request upstream and relay the answer as it comes, never buffered.
+
+Everything runs in the request's own task, inside one try/finally, so the slot is given back
+and the upstream response closed whatever happens: the answer ends, the upstream fails, the
+client goes away (a watcher hears `http.disconnect` once the body is sent up and cuts the
+slot), or a release cuts it after `drain_s` (the task is cancelled with the slot's reason;
+the relay takes the cancel back and ends the answer cleanly: a JSON error before the first
+byte, an SSE `error` event in an event stream, else the body ends short).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from starlette.types import Message, Receive, Send
+
+from gpu_manager.config.serve import ServeConfig
+from gpu_manager.frontdoor.errors import DoorError
+from gpu_manager.frontdoor.gate import Slot
+from gpu_manager.frontdoor.stats import DoorStats
+
+# Not forwarded: hop-by-hop headers (RFC 9110 7.6.1), the client's credentials for the
+# daemon (never the upstream's business), and what httpx or the server set themselves.
+DROP_UP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "transfer-encoding", "upgrade", "host", "authorization", "x-service-token",
+    "cookie", "expect"})
+DROP_DOWN = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "transfer-encoding", "upgrade", "server", "date"})
+
+
+def up_headers(raw: list[tuple[bytes, bytes]], cfg: ServeConfig) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in raw if k.decode("latin-1").lower() not in DROP_UP]
+    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    if key:
+        out.append((b"authorization", f"Bearer {key}".encode()))
+    return out
+
+
+@dataclass
+class Upstream:
+    """What to send: method, URL, headers, and the body (bytes, or a stream read from the
+    client as it arrives)."""
+
+    method: str
+    url: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes | None  # None: stream it from `receive`
+
+
+class Relay:
+    def __init__(self, client: httpx.AsyncClient, stats: DoorStats, name: str,
+                 cfg: ServeConfig, slot: Slot, up: Upstream, openai: bool,
+                 max_body: int) -> None:
+        self.client, self.stats, self.name, self.cfg = client, stats, name, cfg
+        self.max_body = max_body
+        self.slot, self.up, self.openai = slot, up, openai
+        self.body_sent = asyncio.Event()
+        self.started = False  # the answer's head went to the client
+        self.sse = False
+
+    async def _body(self, receive: Receive) -> AsyncIterator[bytes]:
+        """The client's body, streamed up as it arrives (counted: over the limit, 413)."""
+        size = 0
+        try:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    self.slot.cut("the client went away")
+                    return
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    raise DoorError(413, "payload_too_large", "the request body is larger than "
+                                    f"{self.max_body} bytes (GPU_MANAGER_PROXY_MAX_BODY_BYTES)")
+                if chunk:
+                    yield chunk
+                if not msg.get("more_body", False):
+                    return
+        finally:
+            self.body_sent.set()
+
+    async def _watch(self, receive: Receive) -> None:
+        """Once the body is up, the next message can only be the client leaving."""
+        await self.body_sent.wait()
+        while True:
+            msg: Message = await receive()
+            if msg["type"] == "http.disconnect":
+                self.slot.cut("the client went away")
+                return
+
+    async def __call__(self, receive: Receive, send: Send) -> None:
+        t0 = time.monotonic()
+        task = asyncio.current_task()
+        assert task is not None
+        up, cfg = self.up, self.cfg
+        if up.body is not None:
+            self.body_sent.set()
+        watcher = asyncio.create_task(self._watch(receive), name=f"relay-watch-{self.name}")
+        response: httpx.Response | None = None
+        code = "5xx"
+        try:
+            try:
+                timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=cfg.chunk_timeout_s,
+                                        write=cfg.chunk_timeout_s, pool=cfg.connect_timeout_s)
+                request = self.client.build_request(
+                    up.method, up.url, headers=up.headers, timeout=timeout,
+                    content=up.body if up.body is not None else self._body(receive))
+                response = await self.client.send(request, stream=True)
+                head = [(k, v) for k, v in response.headers.raw
+                        if k.decode("latin-1").lower() not in DROP_DOWN]
+                self.sse = response.headers.get("content-type", "").startswith(
+                    "text/event-stream")
+                code = f"{response.status_code // 100}xx"
+                await send({"type": "http.response.start", "status": response.status_code,
+                            "headers": head})
+                self.started = True
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": True})
+                self.slot.finishing = True  # a disconnect seen from here on cuts nothing
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except asyncio.CancelledError:
+                if self.slot.cut_reason is None:
+                    raise  # not ours: the server is going down
+                self.slot.finishing = True  # one cut is enough
+                task.uncancel()
+                code = "gone" if self.slot.cut_reason == "the client went away" else "cut"
+                await self._end(send, DoorError(
+                    503, "service_released", f"the request was cut: {self.slot.cut_reason}",
+                    retry_after=2))
+            except DoorError as err:  # the body went over the limit on its way up
+                self.slot.finishing = True
+                await self._end(send, err)
+            except httpx.TimeoutException as exc:
+                self.slot.finishing = True
+                await self._end(send, DoorError(
+                    504, "upstream_timeout", f"{self.name} did not answer in time "
+                    f"({type(exc).__name__}; serve.connect_timeout_s "
+                    f"{cfg.connect_timeout_s:g}, chunk_timeout_s {cfg.chunk_timeout_s:g})"))
+            except httpx.HTTPError as exc:
+                self.slot.finishing = True
+                await self._end(send, DoorError(
+                    502, "upstream_unreachable", f"{self.name} at {cfg.url}: "
+                    f"{type(exc).__name__}: {exc}", retry_after=2))
+        finally:
+            self.slot.finishing = True
+            watcher.cancel()
+            if response is not None:
+                await _close(response)
+            self.slot.release()
+            self.stats.answered(self.name, code, time.monotonic() - t0)
+
+    async def _end(self, send: Send, err: DoorError) -> None:
+        """End the answer with `err`: whole when nothing was sent, else as the stream allows."""
+        if self.slot.cut_reason == "the client went away":
+            return  # nobody to tell
+        try:
+            if not self.started:
+                await err.send(send, self.openai)
+                return
+            if self.sse:  # what OpenAI-compatible servers send when a stream fails
+                event = {"error": {"message": err.message, "type": "server_error",
+                                   "code": err.code}}
+                await send({"type": "http.response.body",
+                            "body": f"data: {json.dumps(event)}\n\n".encode(),
+                            "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the connection went with it
+
+
+async def _close(response: httpx.Response) -> None:
+    """Close the upstream answer (a cut one: the connection is dropped, so the server sees
+    its client go); bounded, and never cancelled halfway by our own cancel."""
+    closing = asyncio.ensure_future(response.aclose())
+    try:
+        async with asyncio.timeout(2.0):
+            await asyncio.shield(closing)
+    except (TimeoutError, asyncio.CancelledError, httpx.HTTPError, OSError):
+        pass
