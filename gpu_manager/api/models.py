@@ -115,6 +115,34 @@ class ServiceStatus(Body):
     allowed_devices: list[int] | None = Field(description="The cards it may be placed on "
                                               "(`device`/`devices`); null: any")
     gpus: int = Field(description="How many cards it needs at once")
+    serve: ServeStatus | None = Field(None, description="The front door's figures for a "
+                                      "service with `serve:`; null: not served")
+
+
+class IdleStatus(Body):
+    after_s: float
+    below_util_pct: int
+    then: str = Field(description="sleep or stop")
+    idle_for_s: float | None = Field(description="How long it has been idle by measure")
+    util_pct: int | None = Field(description="Its processes' GPU utilisation (%)")
+    util_source: str = Field(description="process (its own pids), device (the card's: the "
+                             "driver gives no per-process figure), none (no figure: never "
+                             "released)")
+    releasing: bool
+
+
+class ServeStatus(Body):
+    url: str
+    models: list[str]
+    max_concurrent: int
+    in_flight: int = Field(description="Requests being forwarded now")
+    waiting: int = Field(description="Requests waiting in its queue")
+    queue_max: int
+    draining: bool = Field(description="A release waits for its requests in flight")
+    last_request_at: float | None = Field(description="Wall time of the last request")
+    request_starts: int = Field(description="Starts and wakes its requests caused")
+    cut: int = Field(description="Requests cut by a release after drain_s")
+    idle: IdleStatus | None
 
 
 class HeldFor(Body):

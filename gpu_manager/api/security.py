@@ -37,6 +37,8 @@ from gpu_manager.api.errors import ApiError
 from gpu_manager.settings import Settings
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# The front door's entrances (gpu_manager/frontdoor): bodies of any type and size are theirs.
+FORWARDED = ("/v1/", "/svc/")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -220,6 +222,9 @@ class SecurityMiddleware:
         self.policy = policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -232,6 +237,12 @@ class SecurityMiddleware:
                 "forbidden_host", f"Host {host!r} is refused: a daemon bound to loopback "
                 "answers only to localhost, 127.0.0.1 and [::1], or to names listed in "
                 "GPU_MANAGER_ALLOWED_HOSTS")
+        elif method in MUTATING and path.startswith(FORWARDED):
+            # the front door forwards any body (audio, images, forms) and bounds its size
+            # itself (GPU_MANAGER_PROXY_MAX_BODY_BYTES); a foreign web page still may not
+            why = self.policy.cross_origin(headers, scope["scheme"])
+            if why is not None:
+                refusal = ApiError("cross_origin", why)
         elif method in MUTATING:
             why = self.policy.cross_origin(headers, scope["scheme"])
             limit = self.policy.max_body_bytes
@@ -258,3 +269,18 @@ class SecurityMiddleware:
                        f"origin={headers.get('origin')!r} "
                        f"content-type={headers.get('content-type')!r}")
         await refusal.response()(scope, receive, _hardened(send))
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket (the front door's `/svc/.../ws`) is held to the same Host and Origin
+        rules as a mutating request: browsers send an Origin with every WebSocket and apply
+        no same-origin policy to them, so a foreign page could otherwise drive a service."""
+        headers = Headers(scope=scope)
+        scheme = "https" if scope.get("scheme") == "wss" else "http"
+        why = None if self.policy.host_ok(headers.get("host")) else "forbidden host"
+        why = why or self.policy.cross_origin(headers, scheme)
+        if why is None:
+            await self.app(scope, receive, send)
+            return
+        logger.warning(f"refused WebSocket {scope.get('path')!r}: {why}")
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1008})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
 import httpx
@@ -28,11 +28,20 @@ from gpu_manager.frontdoor.gate import Gate, Slot
 from gpu_manager.frontdoor.stats import DoorStats
 from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
 from gpu_manager.orchestrator import OperationError
-from gpu_manager.planner import IdleSleep, IdleStop, Request, RequestStart, StopService
+from gpu_manager.planner import (
+    Blocker,
+    IdleSleep,
+    IdleStop,
+    Refusal,
+    Request,
+    RequestStart,
+    StopService,
+)
 from gpu_manager.units import Event, ServiceState
 
 if TYPE_CHECKING:
     from gpu_manager.daemon import Daemon
+    from gpu_manager.frontdoor.idle import IdleWatch
 
 S = ServiceState
 # Retry-After (s): a refused start waits for something else to finish; a full queue drains.
@@ -50,7 +59,11 @@ class FrontDoor:
         # service -> (when, why): the last start a request caused that did not succeed; the
         # requests that were waiting by then are answered with it.
         self._failed: dict[str, tuple[float, DoorError]] = {}
+        # service -> the services with requests in flight that its start must wait for
+        # (their equal in priority may swap them out only once they are idle)
+        self._waiting_on: dict[str, frozenset[str]] = {}
         self._models: tuple[object, dict[str, str]] = (None, {})
+        self.idle: IdleWatch | None = None  # set by install()
         # One pooled client for every upstream: keep-alive connections, no retries (a
         # request is not idempotent), deadlines per request from the service's `serve:`.
         self.client = httpx.AsyncClient(
@@ -77,8 +90,16 @@ class FrontDoor:
     def gate(self, name: str) -> Gate:
         gate = self.gates.get(name)
         if gate is None:
-            gate = self.gates[name] = Gate(name)
+            gate = self.gates[name] = Gate(name, self._gate_free)
         return gate
+
+    def _gate_free(self, name: str) -> None:
+        """`name` has no request in flight any more: the starts that waited for it (an
+        equal may swap it out now) are tried again."""
+        for other, busy in list(self._waiting_on.items()):
+            if name in busy:
+                del self._waiting_on[other]
+                self.gate(other).notify()
 
     # -- life ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -136,7 +157,11 @@ class FrontDoor:
                 if not self.daemon.accepting:
                     raise DoorError(503, "shutting_down", "the daemon is stopping",
                                     retry_after=5)
-                if unit.state in STARTABLE and gate.holds == 0:
+                waits = self._waiting_on.get(name)
+                if waits is not None and not waits & self.in_use():
+                    del self._waiting_on[name]  # what it waited for is idle (or gone)
+                if unit.state in STARTABLE and gate.holds == 0 \
+                        and name not in self._waiting_on:
                     cold = True
                     self._ensure_start(name)
                 elif unit.state in (S.STARTING, S.WAKING):
@@ -161,8 +186,16 @@ class FrontDoor:
     async def _start(self, name: str) -> None:
         """One start (or wake) for every request waiting on `name`; its failure is theirs."""
         gate = self.gate(name)
+        orch = self.daemon.orchestrator
+        request = RequestStart(name)
         try:
-            op, task, joined = self.daemon.orchestrator.submit(RequestStart(name))
+            # Looked at first, not submitted: a start that must wait for an equal's requests
+            # in flight waits for them here, not as a refused operation per attempt.
+            async with asyncio.timeout(self.daemon.bounds.pids_s + 1.0):
+                ahead = await orch.dry_run(request)
+            if isinstance(ahead, Refusal) and self._wait_for_busy(name, ahead.blockers):
+                return
+            op, task, joined = orch.submit(request)
             if not joined:
                 gate.starts += 1
                 self.stats.started(name)
@@ -170,6 +203,11 @@ class FrontDoor:
             await asyncio.shield(task)  # our waiters may give up; the start goes on
         except asyncio.CancelledError:
             raise
+        except OperationError as exc:
+            blockers = [Blocker(str(b.get("name")), int(b.get("mb") or 0), "")
+                        for b in exc.extra.get("blockers") or ()]
+            if exc.code != "insufficient_vram" or not self._wait_for_busy(name, blockers):
+                self._failed[name] = (time.monotonic(), start_error(name, exc))
         except Exception as exc:
             self._failed[name] = (time.monotonic(), start_error(name, exc))
             if not isinstance(exc, OperationError | LockHeld | LockLost | LockUnavailable):
@@ -178,7 +216,19 @@ class FrontDoor:
             self._starts.pop(name, None)
             gate.notify()
 
+    def _wait_for_busy(self, name: str, blockers: Iterable[Blocker]) -> bool:
+        """Whether the start of `name` is blocked by services with requests in flight; then
+        it is tried again when they are idle (its requests wait, within their queue time)."""
+        busy = frozenset(b.name for b in blockers) & self.in_use()
+        if busy:
+            self._waiting_on[name] = busy
+        return bool(busy)
+
     # -- the orchestrator's side: releases drain us first --------------------------------------
+    def in_use(self) -> frozenset[str]:
+        return frozenset(n for n, g in self.gates.items() if g.in_flight)
+
+
     def drain_bound_s(self, name: str) -> float:
         cfg = self.serve_of(name)
         return 0.0 if cfg is None else cfg.drain_s

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -38,8 +39,9 @@ class Slot:
 
 
 class Gate:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, on_free: Callable[[str], None] | None = None) -> None:
         self.name = name
+        self.on_free = on_free  # called when its last request in flight ends
         self.in_flight: set[Slot] = set()
         self.waiting = 0
         # Releases of the service in progress that hold new requests back.
@@ -69,6 +71,8 @@ class Gate:
         self.in_flight.discard(slot)
         self.last_active = time.monotonic()
         self.notify()
+        if not self.in_flight and self.on_free is not None:
+            self.on_free(self.name)
 
     def notify(self) -> None:
         """Wake every waiter: something they wait on may have changed."""

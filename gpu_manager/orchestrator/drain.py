@@ -22,6 +22,10 @@ class Drainer(Protocol):
         May raise OperationError (an idle release of a service that is busy again)."""
         ...
 
+    def in_use(self) -> frozenset[str]:
+        """The services with requests in flight or waiting (an equal may not swap them)."""
+        ...
+
     def drain_bound_s(self, name: str) -> float:
         """The longest `hold_back` may wait before it yields."""
         ...

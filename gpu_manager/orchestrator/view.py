@@ -122,6 +122,10 @@ class GpuView:
         """Around a release step of `name`: the front door drains its requests first."""
         return no_drain() if self.drainer is None else self.drainer.hold_back(name, request)
 
+    def in_use(self) -> frozenset[str]:
+        """The services the front door has requests in flight or waiting for."""
+        return frozenset() if self.drainer is None else self.drainer.in_use()
+
     def drain_bound_s(self, name: str) -> float:
         return 0.0 if self.drainer is None else self.drainer.drain_bound_s(name)
 
@@ -252,7 +256,7 @@ class GpuView:
             foreign = max(0, dev.used_mb - managed - releasing
                           - _pidless_claims(books.active_leases, None))
         return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase,
-                             sleeping, unready)
+                             sleeping, unready, in_use=self.in_use())
 
     def _per_card(self, books: LedgerView, names: Iterable[str]) -> dict[int, DeviceBudget]:
         """Each managed card's budget: its total (NVML's, else the declared one), reserve,
@@ -294,7 +298,8 @@ class GpuView:
             sum(c.total_mb for c in cards.values()), running,
             sum(c.reserve_mb for c in cards.values()),
             sum(c.foreign_mb for c in cards.values()), self.current_phase, sleeping, unready,
-            devices=cards, placement=placement, strategy=gpu.placement, card_mb=card_mb)
+            devices=cards, placement=placement, strategy=gpu.placement, card_mb=card_mb,
+            in_use=self.in_use())
 
     def planner_inventory(self) -> PlannerInventory:
         """The inventory as the planner must see it now: client leases as unstoppable

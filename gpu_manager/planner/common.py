@@ -197,10 +197,12 @@ def unknown_service(inv: PlannerInventory, request: Request, name: str) -> Refus
 
 def candidates(
     inv: PlannerInventory, state: ObservedState, names: Iterable[str], below: int | None,
-    sleep: bool = False,
+    sleep: bool = False, swap: bool = False,
 ) -> tuple[list[tuple[str, int, int]], list[Blocker]]:
     """Split running (or sleeping) services into preemption candidates, with the MB each
-    frees (`sleep`: by sleeping where it can), and blockers (with why)."""
+    frees (`sleep`: by sleeping where it can), and blockers (with why). `swap` (a start a
+    request caused): a service of priority `below` itself is a candidate too while no
+    request is in flight for it (`state.in_use`): models of one rank take turns."""
     cands: list[tuple[str, int, int]] = []
     blockers: list[Blocker] = []
     for n in names:
@@ -213,7 +215,11 @@ def candidates(
             blockers.append(Blocker(n, mb, "held by a client"))
         elif not spec.preemptible:
             blockers.append(Blocker(n, mb, "not preemptible"))
-        elif below is not None and spec.priority >= below:
+        elif below is not None and spec.priority == below and swap and n in state.in_use:
+            blockers.append(Blocker(n, mb, f"priority {spec.priority} >= {below}, "
+                                    "requests in flight"))
+        elif below is not None and spec.priority >= below and not (
+                swap and spec.priority == below):
             blockers.append(Blocker(n, mb, f"priority {spec.priority} >= {below}"))
         else:
             cands.append((n, mb, spec.priority))

@@ -11,6 +11,9 @@ Rules
   as what the sleepers keep still fits; when it does not, sleepers are stopped (lowest priority
   first) before anything else is touched. Starting a sleeping service wakes it.
 - A start preempts only running (or sleeping), preemptible services of strictly lower priority.
+  A start a request caused (`RequestStart`) may also swap out a service of its own priority
+  that has no request in flight or waiting (`ObservedState.in_use`): models of one rank take
+  turns on the GPU, and one busy answering is never cut for an equal.
   Victims are chosen to (1) keep the highest preempted priority as low as possible, then (2)
   stop as few services as possible, then (3) prefer lower priority and smaller services among
   equal choices.
@@ -47,6 +50,7 @@ from gpu_manager.planner.model import (
     Prewarm,
     Refusal,
     Request,
+    RequestStart,
     SleepService,
     StartService,
     Step,
@@ -108,27 +112,32 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
     freed = sum(s.mb for s in again)
     shortfall = start.mb - (state.budget_mb - used_mb(inv, state) + freed)
     others = [n for n in (*state.running, *state.sleeping) if n != req.name]
-    victims, sleep, cands, blockers = _victims(inv, state, others, spec.priority, shortfall)
+    swap = isinstance(req, RequestStart)
+    victims, sleep, cands, blockers = _victims(inv, state, others, spec.priority, shortfall,
+                                               swap)
     if victims is None:
         short = shortfall - sum(mb for _, mb, _ in cands)
         return insufficient(state, req, req.name, start.mb, short, blockers)
-    steps = [
-        release(inv, state, v,
-                f"preempted by {req.name} (priority {inv.services[v].priority} < "
-                f"{spec.priority})", preemption=True, sleep=sleep)
-        for v in stop_order(inv, state, victims)
-    ]
+    steps = [release(inv, state, v, _preempted(req.name, inv.services[v].priority,
+                                               spec.priority), preemption=True, sleep=sleep)
+             for v in stop_order(inv, state, victims)]
     return finish(inv, state, req, [*again, *steps, start])
 
 
+def _preempted(by: str, theirs: int, ours: int) -> str:
+    if theirs == ours:  # a request's swap: an equal with no request in flight
+        return f"swapped out for {by} (priority {theirs} = {ours}, no request in flight)"
+    return f"preempted by {by} (priority {theirs} < {ours})"
+
+
 def _victims(inv: PlannerInventory, state: ObservedState, names: list[str], below: int | None,
-             shortfall: int) -> tuple[list[str] | None, bool, list[tuple[str, int, int]],
-                                      list[Blocker]]:
+             shortfall: int, swap: bool = False) -> tuple[
+                 list[str] | None, bool, list[tuple[str, int, int]], list[Blocker]]:
     """Victims for `shortfall`: first by sleeping what can sleep, and if what the sleepers
     keep is too much, by stopping. (victims or None, whether they sleep, the candidates and
     blockers of the last try)."""
     for sleep in (True, False):
-        cands, blockers = candidates(inv, state, names, below=below, sleep=sleep)
+        cands, blockers = candidates(inv, state, names, below=below, sleep=sleep, swap=swap)
         victims = choose_victims(cands, shortfall)
         if victims is not None:
             return victims, sleep, cands, blockers

@@ -100,6 +100,9 @@ class ObservedState:
     # e.g. `device_map=auto`); absent: its MB split evenly.
     card_mb: Mapping[str, Mapping[int, int | None]] = field(default_factory=dict)
     strategy: Literal["best_fit", "spread"] = "best_fit"
+    # Services with requests in flight (or waiting) at the front door: a request's start
+    # may swap out an idle service of its own priority, never one of these.
+    in_use: frozenset[str] = frozenset()
 
     @property
     def budget_mb(self) -> int:

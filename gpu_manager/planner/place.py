@@ -89,7 +89,8 @@ def card(state: ObservedState, d: int) -> ObservedState:
     running = {n: share(n, mb) for n, mb in state.running.items() if d in where(state, n)}
     sleeping = {n: share(n, mb) for n, mb in state.sleeping.items() if d in where(state, n)}
     return ObservedState(budget.total_mb, running, budget.reserve_mb, budget.foreign_mb,
-                         state.current_phase, sleeping, state.unready & running.keys())
+                         state.current_phase, sleeping, state.unready & running.keys(),
+                         in_use=state.in_use)
 
 
 def _cost(inv: PlannerInventory, state: ObservedState, d: int,
