@@ -115,6 +115,10 @@ def procs(dev: dict[str, Any]) -> list[tuple[int, int | None]]:
     return [(p["pid"], p["used_mb"]) for p in dev["processes"]]
 
 
+def utils(dev: dict[str, Any]) -> dict[int, int | None]:
+    return {p["pid"]: p["util_pct"] for p in dev["processes"]}
+
+
 def test_two_devices_with_memory_v2(nvml: Callable[..., Runner]) -> None:
     snap = nvml(TWO_GPUS).snapshot()
     assert snap["source"] == "nvml" and snap["error"] is None
@@ -181,7 +185,7 @@ def test_memory_only_poll_skips_process_calls(nvml: Callable[..., Runner]) -> No
     r = nvml(TWO_GPUS)
     snap = r.snapshot(processes=False)
     assert snap["devices"][0]["processes"] is None
-    assert not [c for c in r.calls() if "RunningProcesses" in c]
+    assert not [c for c in r.calls() if "RunningProcesses" in c or "ProcessUtilization" in c]
 
 
 def test_missing_library_degrades_to_declared(nvml: Callable[..., Runner],
@@ -266,3 +270,55 @@ services:
             assert env["CUDA_VISIBLE_DEVICES"] == uuid
     finally:
         d.close()
+
+
+def test_per_process_utilisation_from_the_samples_since_the_last_read(
+        nvml: Callable[..., Runner]) -> None:
+    samples = """
+putil 0 4242 100 30
+putil 0 4242 200 70
+putil 0 4243 150 10
+putil 0 9999 160 50
+"""
+    r = nvml(TWO_GPUS + samples)
+    d0, d1 = r.snapshot()["devices"]
+    # a pid's highest sample; a listed pid without a sample did not run (0, not unknown);
+    # a sampled pid that is not listed is not made up
+    assert utils(d0) == {4242: 70, 4243: 10, 4244: 0}
+    assert utils(d1) == {}
+    # nothing newer than 200 (NVML_ERROR_NOT_FOUND): everyone idle
+    assert utils(r.snapshot()["devices"][0]) == {4242: 0, 4243: 0, 4244: 0}
+    r.state.write_text(TWO_GPUS + samples + "putil 0 4244 300 55\nputil 1 4242 50 20\n")
+    d0, d1 = r.snapshot()["devices"]
+    assert utils(d0) == {4242: 0, 4243: 0, 4244: 55}
+    assert utils(d1) == {}  # its sample's pid is not on that card
+    r.snapshot()
+    asked = [int(c.split("since=")[1]) for c in r.calls() if "ProcessUtilization" in c]
+    # per device, after the newest sample that device's last read saw; the binding asks
+    # twice when there are samples (their count, then the samples)
+    assert asked == [0, 0, 0,  # device 0: 4 samples; device 1: none
+                     200, 0,  # nothing new on either
+                     200, 200, 0, 0,  # one new sample on each
+                     300, 50]
+
+
+@pytest.mark.parametrize("ret,warned", [(3, False), (999, True)])
+def test_process_utilisation_unknown_when_the_driver_cannot_say(
+        nvml: Callable[..., Runner], ret: int, warned: bool) -> None:
+    r = nvml(TWO_GPUS + f"putilret 0 {ret}\n")
+    for _ in range(2):
+        answer = r.ask("sample")
+        d0 = answer["snapshot"]["devices"][0]
+        # NOT_SUPPORTED (vGPU, MIG) or another error: unknown; the rest is still read
+        assert utils(d0) == {4242: None, 4243: None, 4244: None}
+        assert d0["error"] is None and d0["free_mb"] == 20480
+    assert sum("per-process utilisation" in w for w in answer["warnings"]) == int(warned)
+
+
+def test_process_utilisation_unknown_when_the_driver_lacks_it(
+        nvml: Callable[..., Runner]) -> None:
+    r = nvml(TWO_GPUS + "putil 0 4242 100 30\n", "NO_PROC_UTIL")
+    for _ in range(2):
+        answer = r.ask("sample")
+        assert utils(answer["snapshot"]["devices"][0]) == {4242: None, 4243: None, 4244: None}
+    assert sum("nvmlDeviceGetProcessUtilization" in w for w in answer["warnings"]) == 1

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import psutil
 import pytest
 
 from gpu_manager.probe import Poller, SimulatedProbe, Snapshot
-from gpu_manager.sim.registry import SimRegistry
+from gpu_manager.sim.registry import Registration, SimRegistry
 from gpu_manager.sim.workload import EXIT_CRASH, EXIT_OOM
 from tests.support.env import wait_for
 from tests.support.workloads import Workload, health_status
@@ -229,3 +231,69 @@ async def test_poller_survives_a_failing_probe(sim: SimulatedProbe) -> None:
 def test_registry_rejects_negative_foreign(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="negative"):
         SimRegistry(tmp_path).set_foreign(-1)
+
+
+def post_busy(port: int, body: object) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/sim/busy", method="POST",
+                                 data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), json.loads(exc.read())
+
+
+def util(sim: SimulatedProbe, pid: int) -> int | None:
+    proc = sim.sample().devices[0].process(pid)
+    assert proc is not None
+    return proc.util_pct
+
+
+def test_sim_busy_shows_as_utilisation_until_it_ends(
+    sim: SimulatedProbe, workloads: list[Workload]
+) -> None:
+    idle, busy = start(sim, workloads, 100), start(sim, workloads, 100, "--busy-pct", "55")
+    assert (util(sim, idle.pid), util(sim, busy.pid)) == (0, 0)  # known to be idle, not None
+    code, answer = post_busy(idle.port, {"seconds": 0.8, "util_pct": 77})
+    assert code == 200 and isinstance(until := answer["busy_until"], float)
+    assert time.time() < until <= time.time() + 0.8
+    assert (util(sim, idle.pid), util(sim, busy.pid)) == (77, 0)
+    assert post_busy(busy.port, {"seconds": 5})[0] == 200
+    assert util(sim, busy.pid) == 55  # without util_pct: the stand-in's --busy-pct
+    wait_for(lambda: util(sim, idle.pid) == 0, 0.8 + 2, "the busy period to end")
+    assert time.time() >= until  # not before it was due
+    for bad in ({}, {"seconds": -1}, {"seconds": 1, "util_pct": 101}, {"seconds": True}, []):
+        assert post_busy(idle.port, bad)[0] == 400, bad
+    assert util(sim, idle.pid) == 0
+
+
+def test_registration_without_load_fields_still_loads(sim: SimulatedProbe) -> None:
+    # a file written before the load fields existed: counted, idle, and still updatable
+    me = psutil.Process()
+    path = sim.registry.procs / f"{me.pid}.json"
+    path.write_text(json.dumps({"pid": me.pid, "create_time": me.create_time(), "mb": 700,
+                                "name": "old", "device": 0}))
+    proc = sim.sample().devices[0].process(me.pid)
+    assert proc is not None and (proc.used_mb, proc.util_pct) == (700, 0)
+    sim.registry.set_in_flight(me.pid, 2, 90)
+    assert util(sim, me.pid) == 90
+    assert json.loads(path.read_text())["in_flight"] == 2
+    sim.registry.set_in_flight(me.pid, 0, 90)
+    assert util(sim, me.pid) == 0
+    path.unlink()
+    with pytest.raises(LookupError):
+        sim.registry.set_busy(me.pid, time.time() + 1, 50)
+
+
+def test_registration_util_pct() -> None:
+    reg = Registration(1, 0.0, 10, "r")
+    assert reg.util_pct(100.0) == 0
+    serving = Registration(1, 0.0, 10, "r", in_flight=1, in_flight_pct=90)
+    assert serving.util_pct(100.0) == 90
+    held = Registration(1, 0.0, 10, "r", busy_until=101.0, busy_pct=40)
+    assert (held.util_pct(100.0), held.util_pct(101.0)) == (40, 0)  # ends at busy_until
+    both = Registration(1, 0.0, 10, "r", in_flight=3, in_flight_pct=60, busy_until=200.0,
+                        busy_pct=80)
+    assert both.util_pct(100.0) == 80  # the higher load
+    dead = Registration(1, 0.0, 10, "r", dead_since=99.0, in_flight=1, in_flight_pct=90)
+    assert dead.util_pct(100.0) == 0  # a dead process computes nothing

@@ -4,12 +4,19 @@ All NVML calls go through `_call`, the single entry point (the nvitop habit): it
 NOT_SUPPORTED and a missing function to UNKNOWN (logging a missing function once), turns
 GPU_IS_LOST into a lost device, and lets every other error surface as the device's error.
 Nothing here ever raises out of `sample`; a GPU that misbehaves is reported, not crashed on.
+
+Per-process SM utilisation comes from nvmlDeviceGetProcessUtilization, read with the process
+list (never on a memory-only poll): the samples since the newest one the last read saw, a
+pid's figure the highest of its samples. No sample for a listed pid (NOT_FOUND: none at all)
+means it did not run: 0. Where the driver cannot tell (NOT_SUPPORTED, vGPU, MIG, any other
+error) the figure is unknown, None, and the rest of the device is still read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -76,6 +83,9 @@ class NvmlProbe:
         # Remembered per kind once a newer version turned out to be missing.
         self._proc_version: dict[str, int] = {"compute": 3, "graphics": 3}
         self._mem_v2 = True
+        # Device index -> the newest process utilisation sample seen (NVML's microseconds):
+        # each read asks for the samples after it, so a sample counts in one window only.
+        self._util_seen: dict[int, int] = {}
         self.driver_version: str | None = None
 
     # -- the single entry point ---------------------------------------------------------------
@@ -158,7 +168,7 @@ class NvmlProbe:
             total, used, free, reserved = self._memory(handle)
             temp = self._call("nvmlDeviceGetTemperature", handle, self._nv.NVML_TEMPERATURE_GPU)
             util = self._call("nvmlDeviceGetUtilizationRates", handle)
-            procs = self._processes(handle) if processes else None
+            procs = self._processes(index, handle) if processes else None
             return DeviceSnapshot(
                 index=index,
                 name=_text(self._call("nvmlDeviceGetName", handle)),
@@ -201,7 +211,7 @@ class NvmlProbe:
         used = total - free if total is not None and free is not None else None
         return total, used, free, reserved
 
-    def _processes(self, handle: Any) -> tuple[GpuProcess, ...] | None:
+    def _processes(self, index: int, handle: Any) -> tuple[GpuProcess, ...] | None:
         merged: dict[int, GpuProcess] = {}
         for kind in ("compute", "graphics"):
             entries = self._process_list(handle, kind)
@@ -213,7 +223,37 @@ class NvmlProbe:
                 if prev is None or (used or 0) > (prev.used_mb or 0):
                     merged[pid] = GpuProcess(pid, _proc_name(pid), used,
                                              kind if prev is None else prev.kind)
+        utils = self._process_utils(index, handle)
+        if utils is not None:
+            merged = {pid: dataclasses.replace(p, util_pct=utils.get(pid, 0))
+                      for pid, p in merged.items()}
         return tuple(sorted(merged.values(), key=lambda p: p.pid))
+
+    def _process_utils(self, index: int, handle: Any) -> dict[int, int] | None:
+        """pid -> its highest SM utilisation in the samples since the last read ({}: no
+        process ran); None when the driver cannot say."""
+        nv = self._nv
+        since = self._util_seen.get(index, 0)
+        try:
+            samples = self._call("nvmlDeviceGetProcessUtilization", handle, since,
+                                 raise_codes=(nv.NVML_ERROR_NOT_FOUND,))
+        except nv.NVMLError as exc:  # GPU_IS_LOST is GpuLost by now: the device is lost
+            if exc.value == nv.NVML_ERROR_NOT_FOUND:
+                return {}  # no sample in the window: nothing ran
+            self._warn_once(f"putil-{index}", f"per-process utilisation of GPU {index} "
+                            f"unreadable (NVML error {exc.value}: {exc}); reporting unknown")
+            return None
+        if samples is UNKNOWN:  # NOT_SUPPORTED, or a binding/driver without the call
+            return None
+        utils: dict[int, int] = {}
+        newest = since
+        for sample in samples:
+            pid = int(sample.pid)
+            # clamped: a driver's "not available" sentinel must not read as a huge load
+            utils[pid] = max(utils.get(pid, 0), min(int(sample.smUtil), 100))
+            newest = max(newest, int(sample.timeStamp))
+        self._util_seen[index] = newest
+        return utils
 
     def _process_list(self, handle: Any, kind: str) -> list[tuple[int, int | None]] | None:
         """v3 -> v2 -> v1: remember the first version the driver has. None = unknown."""

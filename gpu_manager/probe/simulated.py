@@ -1,4 +1,5 @@
-"""The simulated GPU: memory in use is what live stand-in processes registered, plus foreign."""
+"""The simulated GPU: memory in use is what live stand-in processes registered, plus foreign;
+each process's utilisation is the load its stand-in recorded (gpu_manager/sim/serving.py)."""
 
 from __future__ import annotations
 
@@ -46,14 +47,14 @@ class SimulatedProbe:
         # Reading the registry is cheap, so the process list is always fresh.
         active = self.registry.active(self.release_delay_s)
         foreign = self.registry.foreign()
-        now = time.monotonic()
-        return Snapshot("simulated", now, time.time(), tuple(
-            self._device(index, total, active, foreign.get(index, 0), now)
+        now, wall = time.monotonic(), time.time()
+        return Snapshot("simulated", now, wall, tuple(
+            self._device(index, total, active, foreign.get(index, 0), now, wall)
             for index, total in sorted(self.devices.items())))
 
     @staticmethod
     def _device(index: int, total: int, active: list[Registration], foreign: int,
-                now: float) -> DeviceSnapshot:
+                now: float, wall: float) -> DeviceSnapshot:
         regs = [r for r in active if index in r.devices]
         used = sum(r.mb for r in regs) + foreign
         return DeviceSnapshot(
@@ -63,7 +64,10 @@ class SimulatedProbe:
             total_mb=total,
             used_mb=used,
             free_mb=max(total - used, 0),
-            processes=tuple(GpuProcess(r.pid, r.name, r.mb, "simulated") for r in regs),
+            # the load each stand-in recorded (requests in flight, /sim/busy), else 0: the
+            # simulated GPU always knows, unlike a driver that cannot sample per process
+            processes=tuple(GpuProcess(r.pid, r.name, r.mb, "simulated", r.util_pct(wall))
+                            for r in regs),
             processes_at=now,
         )
 

@@ -4,58 +4,47 @@ Paths, methods, bodies and status codes follow the real servers, so the orchestr
 can be tested in CI against the simulated GPU:
 
 - vllm:     POST /sleep?level=1|2, POST /wake_up[?tags=weights&tags=kv_cache],
-            GET /is_sleeping -> {"is_sleeping": bool}, GET /v1/models,
+            GET /is_sleeping -> {"is_sleeping": bool},
             POST /collective_rpc {"method": "reload_weights"} (after a level 2 sleep)
 - sglang:   POST|GET /release_memory_occupation {"tags": [...]?},
             POST|GET /resume_memory_occupation {"tags": [...]?}
 - comfyui:  POST /free {"unload_models", "free_memory"} (answers first; a worker frees later),
-            POST /prompt (loads the model, then answers), GET /system_stats
+            POST /prompt (loads the model, then answers; the prompt runs `--steps` steps),
+            GET /history[/{prompt_id}], GET /ws (WebSocket progress), GET /system_stats
+            (gpu_manager/sim/comfyui.py)
 - ollama:   POST /api/generate|/api/chat {"model", "keep_alive": 0} unloads, without
             keep_alive 0 loads; GET /api/ps, GET /api/tags, GET /api/version, GET /
-- tabbyapi: POST /v1/model/unload, POST /v1/model/load {"model_name"}, GET /v1/model,
-            GET /v1/models
+- tabbyapi: POST /v1/model/unload, POST /v1/model/load {"model_name"}, GET /v1/model
+
+vllm, sglang, ollama and tabbyapi also serve OpenAI's GET /v1/models, POST
+/v1/chat/completions, /v1/completions and /v1/embeddings (streamed or not; see
+gpu_manager/sim/inference.py), each request counted busy on the simulated GPU.
 
 A wake that does not fit answers 500 with the "CUDA out of memory" message and leaves the
-service asleep. Where a real server differs from "everything is an idempotent 200", the real
-one wins: TabbyAPI answers 503 "No models are currently loaded." to GET /v1/model and to an
-unload while nothing is loaded.
+service asleep. While asleep (vLLM sleeping, SGLang released, Ollama or TabbyAPI unloaded) the
+inference routes answer 503 with the kind's error body; a real Ollama would load the model on
+such a request instead, the stand-in leaves loading to /api/generate so a caller can tell.
+Where a real server differs from "everything is an idempotent 200", the real one wins:
+TabbyAPI answers 503 "No models are currently loaded." to GET /v1/model and to an unload while
+nothing is loaded.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from gpu_manager.sim.memory import DeviceOOM, ModelMemory
+from gpu_manager.sim.base import MB, Api, Reply, Request, Route, Stream
+from gpu_manager.sim.comfyui import ComfyUI
+from gpu_manager.sim.inference import OpenAiRoutes, model_card
+from gpu_manager.sim.memory import ModelMemory
+from gpu_manager.sim.serving import Serving
+
+__all__ = ["KINDS", "Api", "ComfyUI", "Reply", "Request", "Route", "Stream", "make_api",
+           "model_parts"]
 
 KINDS = ("vllm", "sglang", "comfyui", "ollama", "tabbyapi")
-MB = 2**20
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    body: Any  # the parsed JSON body, None when there was none
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    code: int
-    body: Any = None  # JSON-encoded; None sends an empty body (what FastAPI's Response() does)
-    raw: bytes | None = None  # sent as is, with `content_type`
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-Route = Callable[[Request], Reply]
 
 
 def model_parts(kind: str, free_mb: int, weights_mb: int | None) -> dict[str, int]:
@@ -73,50 +62,16 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-class Api:
-    """Routes of one server kind; `memory` does the sleeping and waking."""
-
-    kind: str = ""
-    error_key = "error"  # FastAPI servers (TabbyAPI) say "detail"
-
-    def __init__(self, memory: ModelMemory, model: str) -> None:
-        self.memory = memory
-        self.model = model
-        self.routes: dict[tuple[str, str], Route] = {}
-
-    def start(self) -> None:
-        """Start background workers, if the server has any."""
-
-    def error(self, code: int, message: str) -> Reply:
-        return Reply(code, {self.error_key: message})
-
-    def wake_or_500(self, tags: list[str] | None = None) -> Reply | None:
-        """Wake; None when it worked, else the reply a CUDA OOM or a bad tag gets."""
-        try:
-            self.memory.wake(tags)
-        except DeviceOOM as exc:
-            return self.error(500, str(exc))
-        except ValueError as exc:
-            return self.error(400, str(exc))
-        return None
-
-    def handle(self, req: Request) -> Reply:
-        route = self.routes.get((req.method, req.path))
-        if route is not None:
-            return route(req)
-        if any(path == req.path for _, path in self.routes):
-            return self.error(405, "Method Not Allowed")
-        return self.error(404, "Not Found")
-
-
 class Vllm(Api):
     kind = "vllm"
+    asleep_message = "the engine is sleeping"
 
-    def __init__(self, memory: ModelMemory, model: str) -> None:
-        super().__init__(memory, model)
+    def __init__(self, memory: ModelMemory, model: str, serving: Serving | None = None) -> None:
+        super().__init__(memory, model, serving)
+        self.routes.update(OpenAiRoutes(self, model, "vllm").routes())
         self.routes.update({
             ("POST", "/sleep"): self.sleep, ("POST", "/wake_up"): self.wake_up,
-            ("GET", "/is_sleeping"): self.is_sleeping, ("GET", "/v1/models"): self.models,
+            ("GET", "/is_sleeping"): self.is_sleeping,
             ("POST", "/collective_rpc"): self.collective_rpc,
         })
 
@@ -142,16 +97,14 @@ class Vllm(Api):
     def is_sleeping(self, req: Request) -> Reply:
         return Reply(200, {"is_sleeping": self.memory.asleep})
 
-    def models(self, req: Request) -> Reply:
-        return Reply(200, {"object": "list", "data": [
-            {"id": self.model, "object": "model", "owned_by": "vllm"}]})
-
 
 class Sglang(Api):
     kind = "sglang"
+    asleep_message = "the memory occupation is released"
 
-    def __init__(self, memory: ModelMemory, model: str) -> None:
-        super().__init__(memory, model)
+    def __init__(self, memory: ModelMemory, model: str, serving: Serving | None = None) -> None:
+        super().__init__(memory, model, serving)
+        self.routes.update(OpenAiRoutes(self, model, "sglang").routes())
         for method in ("GET", "POST"):  # SGLang routes both with api_route
             self.routes[(method, "/release_memory_occupation")] = self.release
             self.routes[(method, "/resume_memory_occupation")] = self.resume
@@ -170,60 +123,6 @@ class Sglang(Api):
 
     def resume(self, req: Request) -> Reply:
         return self.wake_or_500(self._tags(req)) or Reply(200)
-
-
-class ComfyUI(Api):
-    """/free only sets flags; the prompt worker frees the memory later, as ComfyUI's does."""
-
-    kind = "comfyui"
-
-    def __init__(self, memory: ModelMemory, model: str) -> None:
-        super().__init__(memory, model)
-        self.routes.update({
-            ("POST", "/free"): self.free, ("POST", "/prompt"): self.prompt,
-            ("GET", "/system_stats"): self.system_stats,
-        })
-        self._flags = threading.Condition()
-        self._free_pending = False
-        self._number = 0
-
-    def start(self) -> None:
-        threading.Thread(target=self._worker, name="prompt-worker", daemon=True).start()
-
-    def _worker(self) -> None:
-        while True:
-            with self._flags:
-                self._flags.wait_for(lambda: self._free_pending)
-                self._free_pending = False
-            self.memory.sleep()
-
-    def free(self, req: Request) -> Reply:
-        body = req.body if isinstance(req.body, dict) else {}
-        # Either flag unloads the models in ComfyUI (free_memory implies unload_models).
-        if body.get("unload_models") or body.get("free_memory"):
-            with self._flags:
-                self._free_pending = True
-                self._flags.notify()
-        return Reply(200)
-
-    def prompt(self, req: Request) -> Reply:
-        # Real ComfyUI answers on queueing and loads while executing; the stand-in answers
-        # once the model is back, so a caller can tell the wake finished (or hit an OOM).
-        failed = self.wake_or_500()
-        if failed is not None:
-            return failed
-        number, self._number = self._number, self._number + 1
-        return Reply(200, {"prompt_id": str(uuid.uuid4()), "number": number, "node_errors": {}})
-
-    def system_stats(self, req: Request) -> Reply:
-        total, free = self.memory.backend.device_mb() or (0, 0)
-        held = self.memory.held_mb() * MB
-        return Reply(200, {
-            "system": {"os": "posix", "comfyui_version": "stand-in", "embedded_python": False},
-            "devices": [{"name": "cuda:0 stand-in", "type": "cuda", "index": 0,
-                         "vram_total": total * MB, "vram_free": free * MB,
-                         "torch_vram_total": held, "torch_vram_free": 0}],
-        })
 
 
 def _is_zero_keep_alive(value: Any) -> bool:
@@ -248,9 +147,11 @@ def _ollama_name(name: str) -> str:
 class Ollama(Api):
     kind = "ollama"
 
-    def __init__(self, memory: ModelMemory, model: str) -> None:
-        super().__init__(memory, model)
+    def __init__(self, memory: ModelMemory, model: str, serving: Serving | None = None) -> None:
+        super().__init__(memory, model, serving)
         self.name = _ollama_name(model)
+        self.asleep_message = f"model '{self.name}' is not loaded"
+        self.routes.update(OpenAiRoutes(self, self.name, "library").routes())
         self.routes.update({
             ("POST", "/api/generate"): self.generate, ("POST", "/api/chat"): self.generate,
             ("GET", "/api/ps"): self.ps, ("GET", "/api/tags"): self.tags,
@@ -299,17 +200,15 @@ class TabbyApi(Api):
     kind = "tabbyapi"
     error_key = "detail"
     NOT_LOADED = "No models are currently loaded."
+    asleep_message = NOT_LOADED
 
-    def __init__(self, memory: ModelMemory, model: str) -> None:
-        super().__init__(memory, model)
+    def __init__(self, memory: ModelMemory, model: str, serving: Serving | None = None) -> None:
+        super().__init__(memory, model, serving)
+        self.routes.update(OpenAiRoutes(self, model, "tabbyAPI").routes())
         self.routes.update({
             ("POST", "/v1/model/unload"): self.unload, ("POST", "/v1/model/load"): self.load,
-            ("GET", "/v1/model"): self.current, ("GET", "/v1/models"): self.models,
+            ("GET", "/v1/model"): self.current,
         })
-
-    def _card(self) -> dict[str, Any]:
-        return {"id": self.model, "object": "model", "created": int(time.time()),
-                "owned_by": "tabbyAPI"}
 
     def unload(self, req: Request) -> Reply:
         if self.memory.asleep:  # TabbyAPI's check_model_container refuses the unload
@@ -337,13 +236,13 @@ class TabbyApi(Api):
     def current(self, req: Request) -> Reply:
         if self.memory.asleep:
             return self.error(503, self.NOT_LOADED)
-        return Reply(200, self._card())
-
-    def models(self, req: Request) -> Reply:
-        return Reply(200, {"object": "list", "data": [self._card()]})
+        return Reply(200, model_card(self.model, "tabbyAPI"))
 
 
-def make_api(kind: str, memory: ModelMemory, model: str) -> Api:
+def make_api(kind: str, memory: ModelMemory, model: str,
+             serving: Serving | None = None) -> Api:
+    """The routes of server `kind`; `serving` sets its inference replies (default: say hello
+    as `model`, instantly, counting requests in this process only)."""
     classes: dict[str, type[Api]] = {"vllm": Vllm, "sglang": Sglang, "comfyui": ComfyUI,
                                      "ollama": Ollama, "tabbyapi": TabbyApi}
-    return classes[kind](memory, model)
+    return classes[kind](memory, model, serving)

@@ -9,7 +9,8 @@ for room before it "allocates") applies the same rule. All changes happen under 
 Layout of the folder:
 - `gpu.json`: {"total_mb", "release_delay_ms", "device", "devices": {"<index>": total_mb}},
   written by the simulated probe
-- `procs/<pid>.json`: one registration per live (or recently dead) stand-in
+- `procs/<pid>.json`: one registration per live (or recently dead) stand-in, with its load
+  (requests in flight, a `/sim/busy` period) that the probe reports as its SM utilisation
 - `foreign.json`: {"<device>": MB}: usage injected to model a desktop or an unmanaged job
 - `oom.jsonl`: one line per allocation the simulated GPU refused
 - `lock`: the flock that serialises all of the above
@@ -49,10 +50,25 @@ class Registration:
     resized_at: float | None = None  # wall-clock time of the last sleep/wake resize
     # A process on several cards (tensor parallel): `mb` on each of these too.
     also: tuple[int, ...] = ()
+    # Load, read by the probe as per-process SM utilisation. Defaults keep files written
+    # before these fields existed loadable.
+    in_flight: int = 0  # inference requests being answered now
+    in_flight_pct: int = 0  # utilisation while any is
+    busy_until: float | None = None  # wall-clock end of a `/sim/busy` period
+    busy_pct: int = 0  # utilisation during it
 
     @property
     def devices(self) -> tuple[int, ...]:
         return (self.device, *self.also)
+
+    def util_pct(self, now: float) -> int:
+        """SM utilisation at wall time `now`: the higher of the two loads; 0 once dead (a
+        dead process computes nothing, though its memory is not released yet)."""
+        if self.dead_since is not None:
+            return 0
+        serving = self.in_flight_pct if self.in_flight > 0 else 0
+        held = self.busy_pct if self.busy_until is not None and now < self.busy_until else 0
+        return max(serving, held)
 
 
 SIM_UUID_PREFIX = "GPU-simulated-"
@@ -186,16 +202,34 @@ class SimRegistry:
         was), LookupError when `pid` holds no registration.
         """
         with self._locked():
-            path = self.procs / f"{pid}.json"
-            try:
-                old = Registration(**json.loads(path.read_text()))
-            except (OSError, ValueError, TypeError):
-                raise LookupError(f"pid {pid} has no registration to resize") from None
+            old = self._read_locked(pid)
             new = dataclasses.replace(old, mb=mb, resized_at=time.time())
             if mb > old.mb:
                 self._check_fits_locked(new, resize_from_mb=old.mb)
-            _write_atomic(path, asdict(new))
+            _write_atomic(self.procs / f"{pid}.json", asdict(new))
         return new
+
+    def set_in_flight(self, pid: int, count: int, util_pct: int) -> Registration:
+        """Record that `pid` answers `count` inference requests now, at `util_pct` while
+        any is; raises LookupError when `pid` holds no registration."""
+        return self._update(pid, in_flight=max(count, 0), in_flight_pct=util_pct)
+
+    def set_busy(self, pid: int, until: float, util_pct: int) -> Registration:
+        """Make `pid` busy at `util_pct` until wall time `until` (replacing an earlier
+        period); raises LookupError when `pid` holds no registration."""
+        return self._update(pid, busy_until=until, busy_pct=util_pct)
+
+    def _update(self, pid: int, **changes: Any) -> Registration:
+        with self._locked():
+            new = dataclasses.replace(self._read_locked(pid), **changes)
+            _write_atomic(self.procs / f"{pid}.json", asdict(new))
+        return new
+
+    def _read_locked(self, pid: int) -> Registration:
+        try:
+            return Registration(**json.loads((self.procs / f"{pid}.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            raise LookupError(f"pid {pid} has no registration") from None
 
     def _check_fits_locked(self, reg: Registration, **oom_extra: Any) -> None:
         """Raise SimulatedOOM (and log it) when `reg.mb` does not fit beside everyone else."""

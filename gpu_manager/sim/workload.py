@@ -2,14 +2,21 @@
 
     python -m gpu_manager.sim.workload --vram-mb N --port P [--startup-s S] [--stop-s S]
         [--ignore-sigterm] [--crash-after-s S] [--cuda] [--name NAME] [--sim-dir DIR]
+        [--busy-pct P]
         [--api vllm|sglang|comfyui|ollama|tabbyapi [--sleep-s S] [--wake-s S]
-         [--sleep-vram-mb N] [--weights-mb N] [--model NAME] [--sleep-keeps-memory]]
+         [--sleep-vram-mb N] [--weights-mb N] [--model NAME] [--sleep-keeps-memory]
+         [--token-ms F] [--steps N]]
 
 - Simulated (default): registers its pid and MB with the simulated GPU's registry; the probe
   counts it while this process lives (plus the release delay). If the simulated GPU lacks the
   room, it fails like CUDA does: "CUDA out of memory" and exit code 3.
 - `--cuda`: really allocates N MB on the GPU with torch or cupy, whichever is installed.
 - `GET /health`: 503 until `--startup-s` has passed, then 200 with a small JSON body.
+- `POST /sim/busy {"seconds": S, "util_pct": P}`: the simulated probe reports this process at
+  P % SM utilisation (default `--busy-pct`) for S seconds, with no request; 200
+  {"busy_until": wall time}. A process also counts busy at `--busy-pct` while it answers an
+  inference request (OpenAI routes, a ComfyUI prompt running). `--cuda`: 409, the real driver
+  measures the load.
 - SIGTERM/SIGINT: exits (after `--stop-s`, modelling a slow shutdown) unless `--ignore-sigterm`.
 - `--api KIND`: also speaks that server's sleep/wake API (gpu_manager/sim/apis.py): sleeping
   takes `--sleep-s` and then drops the memory to `--sleep-vram-mb` (default 0: the registration
@@ -17,24 +24,30 @@
   and takes `--wake-s` (plus `--startup-s` after a vLLM level 2 sleep, which dropped the
   weights). `--sleep-keeps-memory` is a fault: sleep answers as usual but frees nothing.
   The API answers 503 until `--startup-s` has passed (a real server is not listening yet).
+  vllm/sglang/ollama/tabbyapi also serve OpenAI's /v1/models, /v1/chat/completions,
+  /v1/completions and /v1/embeddings: a fixed text at `--token-ms` per token, streamed as
+  server-sent events on request; comfyui runs each prompt for `--steps` steps of `--token-ms`
+  and reports them on its /ws WebSocket (gpu_manager/sim/inference.py, comfyui.py).
+
+HTTP/1.1: replies keep the connection open (every whole reply carries Content-Length),
+streams are sent with chunked transfer encoding, and /ws switches the connection to a
+WebSocket.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import threading
 import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from gpu_manager.paths import sim_dir
-from gpu_manager.sim.apis import KINDS, Api, Reply, Request, make_api, model_parts
+from gpu_manager.sim.apis import KINDS, Api, make_api, model_parts
+from gpu_manager.sim.handler import Handler, StandInServer
 from gpu_manager.sim.memory import (
     Backend,
     CudaBackend,
@@ -44,6 +57,7 @@ from gpu_manager.sim.memory import (
     allocate_cuda,
 )
 from gpu_manager.sim.registry import SimRegistry, SimulatedOOM, visible_devices
+from gpu_manager.sim.serving import DEFAULT_UTIL_PCT, Busy, Serving
 
 EXIT_OOM = 3
 EXIT_CRASH = 70
@@ -85,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="the served model's name [default: --name]")
     p.add_argument("--sleep-keeps-memory", action="store_true",
                    help="fault: sleep answers as usual but releases nothing")
+    p.add_argument("--token-ms", type=float, default=0.0,
+                   help="milliseconds per generated token (and per ComfyUI step) [default: 0]")
+    p.add_argument("--steps", type=int, default=5,
+                   help="comfyui: sampler steps a prompt runs [default: 5]")
+    p.add_argument("--busy-pct", type=int, default=DEFAULT_UTIL_PCT,
+                   help="SM utilisation reported while a request is in flight, and by "
+                        f"/sim/busy without util_pct [default: {DEFAULT_UTIL_PCT}]")
     args = p.parse_args(argv)
     if args.vram_mb < 0:
         p.error("--vram-mb must be >= 0")
@@ -92,101 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sleep-vram-mb must be between 0 and --vram-mb")
     if min(args.sleep_s, args.wake_s) < 0:
         p.error("--sleep-s and --wake-s must be >= 0")
+    if args.token_ms < 0 or args.steps < 0:
+        p.error("--token-ms and --steps must be >= 0")
+    if not 0 <= args.busy_pct <= 100:
+        p.error("--busy-pct must be between 0 and 100")
     return args
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        srv = self.server
-        if self.path.split("?")[0] != "/health":
-            if srv.api is not None:
-                self._api("GET")
-                return
-            self._reply(404, {"error": "not found"})
-            return
-        now = time.monotonic()
-        ready = now >= srv.ready_at
-        sick = srv.sick_at is not None and now >= srv.sick_at
-        code = 500 if sick else 200 if ready else 503
-        self._reply(code, {
-            "status": "unhealthy" if sick else "ok" if ready else "starting",
-            "name": srv.name, "pid": os.getpid(), "vram_mb": srv.vram_mb,
-            # wall-clock time /health turned 200, so callers can measure their own latency
-            "ready_at": time.time() - (now - srv.ready_at),
-            # this process's own start-to-healthy time, exec included (CLOCK_BOOTTIME based:
-            # psutil's create_time is only as precise as the whole-second boot time)
-            "startup_total_s": srv.ready_at - now + time.clock_gettime(time.CLOCK_BOOTTIME)
-            - _process_start_boottime(),
-        })
-
-    def do_POST(self) -> None:
-        if self.server.api is None:
-            self.send_error(501, f"Unsupported method ({self.command!r})")  # as before --api
-            return
-        self._api("POST")
-
-    def _api(self, method: str) -> None:
-        srv = self.server
-        assert srv.api is not None
-        url = urllib.parse.urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length > 0 else b""
-        if time.monotonic() < srv.ready_at:
-            self._send(Reply(503, {"error": "starting"}))
-            return
-        try:
-            body = json.loads(raw) if raw.strip() else None
-        except ValueError:
-            self._send(Reply(400, {"error": "the body is not valid JSON"}))
-            return
-        req = Request(method, url.path, urllib.parse.parse_qs(url.query), body)
-        try:
-            reply = srv.api.handle(req)
-        except DeviceOOM as exc:  # any wake path that did not map it itself
-            reply = Reply(500, {"error": str(exc)})
-        self._send(reply)
-
-    def _send(self, reply: Reply) -> None:
-        if reply.raw is not None:
-            data = reply.raw
-        else:
-            data = b"" if reply.body is None else json.dumps(reply.body).encode()
-        self.send_response(reply.code)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in reply.headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _reply(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # health checks every 100 ms would flood the service log
-
-
-def _process_start_boottime() -> float:
-    """When this process was created, in CLOCK_BOOTTIME seconds (from /proc/self/stat)."""
-    stat = Path("/proc/self/stat").read_text()
-    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
-    return start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    ready_at: float
-    sick_at: float | None
-    name: str
-    vram_mb: int
-    api: Api | None
 
 
 def placement(args: argparse.Namespace) -> tuple[int, tuple[int, ...]]:
@@ -198,16 +129,16 @@ def placement(args: argparse.Namespace) -> tuple[int, tuple[int, ...]]:
     return (visible[0], visible[1:]) if visible else (0, ())
 
 
-def _start_api(args: argparse.Namespace) -> Api:
+def _start_api(args: argparse.Namespace, registry: SimRegistry | None,
+               serving: Serving) -> Api:
     """Take the full VRAM, in parts that the API's sleep and wake release and take back."""
     parts = model_parts(args.api, args.vram_mb - args.sleep_vram_mb, args.weights_mb)
     backend: Backend
     device, also = placement(args)
-    if args.cuda:
+    if registry is None:
         # CUDA numbers only the visible cards: the first one it sees is ours
         backend = CudaBackend(args.device or 0)
     else:
-        registry = SimRegistry(args.sim_dir or sim_dir())
         registry.register(os.getpid(), args.vram_mb, args.name, device, also)
         backend = SimulatedBackend(registry, device=device)
     memory = ModelMemory(backend, parts, args.sleep_vram_mb, sleep_s=args.sleep_s,
@@ -215,7 +146,7 @@ def _start_api(args: argparse.Namespace) -> Api:
                          keeps_memory=args.sleep_keeps_memory)
     if args.cuda:
         backend.apply(memory.held())  # the simulated registration above already holds it
-    return make_api(args.api, memory, args.model or args.name)
+    return make_api(args.api, memory, args.model or args.name, serving)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,16 +163,19 @@ def main(argv: list[str] | None = None) -> int:
 
     buffer: Any = None
     api: Api | None = None
+    # --cuda: the real driver measures memory and load; there is nothing to register.
+    registry = None if args.cuda else SimRegistry(args.sim_dir or sim_dir())
+    busy = Busy(registry, util_pct=args.busy_pct)
     if args.api is not None:
         try:
-            api = _start_api(args)
+            api = _start_api(args, registry, Serving(args.name, args.token_ms / 1000,
+                                                     args.steps, busy))
         except (DeviceOOM, SimulatedOOM) as exc:
             print(exc, file=sys.stderr, flush=True)
             return EXIT_OOM
-    elif args.cuda:
+    elif registry is None:
         buffer = allocate_cuda(args.vram_mb, args.device or 0)
     else:
-        registry = SimRegistry(args.sim_dir or sim_dir())
         device, also = placement(args)
         try:
             registry.register(os.getpid(), args.vram_mb, args.name, device, also)
@@ -251,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     # The memory is held; it is released by the process's death, never by unregistering,
     # so the release delay models the driver's teardown for every way of dying.
 
-    server = _Server((args.host, args.port), _Handler)
+    server = StandInServer((args.host, args.port), Handler)
     server.ready_at = started + args.startup_s
     server.sick_at = None if args.unhealthy_after_s is None else started + args.unhealthy_after_s
     server.name = args.name
     server.vram_mb = args.vram_mb
     server.api = api
+    server.busy = busy
     if api is not None:
         api.start()
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()

@@ -7,6 +7,7 @@
  *   -DNO_MEM_V2   no nvmlDeviceGetMemoryInfo_v2
  *   -DNO_PROC_V3  no nvml*RunningProcesses_v3
  *   -DNO_PROC_V2  no nvml*RunningProcesses_v2
+ *   -DNO_PROC_UTIL no nvmlDeviceGetProcessUtilization
  *
  * State file, one directive a line:
  *   init RET                      what nvmlInitWithFlags returns (default 0)
@@ -16,6 +17,12 @@
  *   memret IDX RET                procret IDX RET          tempret IDX RET
  *   lost IDX                      every device call returns NVML_ERROR_GPU_IS_LOST
  *   proc IDX c|g PID BYTES|NA     a compute or graphics process
+ *   putil IDX PID TIMESTAMP SM    a per-process utilisation sample (TIMESTAMP in µs)
+ *   putilret IDX RET              what nvmlDeviceGetProcessUtilization returns instead
+ *
+ * nvmlDeviceGetProcessUtilization returns the samples newer than the lastSeenTimeStamp it is
+ * given (NVML_ERROR_NOT_FOUND when there are none, as the driver does) and logs that
+ * timestamp: "nvmlDeviceGetProcessUtilization since=TS".
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +35,7 @@ typedef struct nvmlDevice_st *nvmlDevice_t;
 #define NVML_ERROR_UNINITIALIZED 1
 #define NVML_ERROR_INVALID_ARGUMENT 2
 #define NVML_ERROR_NOT_SUPPORTED 3
+#define NVML_ERROR_NOT_FOUND 6
 #define NVML_ERROR_INSUFFICIENT_SIZE 7
 #define NVML_ERROR_GPU_IS_LOST 15
 #define NVML_ERROR_ARGUMENT_VERSION_MISMATCH 25
@@ -46,23 +54,31 @@ typedef struct {
     unsigned long long usedGpuMemory;
     unsigned int gpuInstanceId, computeInstanceId;
 } nvmlProcessInfo_v2_t;
+typedef struct {
+    unsigned int pid;
+    unsigned long long timeStamp;
+    unsigned int smUtil, memUtil, encUtil, decUtil;
+} nvmlProcessUtilizationSample_t;
 
 #define MAXDEV 8
 #define MAXPROC 64
+#define MAXSAMPLE 64
 
 typedef struct {
-    int present, lost, memret, procret, tempret;
+    int present, lost, memret, procret, tempret, putilret;
     unsigned long long total, free, reserved;
     unsigned int temp, util;
     char name[96], uuid[96];
 } dev_t_;
 typedef struct { int dev; char kind; unsigned int pid; unsigned long long bytes; } proc_t_;
+typedef struct { int dev; unsigned int pid, sm; unsigned long long ts; } sample_t_;
 
 static struct {
-    int init_ret, ndev, nproc, initialized;
+    int init_ret, ndev, nproc, nsample, initialized;
     char driver[80];
     dev_t_ dev[MAXDEV];
     proc_t_ proc[MAXPROC];
+    sample_t_ sample[MAXSAMPLE];
 } S;
 
 static void log_call(const char *fn) {
@@ -101,7 +117,15 @@ static void load(void) {
         else if (!strcmp(word, "memret")) sscanf(line, "%*s %*d %d", &S.dev[i].memret);
         else if (!strcmp(word, "procret")) sscanf(line, "%*s %*d %d", &S.dev[i].procret);
         else if (!strcmp(word, "tempret")) sscanf(line, "%*s %*d %d", &S.dev[i].tempret);
+        else if (!strcmp(word, "putilret")) sscanf(line, "%*s %*d %d", &S.dev[i].putilret);
         else if (!strcmp(word, "lost")) S.dev[i].lost = 1;
+        else if (!strcmp(word, "putil") && S.nsample < MAXSAMPLE) {
+            sample_t_ *p = &S.sample[S.nsample];
+            if (sscanf(line, "%*s %*d %u %llu %u", &p->pid, &p->ts, &p->sm) == 3) {
+                p->dev = i;
+                S.nsample++;
+            }
+        }
         else if (!strcmp(word, "proc") && S.nproc < MAXPROC) {
             proc_t_ *p = &S.proc[S.nproc];
             char kind[4], bytes[32];
@@ -144,6 +168,7 @@ const char *nvmlErrorString(nvmlReturn_t r) {
     case 1: return "Uninitialized";
     case 2: return "Invalid Argument";
     case 3: return "Not Supported";
+    case 6: return "Not Found";
     case 7: return "Insufficient Size";
     case 9: return "Driver Not Loaded";
     case 13: return "Function Not Found";
@@ -287,4 +312,35 @@ PROC_FN(nvmlDeviceGetGraphicsRunningProcesses_v2, 'g', 2)
 #ifndef NO_PROC_V3
 PROC_FN(nvmlDeviceGetComputeRunningProcesses_v3, 'c', 3)
 PROC_FN(nvmlDeviceGetGraphicsRunningProcesses_v3, 'g', 3)
+#endif
+
+#ifndef NO_PROC_UTIL
+nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t h,
+                                             nvmlProcessUtilizationSample_t *utilization,
+                                             unsigned int *count,
+                                             unsigned long long lastSeenTimeStamp) {
+    char fn[96];
+    dev_t_ *d;
+    snprintf(fn, sizeof fn, "nvmlDeviceGetProcessUtilization since=%llu", lastSeenTimeStamp);
+    nvmlReturn_t r = enter(fn, h, &d);
+    if (r) return r;
+    if (d->putilret) return d->putilret;
+    long idx = (long)(size_t)h - 1;
+    unsigned int n = 0;
+    for (int i = 0; i < S.nsample; i++)
+        if (S.sample[i].dev == idx && S.sample[i].ts > lastSeenTimeStamp) n++;
+    if (n == 0) return NVML_ERROR_NOT_FOUND;
+    if (!utilization || *count < n) { *count = n; return NVML_ERROR_INSUFFICIENT_SIZE; }
+    unsigned int k = 0;
+    for (int i = 0; i < S.nsample; i++) {
+        if (S.sample[i].dev != idx || S.sample[i].ts <= lastSeenTimeStamp) continue;
+        nvmlProcessUtilizationSample_t *p = utilization + k++;
+        memset(p, 0, sizeof *p);
+        p->pid = S.sample[i].pid;
+        p->timeStamp = S.sample[i].ts;
+        p->smUtil = S.sample[i].sm;
+    }
+    *count = k;
+    return NVML_SUCCESS;
+}
 #endif
