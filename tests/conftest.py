@@ -77,7 +77,7 @@ def _leftovers(session: pytest.Session) -> list[psutil.Process]:
             # `./dev test` execs into pytest, so what it started before (dockerd) is our
             # child too: only children born after the session began are a test's
             if child.status() != psutil.STATUS_ZOMBIE \
-                    and child.create_time() >= _SESSION_START - 1.0:
+                    and child.create_time() >= _SESSION["start"] - 1.0:
                 found[child.pid] = child
     if base is not None:
         for proc in psutil.process_iter():
@@ -89,12 +89,11 @@ def _leftovers(session: pytest.Session) -> list[psutil.Process]:
     return list(found.values())
 
 
-_SESSION_START = time.time()
+_SESSION = {"start": time.time()}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    global _SESSION_START
-    _SESSION_START = time.time()
+    _SESSION["start"] = time.time()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -29,7 +29,7 @@ from gpu_manager.frontdoor.stats import DoorStats
 from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
 from gpu_manager.orchestrator import OperationError
 from gpu_manager.planner import (
-    Blocker,
+    IN_FLIGHT,
     IdleSleep,
     IdleStop,
     Refusal,
@@ -186,28 +186,14 @@ class FrontDoor:
     async def _start(self, name: str) -> None:
         """One start (or wake) for every request waiting on `name`; its failure is theirs."""
         gate = self.gate(name)
-        orch = self.daemon.orchestrator
-        request = RequestStart(name)
         try:
-            # Looked at first, not submitted: a start that must wait for an equal's requests
-            # in flight waits for them here, not as a refused operation per attempt.
-            async with asyncio.timeout(self.daemon.bounds.pids_s + 1.0):
-                ahead = await orch.dry_run(request)
-            if isinstance(ahead, Refusal) and self._wait_for_busy(name, ahead.blockers):
-                return
-            op, task, joined = orch.submit(request)
-            if not joined:
-                gate.starts += 1
-                self.stats.started(name)
-            logger.info(f"front door: a request starts {name} (operation {op.id})")
-            await asyncio.shield(task)  # our waiters may give up; the start goes on
+            # An equal with requests in flight when it was planned, idle by the time the
+            # refusal came back: planned again (a few times), not answered as a refusal.
+            for _ in range(3):
+                if not await self._try_start(name, gate):
+                    return
         except asyncio.CancelledError:
             raise
-        except OperationError as exc:
-            blockers = [Blocker(str(b.get("name")), int(b.get("mb") or 0), "")
-                        for b in exc.extra.get("blockers") or ()]
-            if exc.code != "insufficient_vram" or not self._wait_for_busy(name, blockers):
-                self._failed[name] = (time.monotonic(), start_error(name, exc))
         except Exception as exc:
             self._failed[name] = (time.monotonic(), start_error(name, exc))
             if not isinstance(exc, OperationError | LockHeld | LockLost | LockUnavailable):
@@ -216,10 +202,35 @@ class FrontDoor:
             self._starts.pop(name, None)
             gate.notify()
 
-    def _wait_for_busy(self, name: str, blockers: Iterable[Blocker]) -> bool:
+    async def _try_start(self, name: str, gate: Gate) -> bool:
+        """Plan and run one start; True: try again now (what blocked it is idle already)."""
+        orch = self.daemon.orchestrator
+        request = RequestStart(name)
+        # Looked at first, not submitted: a start that must wait for an equal's requests in
+        # flight waits for them here, not as a refused operation per attempt.
+        async with asyncio.timeout(self.daemon.bounds.pids_s + 1.0):
+            ahead = await orch.dry_run(request)
+        if isinstance(ahead, Refusal) and _in_flight(b.reason for b in ahead.blockers):
+            return not self._wait_for_busy(name, (b.name for b in ahead.blockers))
+        op, task, joined = orch.submit(request)
+        if not joined:
+            gate.starts += 1
+            self.stats.started(name)
+        logger.info(f"front door: a request starts {name} (operation {op.id})")
+        try:
+            await asyncio.shield(task)  # our waiters may give up; the start goes on
+        except OperationError as exc:
+            blockers = exc.extra.get("blockers") or ()
+            if exc.code == "insufficient_vram" and _in_flight(
+                    str(b.get("reason")) for b in blockers):
+                return not self._wait_for_busy(name, (str(b.get("name")) for b in blockers))
+            raise
+        return False
+
+    def _wait_for_busy(self, name: str, blockers: Iterable[str]) -> bool:
         """Whether the start of `name` is blocked by services with requests in flight; then
         it is tried again when they are idle (its requests wait, within their queue time)."""
-        busy = frozenset(b.name for b in blockers) & self.in_use()
+        busy = frozenset(blockers) & self.in_use()
         if busy:
             self._waiting_on[name] = busy
         return bool(busy)
@@ -275,3 +286,8 @@ def start_error(name: str, exc: Exception) -> DoorError:
                          retry_after=RETRY_REFUSED_S)
     return DoorError(502, "start_failed", f"{name} could not be started (internal error; see "
                      "the daemon's log)", retry_after=RETRY_REFUSED_S)
+
+
+def _in_flight(reasons: Iterable[str]) -> bool:
+    """Whether a refusal names a blocker the planner kept for its requests in flight."""
+    return any(r.endswith(IN_FLIGHT) for r in reasons)

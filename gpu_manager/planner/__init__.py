@@ -1,5 +1,6 @@
 """The pure preemption planner (no I/O): see `core.plan`."""
 
+from gpu_manager.planner.common import IN_FLIGHT
 from gpu_manager.planner.core import FOREIGN, choose_victims, usage_mb, used_mb
 from gpu_manager.planner.model import (
     RELEASES,
@@ -27,6 +28,7 @@ from gpu_manager.planner.place import plan
 
 __all__ = [
     "FOREIGN",
+    "IN_FLIGHT",
     "RELEASES",
     "Blocker",
     "DeviceBudget",

@@ -190,6 +190,10 @@ def edges(free: int, steps: Sequence[Step]) -> tuple[Step, ...]:
     return tuple(out)
 
 
+# The reason of a blocker kept for the requests in flight at the front door.
+IN_FLIGHT = "requests in flight"
+
+
 def unknown_service(inv: PlannerInventory, request: Request, name: str) -> Refusal:
     known = ", ".join(sorted(n for n, s in inv.services.items() if s.stoppable)) or "(none)"
     return Refusal(request, "unknown_service", f"unknown service {name!r} (known: {known})")
@@ -217,7 +221,7 @@ def candidates(
             blockers.append(Blocker(n, mb, "not preemptible"))
         elif below is not None and spec.priority == below and swap and n in state.in_use:
             blockers.append(Blocker(n, mb, f"priority {spec.priority} >= {below}, "
-                                    "requests in flight"))
+                                    + IN_FLIGHT))
         elif below is not None and spec.priority >= below and not (
                 swap and spec.priority == below):
             blockers.append(Blocker(n, mb, f"priority {spec.priority} >= {below}"))
