@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -101,6 +103,14 @@ async def test_a_request_starts_a_stopped_model_and_wakes_a_sleeping_one(
     svc = serve_of(d, "llm-a")
     assert svc["state"] == "ready" and svc["pids"] == [pid] and svc["wakes"] == 1
     assert svc["serve"]["request_starts"] == 2
+
+    # what an operator sees
+    cli = subprocess.run([str(Path(sys.executable).with_name("gpu-manager")), "models",
+                          "--url", d.url], capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert cli.returncode == 0, cli.stderr
+    rows = {line.split()[0]: line.split()[1:3] for line in cli.stdout.splitlines()[1:]}
+    assert rows == {"model-a": ["llm-a", "ready"], "model-b": ["llm-b", "stopped"]}
 
     # a model nobody serves: OpenAI's 404, naming the served ones
     with pytest.raises(openai.NotFoundError) as err:

@@ -185,3 +185,26 @@ def sleep(name: str, force: Annotated[bool, typer.Option(
 def release_all(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Stop every managed service."""
     mutate("/gpu/release-all", url, token, as_json)
+
+
+@app.command("models")
+def models(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """List the models the front door serves (/v1/models), with their service's state and
+    its requests in flight, waiting, and idle timer."""
+    listed = request("GET", "/v1/models", url, token, as_json)
+    if as_json:
+        return
+    services = request("GET", "/gpu/status", url, token, False)["services"]
+    table = Table("model", "service", "state", "in flight", "waiting", "started by requests",
+                  "idle for", box=None)
+    for m in listed["data"]:
+        serve = (services.get(m["service"]) or {}).get("serve") or {}
+        idle = serve.get("idle") or {}
+        quiet = idle.get("idle_for_s")
+        table.add_row(m["id"], m["service"], m["state"], str(serve.get("in_flight", 0)),
+                      str(serve.get("waiting", 0)), str(serve.get("request_starts", 0)),
+                      "-" if quiet is None else f"{quiet:.0f}s of {idle['after_s']:g}s")
+    if not listed["data"]:
+        out.print("no model is served (add a `serve:` block with `models:` to a service)")
+        return
+    out.print(table)
