@@ -290,3 +290,28 @@ def test_a_single_card_has_a_single_bar(tab: Page) -> None:
     cell = tab.row("vidi").locator('td[data-label="GPU"]')
     expect(cell).to_have_text("any")  # stopped, not pinned
     expect(cell.locator(".gpu-cell")).to_have_attribute("title", "not placed; may use any card")
+
+
+def test_a_served_service_shows_its_requests(browser: Any, tmp_path: Path) -> None:
+    """The Requests cell: what the front door counts for a service with `serve:`."""
+    from tests.support.env import free_port
+    from tests.support.served import served
+
+    d = DaemonProc(tmp_path, extra_services=served("llm-a", free_port(), "model-a")).start()
+    try:
+        r = d.post("/v1/chat/completions", json={
+            "model": "model-a", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        t = Page(browser, d)
+        try:
+            cell = t.row("llm-a").locator('td[data-label="Requests"]')
+            wait_for(lambda: "1 started by requests" in cell.inner_text(), 15,
+                     "the request-caused start on the page")
+            assert "0 in flight" in cell.inner_text()
+            assert t.row("vidi").locator('td[data-label="Requests"]').inner_text() == "\u2013"
+            assert not t.unexpected(), t.errors
+        finally:
+            t.close()
+    finally:
+        d.close()

@@ -200,11 +200,28 @@ function renderServices() {
       cell("PIDs", "", s.pids.join(" ")),
       cell("Up", "", up),
       cell("Restarts", "num", String(s.restarts)),
+      cell("Requests", "small", requestsCell(s.serve)),
       cell("Health", "small", [s.health, s.last_exit].filter(Boolean).join(" · ")
                               || s.reason || ""),
       cell("Actions", "actions", ...actions)));
   }
   document.querySelector("#services-table tbody").replaceChildren(...rows);
+}
+
+// The front door's figures for a served service: in flight, waiting, the last request, the
+// starts its requests caused and the idle timer (by measure: the utilisation it goes by).
+function requestsCell(serve) {
+  if (!serve) return "–";
+  const parts = [`${serve.in_flight} in flight`, `${serve.waiting} waiting`];
+  if (serve.draining) parts.push("draining");
+  if (serve.last_request_at != null) parts.push(`last ${ago(serve.last_request_at)} ago`);
+  if (serve.request_starts) parts.push(`${serve.request_starts} started by requests`);
+  const idle = serve.idle;
+  if (idle && idle.idle_for_s != null) {
+    const util = idle.util_pct != null ? `, ${idle.util_pct}% (${idle.util_source})` : "";
+    parts.push(`idle ${Math.round(idle.idle_for_s)}s of ${idle.after_s}s${util}`);
+  }
+  return parts.join(" · ");
 }
 
 // The cards a service runs (or last ran) on, what it may use and how many it needs at once.
