@@ -12,6 +12,7 @@ import pytest
 
 from gpu_manager.units.drivers.native import MARKER_ENV
 from tests.support.env import RedisServer
+from tests.support.standins import sim, workloads  # noqa: F401 - the stand-in tests' fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 
