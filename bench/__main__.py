@@ -8,7 +8,7 @@ import sys
 import time
 
 SCRIPTS = ["planner", "probe", "reclaim", "lock", "footprint", "status_load", "transitions",
-           "transitions_real", "dashboard", "concurrency"]
+           "transitions_real", "dashboard", "concurrency", "frontdoor"]
 
 
 def main() -> None:
