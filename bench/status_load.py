@@ -5,23 +5,30 @@ returning the same JSON in the same run.
 
 The simulated probe is given NVML-like costs: 5 ms per poll, plus one 100 ms poll per second,
 polling every 100 ms (fast mode's cadence, the worst case).
+
+The daemon sends a body built once per change of what it shows (api/status_cache.py); the
+bare endpoint serialises its payload per request. That the cached body keeps up is measured
+too: the age of the snapshot each read shows (now - `vram.updated_at`), under load, which
+is the poller's cadence when the cache follows every new snapshot, and grows when it does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
-from bench.common import row, write
-from bench.loadgen import closed_loop, open_loop
+from bench.common import pct, row, write
+from bench.loadgen import closed_loop, open_loop, request
 from tests.support.daemon import DaemonProc
 from tests.support.env import free_port, wait_for
 
@@ -33,6 +40,23 @@ def measure(port: int, rate: float, seconds: float) -> dict[str, Any]:
     closed = asyncio.run(closed_loop("127.0.0.1", port, "/gpu/status", 5))
     opened = asyncio.run(open_loop("127.0.0.1", port, "/gpu/status", rate, seconds))
     return {"closed_loop": closed, "open_loop": opened}
+
+
+async def ages(port: int, seconds: float) -> dict[str, Any]:
+    """The age of the snapshot each read of the status shows, read every 10 ms on a
+    connection of its own while a closed loop loads the daemon."""
+    load = asyncio.create_task(closed_loop("127.0.0.1", port, "/gpu/status", seconds))
+    conn = await asyncio.open_connection("127.0.0.1", port)
+    seen: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        _, body = await request(conn, "127.0.0.1", "GET", "/gpu/status")
+        seen.append((time.time() - json.loads(body)["vram"]["updated_at"]) * 1000)
+        await asyncio.sleep(0.01)
+    conn[1].close()
+    await load
+    return {"samples": len(seen), "p50_ms": pct(seen, 50), "p99_ms": pct(seen, 99),
+            "max_ms": max(seen)}
 
 
 def main() -> None:
@@ -58,6 +82,7 @@ def main() -> None:
             rss_idle = proc.memory_info().rss / 2**20
             base = measure(port, args.rate, args.seconds)
             ours = measure(d.port, args.rate, args.seconds)
+            age = asyncio.run(ages(d.port, 3))
             rss_load = proc.memory_info().rss / 2**20
             polls = d.get("/metrics").text.count("gpu_manager_probe_errors")
         finally:
@@ -74,11 +99,14 @@ def main() -> None:
     row("errors (ours / bare)", f"{o['errors']} / {b['errors']}")
     row("max throughput: gpu-manager / bare", f"{ours['closed_loop']['rps']:.0f} / "
         f"{base['closed_loop']['rps']:.0f} req/s", f"{ratio:.0%} (target >= 60%)")
+    row("status snapshot age under load: p50 / max",
+        f"{age['p50_ms']:.0f} / {age['max_ms']:.0f} ms", "polls every 100 ms (+ 100 ms/s)")
     row("daemon RSS idle / under load", f"{rss_idle:.0f} / {rss_load:.0f} MB",
         "target: <= 100 MB")
     path = write("status_load", {"rate": args.rate, "seconds": args.seconds,
                                  "payload_bytes": len(body), "ours": ours, "bare": base,
-                                 "throughput_ratio": ratio, "rss_idle_mb": rss_idle,
+                                 "throughput_ratio": ratio, "status_age": age,
+                                 "rss_idle_mb": rss_idle,
                                  "rss_load_mb": rss_load, "metrics_seen": polls > 0})
     print(f"  -> {path}")
 

@@ -23,6 +23,7 @@ from loguru import logger
 
 from gpu_manager import statedir
 from gpu_manager.aio import Supervisor, wait_event
+from gpu_manager.api.status_cache import StatusCache
 from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import (
     DockerService,
@@ -62,7 +63,6 @@ PIDS_EVERY_S = 1.0
 STOP_RESERVE_S = 3.0
 
 
-
 class Daemon:
     def __init__(self, settings: Settings, inventory: Inventory | None = None,
                  bounds: Bounds = DEFAULT) -> None:
@@ -97,6 +97,7 @@ class Daemon:
         self.unit_env: dict[str, str] = {}
         self.shutdown_deadline: float | None = None  # monotonic; set at the first SIGTERM
         self._shutdown_timer: asyncio.Task[None] | None = None
+        self.status_cache = StatusCache(self)  # invalidate() after a change it must show
 
     @property
     def inventory(self) -> Inventory:

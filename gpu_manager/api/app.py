@@ -19,7 +19,6 @@ from gpu_manager.api.auth import make_auth
 from gpu_manager.api.docs import TRANSITION, answers
 from gpu_manager.api.errors import ApiError
 from gpu_manager.api.security import Policy, SecurityMiddleware
-from gpu_manager.api.status import status as build_status
 from gpu_manager.config import Inventory
 from gpu_manager.daemon import Daemon, arm_exit_watchdog
 from gpu_manager.orchestrator import Operation
@@ -156,9 +155,13 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
         ok, detail = daemon.readiness()
         return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
 
-    @app.get("/gpu/status", tags=["gpu"], responses=answers(ok=m.Status))
-    async def gpu_status() -> dict[str, Any]:
-        return build_status(daemon)
+    # The body is built once per change of what it shows, not per request (status_cache.py),
+    # and sent as the bytes FastAPI would have made of it: no validation, no serialising.
+    # `response_model` only keeps the documented schema what the dict it once returned made it.
+    @app.get("/gpu/status", tags=["gpu"], responses=answers(ok=m.Status),
+             response_model=dict[str, Any])
+    async def gpu_status() -> Response:
+        return Response(daemon.status_cache.body(), media_type="application/json")
 
     @app.post("/gpu/prepare-phase/{phase}", tags=["gpu"], dependencies=[Auth],
               responses=answers(*POST, 404, *TRANSITION, ok=m.Done | m.DryRun,

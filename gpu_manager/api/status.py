@@ -1,12 +1,18 @@
-"""`GET /gpu/status`: built from the latest snapshot and cached state; it never waits on I/O."""
+"""`GET /gpu/status`: built from the latest snapshot and cached state; it never waits on I/O.
+
+The route sends `status()` through `api/status_cache.py`, which builds it again only when what
+it reads changed (or after at most 100 ms): a field that no marker there covers calls
+`daemon.status_cache.invalidate()` when a change must show at the next read."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gpu_manager.daemon import Daemon
 from gpu_manager.orchestrator.cards import foreign_on
 from gpu_manager.planner import ObservedState
+
+if TYPE_CHECKING:  # only: the daemon holds the status cache, which imports this module
+    from gpu_manager.daemon import Daemon
 
 
 def vram(daemon: Daemon, observed: ObservedState) -> dict[str, Any]:
