@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -44,6 +44,7 @@ from gpu_manager.probe.history import History, Sample
 from gpu_manager.redact import redact_value
 from gpu_manager.reload import Reloader
 from gpu_manager.settings import Settings
+from gpu_manager.shutdown import GracefulShutdown
 from gpu_manager.state_store import StateStore
 from gpu_manager.units import (
     Driver,
@@ -56,14 +57,14 @@ from gpu_manager.units import (
 from gpu_manager.units.drivers.native import OWNER_ENV, find_launched, kill_group
 from gpu_manager.units.logrotate import LogRotator, native_logs
 
+if TYPE_CHECKING:
+    from gpu_manager.frontdoor import FrontDoor
+
 LOCK_INFO_EVERY_S = 0.25
 PIDS_EVERY_S = 1.0
-# Of the shutdown budget (from SIGTERM), what the daemon's own stop keeps for itself after
-# the operations in flight (units, lock, clients, the state file; each step bounded).
-STOP_RESERVE_S = 3.0
 
 
-class Daemon:
+class Daemon(GracefulShutdown):
     def __init__(self, settings: Settings, inventory: Inventory | None = None,
                  bounds: Bounds = DEFAULT) -> None:
         self.settings = settings
@@ -94,6 +95,7 @@ class Daemon:
         self.accepting = True
         self.start_s: float | None = None
         self.supervisor = Supervisor()
+        self.door: FrontDoor | None = None  # the front door, when the API installs it
         self.unit_env: dict[str, str] = {}
         self.shutdown_deadline: float | None = None  # monotonic; set at the first SIGTERM
         self._shutdown_timer: asyncio.Task[None] | None = None
@@ -237,39 +239,6 @@ class Daemon:
                 if stray["token"] != token:
                     logger.warning(f"{name}: killing a second copy (pid {stray['pid']})")
                     await asyncio.to_thread(kill_group, stray)
-
-    # -- shutdown -----------------------------------------------------------------------------
-    def begin_shutdown(self) -> float:
-        """At the first SIGTERM (or the server's end, whichever comes first): take no new
-        work, and give the operations in flight until the returned deadline (monotonic), so
-        that the whole shutdown fits `shutdown_timeout_s` counted from the signal. At the
-        deadline they are cancelled and their callers answered 503 `shutting_down`."""
-        if self.shutdown_deadline is None:
-            self.accepting = self.orchestrator.accepting = False
-            self.leases.abandon_all()  # their clients hear 503 now, no new plan begins
-            self.shutdown_deadline = time.monotonic() + max(
-                0.0, self.settings.shutdown_timeout_s - STOP_RESERVE_S)
-            self._shutdown_timer = asyncio.get_running_loop().create_task(
-                self._cancel_at(self.shutdown_deadline), name="shutdown-deadline")
-        return self.shutdown_deadline
-
-    async def _cancel_at(self, deadline: float) -> None:
-        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
-        if self.orchestrator.in_flight() or self.orchestrator.busy:
-            logger.warning("shutdown: cancelling the operations still in flight")
-            self.orchestrator.cancel_all("shutting_down", "the daemon is stopping (SIGTERM) "
-                                         "and this operation ran out of the shutdown budget")
-
-    async def finish_operations(self, deadline: float) -> None:
-        """Wait (until `deadline`) for the operations in flight; cancel what is left."""
-        pending = self.orchestrator.in_flight()
-        if pending:
-            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-        if any(not t.done() for t in pending) or self.orchestrator.busy:
-            self.orchestrator.cancel_all("shutting_down", "the daemon is stopping")
-            still = [t for t in pending if not t.done()]
-            if still:
-                await asyncio.wait(still, timeout=self.bounds.shutdown_step_s)
 
     async def stop(self) -> None:
         self.accepting = self.orchestrator.accepting = False

@@ -384,3 +384,71 @@ def test_comfyui_through_svc_with_its_websocket_progress(tmp_path: Path) -> None
         assert serve_of(d, "comfy")["serve"]["request_starts"] == 1
     finally:
         d.close()
+
+
+def test_a_client_that_gives_up_while_waiting_frees_its_place(tmp_path: Path) -> None:
+    """A request waiting for a slow start is dropped when its client leaves: its queue
+    place is freed at once, and nothing is forwarded for it."""
+    port = free_port()
+    d = DaemonProc(tmp_path, extra_services=served("llm-a", port, "model-a", startup=3)).start()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{d.url}/v1/chat/completions", trust_env=False, timeout=1.0,
+                       json={"model": "model-a", "messages": CHAT, "max_tokens": 1})
+        wait_for(lambda: serve_of(d, "llm-a")["serve"]["waiting"] == 0, 1.5,
+                 "the place given back before the start ends")
+        assert serve_of(d, "llm-a")["state"] == "starting"  # the start goes on for the next
+        wait_for(lambda: serve_of(d, "llm-a")["state"] == "ready", 20, "the start")
+        metrics = httpx.get(f"{d.url}/metrics", trust_env=False).text
+        assert 'gpu_manager_frontdoor_requests_total{code="gone",service="llm-a"} 1.0' \
+            in metrics
+    finally:
+        d.close()
+
+
+class _Dies(BaseHTTPRequestHandler):
+    """An upstream that starts its answer and dies halfway (the connection drops)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        sse = self.path.endswith("/chat/completions")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream" if sse else "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        first = (b'data: {"id": "x", "object": "chat.completion.chunk", "created": 0, '
+                 b'"model": "m", "choices": [{"index": 0, "delta": {"content": "a"}, '
+                 b'"finish_reason": null}]}\n\n') if sse else b"first part"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(first), first))
+        self.wfile.flush()
+        self.close_connection = True  # and no last chunk: a server that died
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_an_upstream_that_dies_mid_answer_is_a_truncation_never_a_clean_end(
+        tmp_path: Path) -> None:
+    dies = ThreadingHTTPServer(("127.0.0.1", 0), _Dies)
+    threading.Thread(target=dies.serve_forever, daemon=True).start()
+    d = DaemonProc(tmp_path, extra_services=served(
+        "dies", free_port(), "dies", vram=1000, serve_port=dies.server_address[1])).start()
+    try:
+        client = openai.OpenAI(base_url=f"{d.url}/v1", api_key="x", max_retries=0)
+        got = []
+        with pytest.raises(openai.APIError) as err:
+            for chunk in client.chat.completions.create(model="dies", messages=CHAT,
+                                                        stream=True):
+                got.append(chunk.choices[0].delta.content)
+        assert got == ["a"] and "dies" in str(err.value)
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.post(f"{d.url}/svc/dies/raw", json={}, trust_env=False, timeout=10)
+        metrics = httpx.get(f"{d.url}/metrics", trust_env=False).text
+        assert 'gpu_manager_frontdoor_requests_total{code="cut",service="dies"} 2.0' in metrics
+        assert serve_of(d, "dies")["serve"]["in_flight"] == 0
+    finally:
+        d.close()
+        dies.shutdown()
+        dies.server_close()

@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI, Path, Query
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
 
-from gpu_manager import __version__
+from gpu_manager import __version__, frontdoor
 from gpu_manager.api import errors, events, leases, metrics, web
 from gpu_manager.api import models as m
 from gpu_manager.api.auth import make_auth
@@ -48,6 +48,9 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await daemon.start()
+        door.attach()
+        if door.idle is not None:
+            daemon.supervisor.spawn("front-door-idle", door.idle.run)
         yield
         # Graceful shutdown: refuse new mutations, let the transitions in flight finish
         # within what is left of the budget counted from SIGTERM (then they are cancelled
@@ -61,6 +64,7 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
         await orch.followups.settle()
         await daemon.leases.close()
         await daemon.finish_operations(deadline)
+        await door.aclose()  # requests still relayed are cut; their clients hear 503
         if settings.on_shutdown == "stop":
             try:
                 async with asyncio.timeout(max(5.0, deadline - time.monotonic())):
@@ -75,6 +79,8 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
                   description="Coordinates GPU-hungry services on one GPU host.")
     app.state.daemon = daemon
     errors.install(app)
+    # The front door (/v1, /svc) runs inside the security middleware added next.
+    door = frontdoor.install(app, daemon, settings, registry)
     # Host, Origin and content-type checks before any route (see security.py for why).
     app.add_middleware(SecurityMiddleware, policy=Policy.from_settings(settings))
     token = settings.token_value()

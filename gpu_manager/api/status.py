@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gpu_manager.frontdoor import serve_status
 from gpu_manager.orchestrator.cards import foreign_on
 from gpu_manager.planner import ObservedState
 
@@ -82,6 +83,8 @@ def services(daemon: Daemon) -> dict[str, Any]:
             "allowed_devices": (None if cfg.allowed_devices is None
                                 else list(cfg.allowed_devices)),
             "gpus": cfg.gpus,
+            # the front door's figures (requests in flight, queue, idle timer); None: not served
+            "serve": serve_status(daemon.door, name),
             **{k: v for k, v in unit.snapshot().items() if k != "state"},
         }
     return out

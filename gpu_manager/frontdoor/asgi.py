@@ -13,6 +13,7 @@ forwarded.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
@@ -25,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpu_manager.frontdoor.door import FrontDoor
 from gpu_manager.frontdoor.errors import DoorError
-from gpu_manager.frontdoor.relay import Relay, Upstream, up_headers
+from gpu_manager.frontdoor.relay import ClientWatch, Relay, Upstream, up_headers
 from gpu_manager.frontdoor.ws import bridge
 
 _MULTIPART_MODEL = re.compile(
@@ -156,17 +157,30 @@ class FrontDoorApp:
         if cfg is None:
             raise DoorError(404, "unknown_service", f"{name} is not served")
         t0 = time.monotonic()
+        task = asyncio.current_task()
+        assert task is not None
+        # the body is read: a client leaving while it waits is heard (a streamed body is
+        # watched by the relay once it is sent up)
+        watch = ClientWatch(receive, task) if body is not None else None
         try:
             slot = await self.door.admit(name, cfg)
         except DoorError as err:
+            if watch is not None:
+                watch.close()
             self.door.stats.answered(name, f"{err.status // 100}xx", time.monotonic() - t0)
             raise
+        except asyncio.CancelledError:
+            if watch is None or not watch.gone:
+                raise
+            task.uncancel()  # ours: the client left while it waited; nobody to answer
+            self.door.stats.answered(name, "gone", None)
+            return
         qs = scope.get("query_string", b"")
         url = cfg.url + urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~%") + (
             "?" + qs.decode("latin-1") if qs else "")
         relay = Relay(self.door.client, self.door.stats, name, cfg, slot,
                       Upstream(scope["method"], url, up_headers(scope["headers"], cfg), body),
-                      openai, self.max_body)
+                      openai, self.max_body, watch)
         await relay(receive, send)
 
 

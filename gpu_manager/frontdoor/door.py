@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import httpx
 from loguru import logger
@@ -59,11 +59,13 @@ class FrontDoor:
         # service -> (when, why): the last start a request caused that did not succeed; the
         # requests that were waiting by then are answered with it.
         self._failed: dict[str, tuple[float, DoorError]] = {}
-        # service -> the services with requests in flight that its start must wait for
-        # (their equal in priority may swap them out only once they are idle)
+        # service -> the services with requests in flight that its start waits for (an
+        # equal in priority may swap them out only once they are idle). Until that start
+        # has run, they admit no new request: turns are taken, nobody is starved.
         self._waiting_on: dict[str, frozenset[str]] = {}
         self._models: tuple[object, dict[str, str]] = (None, {})
         self.idle: IdleWatch | None = None  # set by install()
+        self._shutdown: asyncio.TimerHandle | None = None
         # One pooled client for every upstream: keep-alive connections, no retries (a
         # request is not idempotent), deadlines per request from the service's `serve:`.
         self.client = httpx.AsyncClient(
@@ -90,7 +92,8 @@ class FrontDoor:
     def gate(self, name: str) -> Gate:
         gate = self.gates.get(name)
         if gate is None:
-            gate = self.gates[name] = Gate(name, self._gate_free)
+            gate = self.gates[name] = Gate(name, self._gate_free,
+                                           self.daemon.status_cache.invalidate)
         return gate
 
     def _gate_free(self, name: str) -> None:
@@ -98,8 +101,13 @@ class FrontDoor:
         equal may swap it out now) are tried again."""
         for other, busy in list(self._waiting_on.items()):
             if name in busy:
-                del self._waiting_on[other]
                 self.gate(other).notify()
+
+    def _yielding(self, name: str) -> bool:
+        """Whether `name` admits no new request: the start of an equal with requests
+        waiting for it waits for `name`'s requests in flight to end."""
+        return any(name in busy and (g := self.gates.get(other)) is not None and g.waiting
+                   for other, busy in self._waiting_on.items())
 
     # -- life ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -111,12 +119,25 @@ class FrontDoor:
         if event.kind == "state" and event.service in self.gates:
             self.gates[event.service].notify()
 
-    async def aclose(self) -> None:
-        for task in list(self._starts.values()):
-            task.cancel()
+    def shutting_down(self, deadline: float) -> None:
+        """SIGTERM: the requests waiting are answered 503 now (they look again when woken);
+        those in flight may finish until `deadline` (monotonic), then `aclose` cuts them."""
+        for gate in self.gates.values():
+            gate.notify()
+        self._shutdown = asyncio.get_running_loop().call_at(deadline, self._cut_all)
+
+    def _cut_all(self) -> None:
         for gate in self.gates.values():
             for slot in list(gate.in_flight):
                 slot.cut("the daemon is stopping")
+
+    async def aclose(self) -> None:
+        if self._shutdown is not None:
+            self._shutdown.cancel()
+        for task in list(self._starts.values()):
+            task.cancel()
+        self._cut_all()
+        for gate in self.gates.values():
             gate.notify()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
@@ -130,7 +151,8 @@ class FrontDoor:
         task = asyncio.current_task()
         unit = self.daemon.units.get(name)
         if unit is not None and unit.state is S.READY and gate.has_room(cfg.max_concurrent) \
-                and not gate.waiting:
+                and not gate.waiting and self.daemon.accepting and not (
+                    self._waiting_on and self._yielding(name)):
             return gate.take(task)  # the hot path: no queue, no clock
         if not self.daemon.accepting:
             raise DoorError(503, "shutting_down", "the daemon is stopping", retry_after=5)
@@ -142,12 +164,14 @@ class FrontDoor:
         deadline = t0 + cfg.queue.timeout_s
         cold = False
         gate.waiting += 1
+        gate.changed_figures()
         try:
             while True:
                 unit = self.daemon.units.get(name)
                 if unit is None or self.serve_of(name) is None:
                     raise DoorError(404, "unknown_service", f"{name} is no longer served")
-                if unit.state is S.READY and gate.has_room(cfg.max_concurrent):
+                if unit.state is S.READY and gate.has_room(cfg.max_concurrent) \
+                        and not self._yielding(name):
                     waited = time.monotonic() - t0
                     self.stats.queued(name, waited, cold)
                     return gate.take(task)
@@ -157,11 +181,11 @@ class FrontDoor:
                 if not self.daemon.accepting:
                     raise DoorError(503, "shutting_down", "the daemon is stopping",
                                     retry_after=5)
+                # waiting for an equal's requests in flight: not before they end (the entry
+                # stays until the start has run, so the equal admits none meanwhile)
                 waits = self._waiting_on.get(name)
-                if waits is not None and not waits & self.in_use():
-                    del self._waiting_on[name]  # what it waited for is idle (or gone)
                 if unit.state in STARTABLE and gate.holds == 0 \
-                        and name not in self._waiting_on:
+                        and not (waits and waits & self.in_use()):
                     cold = True
                     self._ensure_start(name)
                 elif unit.state in (S.STARTING, S.WAKING):
@@ -176,6 +200,7 @@ class FrontDoor:
                 await gate.changed(left)
         finally:
             gate.waiting -= 1
+            gate.changed_figures()
 
     def _ensure_start(self, name: str) -> None:
         task = self._starts.get(name)
@@ -186,24 +211,35 @@ class FrontDoor:
     async def _start(self, name: str) -> None:
         """One start (or wake) for every request waiting on `name`; its failure is theirs."""
         gate = self.gate(name)
+        waited_on = self._waiting_on.get(name, frozenset())
         try:
             # An equal with requests in flight when it was planned, idle by the time the
             # refusal came back: planned again (a few times), not answered as a refusal.
             for _ in range(3):
-                if not await self._try_start(name, gate):
-                    return
+                outcome = await self._try_start(name, gate)
+                if outcome == "wait":
+                    return  # its entry in _waiting_on stays: tried again when they end
+                if outcome == "done":
+                    break
+            self._waiting_on.pop(name, None)
         except asyncio.CancelledError:
+            self._waiting_on.pop(name, None)
             raise
         except Exception as exc:
+            self._waiting_on.pop(name, None)
             self._failed[name] = (time.monotonic(), start_error(name, exc))
             if not isinstance(exc, OperationError | LockHeld | LockLost | LockUnavailable):
                 logger.opt(exception=exc).error(f"front door: starting {name} failed: {exc}")
         finally:
             self._starts.pop(name, None)
             gate.notify()
+            if name not in self._waiting_on:
+                for other in waited_on:
+                    self.gate(other).notify()  # they admit again
 
-    async def _try_start(self, name: str, gate: Gate) -> bool:
-        """Plan and run one start; True: try again now (what blocked it is idle already)."""
+    async def _try_start(self, name: str, gate: Gate) -> Literal["done", "wait", "again"]:
+        """Plan and run one start: done, or blocked by requests in flight (wait for them),
+        or blocked by requests that ended meanwhile (again, now)."""
         orch = self.daemon.orchestrator
         request = RequestStart(name)
         # Looked at first, not submitted: a start that must wait for an equal's requests in
@@ -211,7 +247,7 @@ class FrontDoor:
         async with asyncio.timeout(self.daemon.bounds.pids_s + 1.0):
             ahead = await orch.dry_run(request)
         if isinstance(ahead, Refusal) and _in_flight(b.reason for b in ahead.blockers):
-            return not self._wait_for_busy(name, (b.name for b in ahead.blockers))
+            return self._wait_for_busy(name, (b.name for b in ahead.blockers))
         op, task, joined = orch.submit(request)
         if not joined:
             gate.starts += 1
@@ -223,17 +259,19 @@ class FrontDoor:
             blockers = exc.extra.get("blockers") or ()
             if exc.code == "insufficient_vram" and _in_flight(
                     str(b.get("reason")) for b in blockers):
-                return not self._wait_for_busy(name, (str(b.get("name")) for b in blockers))
+                return self._wait_for_busy(name, (str(b.get("name")) for b in blockers))
             raise
-        return False
+        return "done"
 
-    def _wait_for_busy(self, name: str, blockers: Iterable[str]) -> bool:
-        """Whether the start of `name` is blocked by services with requests in flight; then
-        it is tried again when they are idle (its requests wait, within their queue time)."""
+    def _wait_for_busy(self, name: str, blockers: Iterable[str]) -> Literal["wait", "again"]:
+        """The start of `name` was blocked by services with requests in flight: wait for
+        those still busy (they admit no new request meanwhile; tried again when they are
+        idle, its requests waiting within their queue time), or go again if none is."""
         busy = frozenset(blockers) & self.in_use()
         if busy:
             self._waiting_on[name] = busy
-        return bool(busy)
+            return "wait"
+        return "again"
 
     # -- the orchestrator's side: releases drain us first --------------------------------------
     def in_use(self) -> frozenset[str]:
@@ -254,6 +292,7 @@ class FrontDoor:
         if isinstance(request, IdleSleep | IdleStop) and gate.busy:
             raise OperationError("not_idle", f"{name} has requests again; not released")
         gate.holds += 1  # new requests wait from now on
+        gate.changed_figures()
         try:
             force = isinstance(request, StopService) and request.force
             had, cut = await gate.drain(0.0 if force else cfg.drain_s)

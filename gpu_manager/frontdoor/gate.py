@@ -39,9 +39,12 @@ class Slot:
 
 
 class Gate:
-    def __init__(self, name: str, on_free: Callable[[str], None] | None = None) -> None:
+    def __init__(self, name: str, on_free: Callable[[str], None] | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.name = name
         self.on_free = on_free  # called when its last request in flight ends
+        # called at each change of its figures (the status shows them: its cache is told)
+        self.on_change = on_change
         self.in_flight: set[Slot] = set()
         self.waiting = 0
         # Releases of the service in progress that hold new requests back.
@@ -65,11 +68,17 @@ class Gate:
         self.in_flight.add(slot)
         self.last_request_at = time.time()
         self.last_active = time.monotonic()
+        self.changed_figures()
         return slot
+
+    def changed_figures(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def leave(self, slot: Slot) -> None:
         self.in_flight.discard(slot)
         self.last_active = time.monotonic()
+        self.changed_figures()
         self.notify()
         if not self.in_flight and self.on_free is not None:
             self.on_free(self.name)

@@ -2,7 +2,7 @@
 
 Everything runs in the request's own task, inside one try/finally, so the slot is given back
 and the upstream response closed whatever happens: the answer ends, the upstream fails, the
-client goes away (a watcher hears `http.disconnect` once the body is sent up and cuts the
+client goes away (a `ClientWatch` hears `http.disconnect` once the body is read and cuts the
 slot), or a release cuts it after `drain_s` (the task is cancelled with the slot's reason;
 the relay takes the cancel back and ends the answer cleanly: a JSON error before the first
 byte, an SSE `error` event in an event stream, else the body ends short).
@@ -24,6 +24,50 @@ from gpu_manager.config.serve import ServeConfig
 from gpu_manager.frontdoor.errors import DoorError
 from gpu_manager.frontdoor.gate import Slot
 from gpu_manager.frontdoor.stats import DoorStats
+
+GONE = "the client went away"
+
+
+class AnswerCut(RuntimeError):
+    """An answer already under way could not be finished: raised so the server drops the
+    connection and the client sees a truncation, never a clean end."""
+
+
+class ClientWatch:
+    """Listens for the client leaving while its request waits and while it is relayed (the
+    body must have been read: the next message can only be `http.disconnect`). Gone while
+    waiting: the waiting task is cancelled (its queue place freed, no start for nobody);
+    gone while relayed: its slot is cut (the upstream request is dropped)."""
+
+    def __init__(self, receive: Receive, task: asyncio.Task[object],
+                 ready: asyncio.Event | None = None) -> None:
+        self.receive, self.task = receive, task
+        self.slot: Slot | None = None
+        self.gone = False
+        self._ready = ready
+        self._watch = asyncio.create_task(self._run(), name="client-watch")
+
+    async def _run(self) -> None:
+        if self._ready is not None:
+            await self._ready.wait()  # a body streamed up: not before it is all read
+        while True:
+            msg: Message = await self.receive()
+            if msg["type"] == "http.disconnect":
+                self.gone = True
+                if self.slot is not None:
+                    self.slot.cut(GONE)
+                else:
+                    self.task.cancel(GONE)
+                return
+
+    def admitted(self, slot: Slot) -> None:
+        self.slot = slot
+        if self.gone and slot.cut_reason is None:
+            slot.cut_reason = GONE  # the task's cancel is asked for already: not twice
+
+    def close(self) -> None:
+        self._watch.cancel()
+
 
 # Not forwarded: hop-by-hop headers (RFC 9110 7.6.1), the client's credentials for the
 # daemon (never the upstream's business), and what httpx or the server set themselves.
@@ -58,9 +102,10 @@ class Upstream:
 class Relay:
     def __init__(self, client: httpx.AsyncClient, stats: DoorStats, name: str,
                  cfg: ServeConfig, slot: Slot, up: Upstream, openai: bool,
-                 max_body: int) -> None:
+                 max_body: int, watch: ClientWatch | None = None) -> None:
         self.client, self.stats, self.name, self.cfg = client, stats, name, cfg
         self.max_body = max_body
+        self.watch = watch  # the one listening since the request came (its body read)
         self.slot, self.up, self.openai = slot, up, openai
         self.body_sent = asyncio.Event()
         self.started = False  # the answer's head went to the client
@@ -73,7 +118,7 @@ class Relay:
             while True:
                 msg = await receive()
                 if msg["type"] == "http.disconnect":
-                    self.slot.cut("the client went away")
+                    self.slot.cut(GONE)
                     return
                 chunk = msg.get("body", b"")
                 size += len(chunk)
@@ -87,15 +132,6 @@ class Relay:
         finally:
             self.body_sent.set()
 
-    async def _watch(self, receive: Receive) -> None:
-        """Once the body is up, the next message can only be the client leaving."""
-        await self.body_sent.wait()
-        while True:
-            msg: Message = await receive()
-            if msg["type"] == "http.disconnect":
-                self.slot.cut("the client went away")
-                return
-
     async def __call__(self, receive: Receive, send: Send) -> None:
         t0 = time.monotonic()
         task = asyncio.current_task()
@@ -103,7 +139,8 @@ class Relay:
         up, cfg = self.up, self.cfg
         if up.body is not None:
             self.body_sent.set()
-        watcher = asyncio.create_task(self._watch(receive), name=f"relay-watch-{self.name}")
+        watcher = self.watch or ClientWatch(receive, task, self.body_sent)
+        watcher.admitted(self.slot)
         response: httpx.Response | None = None
         code = "5xx"
         try:
@@ -132,27 +169,30 @@ class Relay:
                     raise  # not ours: the server is going down
                 self.slot.finishing = True  # one cut is enough
                 task.uncancel()
-                code = "gone" if self.slot.cut_reason == "the client went away" else "cut"
+                code = "gone" if self.slot.cut_reason == GONE else "cut"
                 await self._end(send, DoorError(
                     503, "service_released", f"the request was cut: {self.slot.cut_reason}",
                     retry_after=2))
             except DoorError as err:  # the body went over the limit on its way up
                 self.slot.finishing = True
+                code = "cut" if self.started else f"{err.status // 100}xx"
                 await self._end(send, err)
             except httpx.TimeoutException as exc:
                 self.slot.finishing = True
+                code = "cut" if self.started else "5xx"
                 await self._end(send, DoorError(
                     504, "upstream_timeout", f"{self.name} did not answer in time "
                     f"({type(exc).__name__}; serve.connect_timeout_s "
                     f"{cfg.connect_timeout_s:g}, chunk_timeout_s {cfg.chunk_timeout_s:g})"))
             except httpx.HTTPError as exc:
                 self.slot.finishing = True
+                code = "cut" if self.started else "5xx"
                 await self._end(send, DoorError(
                     502, "upstream_unreachable", f"{self.name} at {cfg.url}: "
                     f"{type(exc).__name__}: {exc}", retry_after=2))
         finally:
             self.slot.finishing = True
-            watcher.cancel()
+            watcher.close()
             if response is not None:
                 await _close(response)
             self.slot.release()
@@ -160,18 +200,22 @@ class Relay:
 
     async def _end(self, send: Send, err: DoorError) -> None:
         """End the answer with `err`: whole when nothing was sent, else as the stream allows."""
-        if self.slot.cut_reason == "the client went away":
+        if self.slot.cut_reason == GONE:
             return  # nobody to tell
         try:
             if not self.started:
                 await err.send(send, self.openai)
                 return
-            if self.sse:  # what OpenAI-compatible servers send when a stream fails
-                event = {"error": {"message": err.message, "type": "server_error",
-                                   "code": err.code}}
-                await send({"type": "http.response.body",
-                            "body": f"data: {json.dumps(event)}\n\n".encode(),
-                            "more_body": True})
+            if not self.sse:
+                # a body cut short must not look whole to the client: the connection is
+                # dropped without the last chunk (the server logs the exception once)
+                raise AnswerCut(f"{self.name}: the answer was cut short ({err.message})")
+            # an event stream ends with an error event, what OpenAI-compatible servers send
+            # when a stream fails (the SDKs raise it)
+            event = {"error": {"message": err.message, "type": "server_error",
+                               "code": err.code}}
+            await send({"type": "http.response.body",
+                        "body": f"data: {json.dumps(event)}\n\n".encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the connection went with it
