@@ -31,6 +31,24 @@ def rows() -> list[tuple[str, str, str, str]]:
                     ">= 60%", verdict(s["throughput_ratio"] >= 0.6)))
         out.append(("RSS under status load", f"{s['rss_load_mb']:.0f} MB", "<= 100 MB",
                     verdict(s["rss_load_mb"] <= 100)))
+    if (f := load("frontdoor")) is not None:
+        lat, alt = f["latency"], f["alternation"]
+        out.append(("front door: added latency, 1-token chat p50 / p99",
+                    f"{lat['added_p50_ms']:.2f} / {lat['added_p99_ms']:.2f} ms",
+                    "<= 1 / 3 ms", verdict(lat["added_p50_ms"] <= 1
+                                           and lat["added_p99_ms"] <= 3)))
+        out.append(("front door: streamed tokens/s through vs direct",
+                    f"{f['stream']['ratio_decode']:.3f}", ">= 0.95",
+                    verdict(f["stream"]["ratio_decode"] >= 0.95)))
+        out.append(("front door: first token from asleep vs the server's own wake",
+                    f"+{f['wake']['extra_p50_ms']:.0f} ms", "<= +150 ms",
+                    verdict(f["wake"]["extra_p50_ms"] <= 150)))
+        ours, fifo = alt["gpu_manager"], alt["fifo"]
+        fair = max(ours["worst_answer_s"].values()) <= max(fifo["worst_answer_s"].values())
+        out.append(("two models taking turns vs a FIFO stop/start swapper (llama-swap's way)",
+                    f"{alt['ratio']:.1f}x ({ours['per_min']:.0f} vs {fifo['per_min']:.0f}/min, "
+                    f"slowest {max(ours['worst_answer_s'].values()):.2f} s)",
+                    ">= 3x, none slower", verdict(alt["ratio"] >= 3 and fair)))
     if (t := load("transitions")) is not None:
         out.append(("transition overhead p95 (AC-1)", f"{t['overhead_ms_p95']:.0f} ms",
                     "<= 150 ms", verdict(t["overhead_ms_p95"] <= 150)))
