@@ -17,13 +17,12 @@ import os
 import threading
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loguru import logger
 
 from gpu_manager import statedir
 from gpu_manager.aio import Supervisor, wait_event
-from gpu_manager.api.status_cache import StatusCache
 from gpu_manager.bounds import DEFAULT, Bounds
 from gpu_manager.config import (
     DockerService,
@@ -32,6 +31,7 @@ from gpu_manager.config import (
     ServiceConfig,
     load_inventory,
 )
+from gpu_manager.hooks import Invalidates, NoCache, RequestDoor
 from gpu_manager.lock import GpuLock, LockInfo, make_lock
 from gpu_manager.orchestrator import Orchestrator
 from gpu_manager.orchestrator.cards import foreign_on
@@ -56,9 +56,6 @@ from gpu_manager.units import (
 )
 from gpu_manager.units.drivers.native import OWNER_ENV, find_launched, kill_group
 from gpu_manager.units.logrotate import LogRotator, native_logs
-
-if TYPE_CHECKING:
-    from gpu_manager.frontdoor import FrontDoor
 
 LOCK_INFO_EVERY_S = 0.25
 PIDS_EVERY_S = 1.0
@@ -95,11 +92,12 @@ class Daemon(GracefulShutdown):
         self.accepting = True
         self.start_s: float | None = None
         self.supervisor = Supervisor()
-        self.door: FrontDoor | None = None  # the front door, when the API installs it
+        self.door: RequestDoor | None = None  # the front door, when the API installs it
         self.unit_env: dict[str, str] = {}
         self.shutdown_deadline: float | None = None  # monotonic; set at the first SIGTERM
         self._shutdown_timer: asyncio.Task[None] | None = None
-        self.status_cache = StatusCache(self)  # invalidate() after a change it must show
+        # the API installs the status cache: invalidate() after a change it must show
+        self.status_cache: Invalidates = NoCache()
 
     @property
     def inventory(self) -> Inventory:

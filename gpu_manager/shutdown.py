@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from gpu_manager.hooks import RequestDoor
+
 if TYPE_CHECKING:
     from gpu_manager.bounds import Bounds
-    from gpu_manager.frontdoor import FrontDoor
     from gpu_manager.orchestrator import Orchestrator
     from gpu_manager.orchestrator.leases import LeaseManager
     from gpu_manager.settings import Settings
@@ -28,7 +29,7 @@ class GracefulShutdown:
     orchestrator: Orchestrator
     leases: LeaseManager
     bounds: Bounds
-    door: FrontDoor | None
+    door: RequestDoor | None
     accepting: bool
     shutdown_deadline: float | None
     _shutdown_timer: asyncio.Task[None] | None

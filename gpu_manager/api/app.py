@@ -19,6 +19,7 @@ from gpu_manager.api.auth import make_auth
 from gpu_manager.api.docs import TRANSITION, answers
 from gpu_manager.api.errors import ApiError
 from gpu_manager.api.security import Policy, SecurityMiddleware
+from gpu_manager.api.status_cache import StatusCache
 from gpu_manager.config import Inventory
 from gpu_manager.daemon import Daemon, arm_exit_watchdog
 from gpu_manager.orchestrator import Operation
@@ -78,9 +79,10 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
     app = FastAPI(title="gpu-manager", version=__version__, lifespan=lifespan,
                   description="Coordinates GPU-hungry services on one GPU host.")
     app.state.daemon = daemon
+    status_cache = daemon.status_cache = StatusCache(daemon)
     errors.install(app)
     # The front door (/v1, /svc) runs inside the security middleware added next.
-    door = frontdoor.install(app, daemon, settings, registry)
+    door = daemon.door = frontdoor.install(app, daemon, settings, registry)
     # Host, Origin and content-type checks before any route (see security.py for why).
     app.add_middleware(SecurityMiddleware, policy=Policy.from_settings(settings))
     token = settings.token_value()
@@ -167,7 +169,7 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
     @app.get("/gpu/status", tags=["gpu"], responses=answers(ok=m.Status),
              response_model=dict[str, Any])
     async def gpu_status() -> Response:
-        return Response(daemon.status_cache.body(), media_type="application/json")
+        return Response(status_cache.body(), media_type="application/json")
 
     @app.post("/gpu/prepare-phase/{phase}", tags=["gpu"], dependencies=[Auth],
               responses=answers(*POST, 404, *TRANSITION, ok=m.Done | m.DryRun,

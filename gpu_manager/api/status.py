@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gpu_manager.frontdoor import serve_status
 from gpu_manager.orchestrator.cards import foreign_on
 from gpu_manager.planner import ObservedState
 
@@ -84,7 +83,7 @@ def services(daemon: Daemon) -> dict[str, Any]:
                                 else list(cfg.allowed_devices)),
             "gpus": cfg.gpus,
             # the front door's figures (requests in flight, queue, idle timer); None: not served
-            "serve": serve_status(daemon.door, name),
+            "serve": daemon.door.serve_status(name) if daemon.door is not None else None,
             **{k: v for k, v in unit.snapshot().items() if k != "state"},
         }
     return out

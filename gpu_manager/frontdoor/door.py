@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 from loguru import logger
@@ -40,7 +40,7 @@ from gpu_manager.planner import (
 from gpu_manager.units import Event, ServiceState
 
 if TYPE_CHECKING:
-    from gpu_manager.daemon import Daemon
+    from gpu_manager.frontdoor.host import Host
     from gpu_manager.frontdoor.idle import IdleWatch
 
 S = ServiceState
@@ -51,7 +51,7 @@ STARTABLE = frozenset({S.STOPPED, S.SLEEPING, S.FAILED})
 
 
 class FrontDoor:
-    def __init__(self, daemon: Daemon, stats: DoorStats) -> None:
+    def __init__(self, daemon: Host, stats: DoorStats) -> None:
         self.daemon = daemon
         self.stats = stats
         self.gates: dict[str, Gate] = {}
@@ -272,6 +272,33 @@ class FrontDoor:
             self._waiting_on[name] = busy
             return "wait"
         return "again"
+
+    def serve_status(self, name: str) -> dict[str, Any] | None:
+        """A served service's front-door figures for `/gpu/status`; None when it is not served."""
+        cfg = self.serve_of(name)
+        if cfg is None:
+            return None
+        gate = self.gates.get(name)
+        now = time.monotonic()
+        idle: dict[str, Any] | None = None
+        if cfg.idle is not None:
+            st = self.idle.state.get(name) if self.idle is not None else None
+            quiet = self.idle.idle_for(name, now) if self.idle is not None else None
+            idle = {"after_s": cfg.idle.after_s, "below_util_pct": cfg.idle.below_util_pct,
+                    "then": cfg.idle.then, "idle_for_s": None if quiet is None else round(quiet, 1),
+                    "util_pct": st.util_pct if st else None,
+                    "util_source": st.source if st else "none",
+                    "releasing": bool(st and st.releasing)}
+        return {
+            "url": cfg.url, "models": list(cfg.models), "max_concurrent": cfg.max_concurrent,
+            "in_flight": len(gate.in_flight) if gate else 0,
+            "waiting": gate.waiting if gate else 0, "queue_max": cfg.queue.max,
+            "draining": bool(gate and gate.holds),
+            "last_request_at": gate.last_request_at if gate else None,
+            "request_starts": gate.starts if gate else 0,
+            "cut": gate.cut if gate else 0,
+            "idle": idle,
+        }
 
     # -- the orchestrator's side: releases drain us first --------------------------------------
     def in_use(self) -> frozenset[str]:

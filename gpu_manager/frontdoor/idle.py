@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from loguru import logger
 
@@ -27,7 +27,21 @@ from gpu_manager.probe import Snapshot
 from gpu_manager.units import ServiceState
 
 if TYPE_CHECKING:
-    from gpu_manager.frontdoor.door import FrontDoor
+    from gpu_manager.config.serve import ServeConfig
+    from gpu_manager.frontdoor.gate import Gate
+    from gpu_manager.frontdoor.host import Host
+    from gpu_manager.frontdoor.stats import DoorStats
+
+
+class Door(Protocol):
+    """What the idle watch reads of the front door (which holds it)."""
+
+    daemon: Host
+    stats: DoorStats
+
+    def served(self) -> dict[str, ServeConfig]: ...
+
+    def gate(self, name: str) -> Gate: ...
 
 UtilSource = Literal["process", "device", "none"]
 
@@ -41,7 +55,7 @@ class IdleState:
 
 
 class IdleWatch:
-    def __init__(self, door: FrontDoor, every_s: float = 0.5) -> None:
+    def __init__(self, door: Door, every_s: float = 0.5) -> None:
         self.door = door
         self.every_s = every_s
         self.state: dict[str, IdleState] = {}
