@@ -141,3 +141,4 @@ async def test_a_drain_waits_for_what_ends_and_cuts_what_does_not() -> None:
     assert await quick == "done"
     assert (await slow).startswith("cut: a is being released")
     assert not gate.in_flight and gate.cut == 1
+

@@ -117,6 +117,17 @@ class ServiceStatus(Body):
     gpus: int = Field(description="How many cards it needs at once")
     serve: ServeStatus | None = Field(None, description="The front door's figures for a "
                                       "service with `serve:`; null: not served")
+    host_ram_mb: int | None = Field(None, description="Host RAM its sleep holds (measured "
+                                    "once it slept, else `sleep.host_ram_mb`); null: no sleep")
+    host_ram_measured: bool = False
+
+
+class HostStatus(Body):
+    ram_free_mb: int | None = Field(description="Host RAM left for new sleeps (available "
+                                    "less the reserve); null: no figure")
+    ram_reserve_mb: int
+    held_by_sleepers_mb: int = Field(description="Host RAM the sleeping services hold")
+    simulated: bool
 
 
 class IdleStatus(Body):
@@ -203,6 +214,7 @@ class Status(Body):
                        "`gpu.devices`)")
     gpus: list[Card] = Field(description="Every managed card (one on a single-GPU host)")
     placement: Literal["best_fit", "spread"]
+    host: HostStatus | None = Field(None, description="The host RAM sleepers fill")
     services: dict[str, ServiceStatus]
     lock: LockStatus
     phase: int | None

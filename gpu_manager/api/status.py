@@ -74,6 +74,9 @@ def services(daemon: Daemon) -> dict[str, Any]:
             # how it sleeps (its `sleep:` api) and what it keeps asleep; None: it cannot
             "sleep": cfg.sleep.api if cfg.sleep else None,
             "residual_mb": cfg.residual_mb,
+            # what its sleep holds in host RAM (measured once it slept; declared until then)
+            "host_ram_mb": orch.host_ram_of(name) if cfg.sleep else None,
+            "host_ram_measured": name in orch.host_ram,
             "prewarmed": name in orch.followups.live(),
             "sleeps": unit.sleeps,
             "wakes": unit.wakes,
@@ -161,12 +164,24 @@ def lock(daemon: Daemon) -> dict[str, Any]:
     }
 
 
+def host(daemon: Daemon) -> dict[str, Any]:
+    """The host RAM that sleeping services fill: what they hold, what is left for more."""
+    orch = daemon.orchestrator
+    held = sum(orch.host_ram_of(n) for n, u in list(daemon.units.items())
+               if u.state.value == "sleeping")
+    cfg = daemon.inventory.host
+    return {"ram_free_mb": orch.host_free_mb(), "ram_reserve_mb": cfg.ram_reserve_mb,
+            "held_by_sleepers_mb": held,
+            "simulated": cfg.simulated_total_mb is not None}
+
+
 def status(daemon: Daemon) -> dict[str, Any]:
     observed = daemon.orchestrator.observed()  # once: the bar and the cards agree
     return {
         "vram": vram(daemon, observed),
         "gpus": gpus(daemon, observed),
         "placement": daemon.inventory.gpu.placement,
+        "host": host(daemon),
         "services": services(daemon),
         "lock": lock(daemon),
         "phase": daemon.orchestrator.current_phase,

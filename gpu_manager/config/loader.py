@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from gpu_manager.config.models import (
     DockerService,
     GpuConfig,
+    HostConfig,
     LeaseConfig,
     PhaseConfig,
     PhasesFile,
@@ -70,6 +71,7 @@ class Inventory:
     prewarm: bool = False
     # Accepted but deprecated (`evict:`, `preempt:`): logged at every load, shown by `check`.
     warnings: tuple[ConfigIssue, ...] = ()
+    host: HostConfig = field(default_factory=HostConfig)
 
     @property
     def budget_mb(self) -> int | None:
@@ -221,7 +223,7 @@ def load_inventory(config_dir: Path | str | None = None) -> Inventory:
     assert sfile is not None and pfile is not None
     lines = {sdoc.name: sdoc.lines, **({pdoc.name: pdoc.lines} if pdoc else {})}
     return Inventory(sfile.gpu, sfile.services, pfile.phases, base, lines, sfile.leases,
-                     sfile.prewarm, tuple(_legacy_warnings(sdoc)))
+                     sfile.prewarm, tuple(_legacy_warnings(sdoc)), sfile.host)
 
 
 def _legacy_warnings(sdoc: _Doc) -> list[ConfigIssue]:

@@ -304,8 +304,18 @@ class LeaseConfig(_Strict):
     max_wait_s: float = Field(default=600.0, ge=0, le=600)
 
 
+class HostConfig(_Strict):
+    """The host's RAM, which sleeping services fill (weights copied out of VRAM)."""
+
+    # Never handed to sleepers: the OS, page cache, the services' own working sets.
+    ram_reserve_mb: int = Field(default=2048, ge=0)
+    # The simulated GPU's host: its RAM in all (the real host is read from /proc/meminfo).
+    simulated_total_mb: int | None = Field(default=None, gt=0)
+
+
 class ServicesFile(_Strict):
     gpu: GpuConfig = Field(default_factory=GpuConfig)
+    host: HostConfig = Field(default_factory=HostConfig)
     leases: LeaseConfig = Field(default_factory=LeaseConfig)
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
     # Start (or wake) the services of a phase's `next:` in the background after a

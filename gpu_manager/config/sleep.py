@@ -119,6 +119,10 @@ class SleepConfig(_Strict):
     # The most it keeps on the GPU while asleep (CUDA context, buffers); None: a quarter of
     # vram_mb, at most 1024 MB. Counted by the planner until it is measured.
     residual_mb: int | None = Field(default=None, ge=0)
+    # The host RAM its sleep holds (weights copied to RAM: vLLM level 1, a CPU backup); the
+    # planner counts it against `host:` until the daemon has measured it (the pids' RSS
+    # after the sleep less before). None: nothing declared (0 until measured).
+    host_ram_mb: int | None = Field(default=None, ge=0)
     # Wake it after a release (a stop, release-all, the end of a client lease) once it fits
     # without moving anything (the pause protocol's resume: a 24/7 service that lends the
     # GPU and takes it back). Not after a phase: a phase that let it sleep meant it.

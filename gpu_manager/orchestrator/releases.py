@@ -3,8 +3,11 @@ GPU, else stop it)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Iterable
 
+import psutil
 from loguru import logger
 
 from gpu_manager.orchestrator.ledger import Releasing
@@ -70,6 +73,7 @@ class Releases:
         pids, pid_error = await view.read_pids(name)
         cards = view.cards_of(name)
         before = max(unit.cfg.vram_mb * len(cards), view.measured(name) or 0)
+        rss_before = await host_rss_mb(pids)
         result = await unit.sleep(reason, requester)
         if not result.ok:
             return await self._instead(name, reason, preemption,
@@ -91,7 +95,14 @@ class Releases:
                 f"{total} MB after {sleep.timeout_s:g}s (residual_mb {sleep.residual_mb} "
                 f"per card on {len(cards)} card{'s' if len(cards) > 1 else ''})")
         view.ledger.settle_soft([name])
-        return f"{result.reason}; {total} MB left on the GPU"
+        note = f"{result.reason}; {total} MB left on the GPU"
+        rss_after = await host_rss_mb(pids)
+        if rss_before is not None and rss_after is not None and \
+                view.inventory.host.simulated_total_mb is None:
+            # what this sleep holds in host RAM, from now on the planner's figure
+            view.host_ram[name] = max(0, rss_after - rss_before)
+            note += f"; {view.host_ram[name]} MB more in host RAM"
+        return note
 
     async def _confirm_sleep(self, name: str, timeout: float,
                              since: float) -> tuple[bool, int] | None:
@@ -116,3 +127,26 @@ class Releases:
             async with view.poller.fast():
                 await view.poller.wait_until(slept, timeout)
         return None if blind[0] else seen[0]
+
+
+async def host_rss_mb(pids: Iterable[int]) -> int | None:
+    """The resident memory of `pids` in MB (None: not readable), read off the event loop
+    and bounded (a /proc read of a process in D state can block)."""
+    pids = list(pids)
+
+    def read() -> int:
+        total = 0
+        for pid in pids:
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                continue
+        return total // (1024 * 1024)
+
+    if not pids:
+        return None
+    try:
+        async with asyncio.timeout(2.0):
+            return await asyncio.to_thread(read)
+    except TimeoutError:
+        return None

@@ -76,6 +76,9 @@ class GpuView:
         # Started (or woken) by prewarm and not yet asked for by a phase or a start; written
         # only by the follow-ups (Followups.note).
         self.prewarmed: frozenset[str] = frozenset()
+        # What each service's sleep holds in host RAM, measured (written by the release
+        # steps only); the declared `sleep.host_ram_mb` until then.
+        self.host_ram: dict[str, int] = {}
         # The front door, once it is up: what a release step drains first (set once).
         self.drainer: Drainer | None = None
         self._pid_reads: dict[tuple[str, int], asyncio.Future[list[int]]] = {}
@@ -121,6 +124,28 @@ class GpuView:
                      request: Request) -> contextlib.AbstractAsyncContextManager[list[str]]:
         """Around a release step of `name`: the front door drains its requests first."""
         return no_drain() if self.drainer is None else self.drainer.hold_back(name, request)
+
+    def host_ram_of(self, name: str) -> int:
+        """What `name`'s sleep holds in host RAM: measured, else declared, else 0."""
+        if name in self.host_ram:
+            return self.host_ram[name]
+        unit = self.units.get(name)
+        sleep = unit.cfg.sleep if unit is not None else None
+        return (sleep.host_ram_mb or 0) if sleep is not None else 0
+
+    def host_free_mb(self) -> int | None:
+        """Host RAM free for new sleeps (less `host.ram_reserve_mb`). The simulated host:
+        its declared total less what the sleepers hold; the real one: /proc/meminfo's
+        available (what sleepers hold is already in use there). None: no figure."""
+        host = self.inventory.host
+        if host.simulated_total_mb is not None:
+            held = sum(self.host_ram_of(n) for n, u in list(self.units.items())
+                       if u.state == S.SLEEPING)
+            return host.simulated_total_mb - host.ram_reserve_mb - held
+        try:
+            return psutil.virtual_memory().available // (1024 * 1024) - host.ram_reserve_mb
+        except (OSError, psutil.Error):
+            return None
 
     def in_use(self) -> frozenset[str]:
         """The services the front door has requests in flight or waiting for."""
@@ -256,7 +281,8 @@ class GpuView:
             foreign = max(0, dev.used_mb - managed - releasing
                           - _pidless_claims(books.active_leases, None))
         return ObservedState(total or 0, running, gpu.reserve_mb, foreign, self.current_phase,
-                             sleeping, unready, in_use=self.in_use())
+                             sleeping, unready, in_use=self.in_use(),
+                             host_free_mb=self.host_free_mb())
 
     def _per_card(self, books: LedgerView, names: Iterable[str]) -> dict[int, DeviceBudget]:
         """Each managed card's budget: its total (NVML's, else the declared one), reserve,
@@ -299,7 +325,7 @@ class GpuView:
             sum(c.reserve_mb for c in cards.values()),
             sum(c.foreign_mb for c in cards.values()), self.current_phase, sleeping, unready,
             devices=cards, placement=placement, strategy=gpu.placement, card_mb=card_mb,
-            in_use=self.in_use())
+            in_use=self.in_use(), host_free_mb=self.host_free_mb())
 
     def planner_inventory(self) -> PlannerInventory:
         """The inventory as the planner must see it now: client leases as unstoppable
@@ -311,11 +337,15 @@ class GpuView:
         live = {n: u.cfg.residual_mb for n, u in list(self.units.items())
                 if n in self.pinv.services and self.pinv.services[n].residual_mb
                 != u.cfg.residual_mb}
-        if not leases and not prewarmed and not live:
+        measured = {n: mb for n, mb in self.host_ram.items()
+                    if n in self.pinv.services and self.pinv.services[n].host_ram_mb != mb}
+        if not leases and not prewarmed and not live and not measured:
             return self.pinv
         services = dict(self.pinv.services)
         for name, residual in live.items():
             services[name] = dataclasses.replace(services[name], residual_mb=residual)
+        for name, mb in measured.items():
+            services[name] = dataclasses.replace(services[name], host_ram_mb=mb)
         for name in prewarmed & set(services):
             services[name] = dataclasses.replace(services[name], priority=PREWARM_PRIORITY,
                                                  preemptible=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from gpu_manager.planner.model import (
     RELEASES,
@@ -136,10 +136,42 @@ def acquire(inv: PlannerInventory, state: ObservedState, name: str, reason: str)
 def finish(
     inv: PlannerInventory, state: ObservedState, request: Request, steps: Sequence[Step]
 ) -> Plan:
+    steps = host_ram(inv, state, steps)
     before = used_mb(inv, state)
     after = before + sum(-s.mb if s.action in RELEASES else s.mb for s in steps)
     return Plan(request, edges(state.budget_mb - before, steps), state.budget_mb, before,
                 after)
+
+
+def host_ram(inv: PlannerInventory, state: ObservedState, steps: Sequence[Step],
+             stop_mb: Callable[[Step], int] | None = None) -> Sequence[Step]:
+    """Sleeps fill the host's RAM: the host's free RAM goes to the sleeps of this plan by
+    priority (highest first: the most important comes back fastest); a sleep it cannot hold
+    becomes a stop, and says why. A stop frees more VRAM than the sleep would have, so the
+    plan still fits the GPU."""
+    left = state.host_free_mb
+    if left is None or not any(s.action == "sleep" for s in steps):
+        return steps
+
+    def need(name: str) -> int:
+        spec = inv.services.get(name)
+        return spec.host_ram_mb if spec is not None else 0
+
+    sleeps = sorted((s.service for s in steps if s.action == "sleep"),
+                    key=lambda n: (-inv.services[n].priority if n in inv.services else 0, n))
+    refused: dict[str, int] = {}
+    for name in sleeps:
+        if need(name) > left:
+            refused[name] = left
+        else:
+            left -= need(name)
+    return [step if step.action != "sleep" or step.service not in refused else
+            dataclasses.replace(
+                step, action="stop", mb=stop_mb(step) if stop_mb is not None
+                else usage_mb(inv, state, step.service),
+                reason=f"{step.reason}; stopped, not asleep: host RAM (its sleep holds "
+                       f"{need(step.service)} MB, {max(0, refused[step.service])} MB free)")
+            for step in steps]
 
 
 def edges(free: int, steps: Sequence[Step]) -> tuple[Step, ...]:

@@ -34,6 +34,7 @@ from gpu_manager.planner.common import (
     candidates,
     choose_victims,
     finish,
+    host_ram,
     insufficient,
     release,
     stop_order,
@@ -58,7 +59,8 @@ from gpu_manager.planner.model import (
     StopService,
 )
 
-__all__ = ["AGAIN", "FOREIGN", "can_sleep", "choose_victims", "plan", "usage_mb", "used_mb"]
+__all__ = ["AGAIN", "FOREIGN", "can_sleep", "choose_victims", "host_ram", "plan", "usage_mb",
+           "used_mb"]
 
 # Why a failed service whose process lingers is stopped before it is started again.
 AGAIN = "failed, and its process is still running: stop it, then start it again"

@@ -24,6 +24,9 @@ class ServiceSpec:
     # (`vram_mb` on each).
     devices: tuple[int, ...] | None = None
     gpus: int = 1
+    # Host RAM its sleep holds (measured, else declared): a sleep the host cannot hold is a
+    # stop (`ObservedState.host_free_mb`).
+    host_ram_mb: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +48,8 @@ class PlannerInventory:
         services = {
             name: ServiceSpec(name, s.vram_mb, s.priority, s.preemptible,
                               residual_mb=s.residual_mb, devices=s.allowed_devices,
-                              gpus=s.gpus)
+                              gpus=s.gpus, host_ram_mb=(s.sleep.host_ram_mb or 0)
+                              if s.sleep is not None else 0)
             for name, s in inv.services.items()
         }
         phases = {
@@ -103,6 +107,9 @@ class ObservedState:
     # Services with requests in flight (or waiting) at the front door: a request's start
     # may swap out an idle service of its own priority, never one of these.
     in_use: frozenset[str] = frozenset()
+    # Host RAM free for what new sleeps hold (available less `host.ram_reserve_mb`); None:
+    # not budgeted (no figure).
+    host_free_mb: int | None = None
 
     @property
     def budget_mb(self) -> int:

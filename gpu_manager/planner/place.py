@@ -212,6 +212,9 @@ def _merge(inv: PlannerInventory, state: ObservedState, req: Request,
         else:
             on = tuple(sorted(cards[k]))
         steps.append(dataclasses.replace(step, devices=on, after=tuple(sorted(after[k]))))
+    # sleeps the host cannot hold are stops (on every card they hold)
+    steps = list(core.host_ram(inv, state, steps, lambda s: sum(
+        usage_mb(inv, states[d], s.service) for d in s.devices if d in states)))
     before = sum(used_mb(inv, s) for s in states.values())
     after_mb = before + sum(-s.mb if s.action in RELEASES else s.mb for s in steps)
     budget = sum(s.budget_mb for s in states.values())
