@@ -16,8 +16,9 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from gpu_manager.api.body import Body
 from gpu_manager.api.docs import answers
-from gpu_manager.api.models import Body, JsonInt, json_int
+from gpu_manager.api.models import JsonInt, json_int
 from gpu_manager.api.status import vram
 from gpu_manager.daemon import Daemon
 from gpu_manager.orchestrator.cards import visible_ids

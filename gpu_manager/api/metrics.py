@@ -121,7 +121,13 @@ class DaemonCollector(Collector):
                                ("wakes", unit.wakes),
                                ("preemptions", orch.preemptions.get(name, 0))):
                 counters[key].add_metric([name], value)
-        yield from (state, measured, declared, prewarmed, *counters.values())
+        cost = _gauge("gpu_manager_service_cost_seconds", "Learned: the median of a "
+                      "service's last measured starts, wakes, sleeps, stops and reclaim waits",
+                      ["service", "kind"])
+        for name, kinds in orch.costs.as_dict().items():
+            for kind, figure in kinds.items():
+                cost.add_metric([name, kind], figure["p50_s"])
+        yield from (state, measured, declared, prewarmed, cost, *counters.values())
         yield GaugeMetricFamily("gpu_manager_leases", "Client leases holding GPU memory",
                                 value=len(d.leases.active))
         yield GaugeMetricFamily("gpu_manager_operations_in_flight",

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BeforeValidator, Field
 
+from gpu_manager.api.body import Body
+from gpu_manager.api.models_more import CostFigure, HostStatus, ServeStatus
 from gpu_manager.units.states import ServiceState
 
 
@@ -30,10 +32,6 @@ def json_int(value: object) -> object:
 
 
 JsonInt = Annotated[int, BeforeValidator(json_int)]
-
-
-class Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
 
 # ---- status ---------------------------------------------------------------------------------
@@ -120,40 +118,9 @@ class ServiceStatus(Body):
     host_ram_mb: int | None = Field(None, description="Host RAM its sleep holds (measured "
                                     "once it slept, else `sleep.host_ram_mb`); null: no sleep")
     host_ram_measured: bool = False
-
-
-class HostStatus(Body):
-    ram_free_mb: int | None = Field(description="Host RAM left for new sleeps (available "
-                                    "less the reserve); null: no figure")
-    ram_reserve_mb: int
-    held_by_sleepers_mb: int = Field(description="Host RAM the sleeping services hold")
-    simulated: bool
-
-
-class IdleStatus(Body):
-    after_s: float
-    below_util_pct: int
-    then: str = Field(description="sleep or stop")
-    idle_for_s: float | None = Field(description="How long it has been idle by measure")
-    util_pct: int | None = Field(description="Its processes' GPU utilisation (%)")
-    util_source: str = Field(description="process (its own pids), device (the card's: the "
-                             "driver gives no per-process figure), none (no figure: never "
-                             "released)")
-    releasing: bool
-
-
-class ServeStatus(Body):
-    url: str
-    models: list[str]
-    max_concurrent: int
-    in_flight: int = Field(description="Requests being forwarded now")
-    waiting: int = Field(description="Requests waiting in its queue")
-    queue_max: int
-    draining: bool = Field(description="A release waits for its requests in flight")
-    last_request_at: float | None = Field(description="Wall time of the last request")
-    request_starts: int = Field(description="Starts and wakes its requests caused")
-    cut: int = Field(description="Requests cut by a release after drain_s")
-    idle: IdleStatus | None
+    costs: dict[str, CostFigure] = Field(default_factory=dict, description="Learned, per kind "
+                                         "(start, wake, sleep, stop, reclaim): the median of "
+                                         "the last 20 measured")
 
 
 class HeldFor(Body):

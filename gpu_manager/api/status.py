@@ -77,6 +77,8 @@ def services(daemon: Daemon) -> dict[str, Any]:
             # what its sleep holds in host RAM (measured once it slept; declared until then)
             "host_ram_mb": orch.host_ram_of(name) if cfg.sleep else None,
             "host_ram_measured": name in orch.host_ram,
+            # learned: the median of its measured starts, wakes, sleeps, stops, reclaim waits
+            "costs": orch.costs.of(name),
             "prewarmed": name in orch.followups.live(),
             "sleeps": unit.sleeps,
             "wakes": unit.wakes,

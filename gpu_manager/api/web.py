@@ -16,8 +16,8 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 
+from gpu_manager.api.body import Body
 from gpu_manager.api.docs import answers
-from gpu_manager.api.models import Body
 from gpu_manager.daemon import Daemon
 from gpu_manager.probe.history import INTERVAL_S, KEEP
 

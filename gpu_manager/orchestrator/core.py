@@ -291,6 +291,7 @@ class Orchestrator(GpuView):
 
     async def aclose(self) -> None:
         await self.followups.settle(2.0)
+        await self.costs.flush()  # what was learned survives the restart
         for read in self._pid_reads.values():  # a read still hung in a driver: not awaited
             read.cancel()
         await self.keeper.close()

@@ -149,12 +149,27 @@ class PlanRun(Releases):
         finally:
             record.duration_s = time.monotonic() - t0
         record.status = "done"
+        self._learn(step.action, step.service, record)
         logger.bind(service=step.service, op=op.id, action=step.action,
                     reason=step.reason, duration_s=record.duration_s,
                     preemption=step.preemption).info(
             f"{step.action} {step.service} done in {record.duration_s:.3f}s "
             f"({step.reason})" + (f"; {record.detail}" if record.detail else ""))
         view.bus.publish(Event("step", step.service, {"op": op.id, **vars(record)}))
+
+    def _learn(self, action: str, name: str, record: StepRecord) -> None:
+        """What the step cost, for the planner's next choice of victims (costs.py): a start
+        or wake without its wait for VRAM; a sleep only when it slept (not a fallback)."""
+        costs, took = self.view.costs, record.duration_s or 0.0
+        waited = record.reclaim_wait_s or 0.0
+        if action in ("start", "wake"):
+            costs.record(name, action, max(0.0, took - waited))
+            if record.reclaim_wait_s is not None:
+                costs.record(name, "reclaim", waited)
+        elif action == "sleep" and name not in self.fell_back:
+            costs.record(name, "sleep", took)
+        elif action == "stop":
+            costs.record(name, "stop", took)
 
     async def start(self, name: str, need_mb: int, deps: list[str] | None = None,
                     devices: tuple[int, ...] = ()) -> tuple[float, str | None]:

@@ -26,6 +26,7 @@ from gpu_manager.aio import retrieve
 from gpu_manager.bounds import Bounds
 from gpu_manager.config import Inventory
 from gpu_manager.orchestrator.cards import held_by_card, held_on, listed_pids, past_residual
+from gpu_manager.orchestrator.costs import Costs
 from gpu_manager.orchestrator.drain import Drainer, no_drain
 from gpu_manager.orchestrator.ledger import ClientLease, Ledger, LedgerView
 from gpu_manager.planner import (
@@ -79,6 +80,8 @@ class GpuView:
         # What each service's sleep holds in host RAM, measured (written by the release
         # steps only); the declared `sleep.host_ram_mb` until then.
         self.host_ram: dict[str, int] = {}
+        # What each release and return has cost (written by the plan runs only).
+        self.costs = Costs(store.path.parent / "costs.json")
         # The front door, once it is up: what a release step drains first (set once).
         self.drainer: Drainer | None = None
         self._pid_reads: dict[tuple[str, int], asyncio.Future[list[int]]] = {}
@@ -339,9 +342,15 @@ class GpuView:
                 != u.cfg.residual_mb}
         measured = {n: mb for n, mb in self.host_ram.items()
                     if n in self.pinv.services and self.pinv.services[n].host_ram_mb != mb}
-        if not leases and not prewarmed and not live and not measured:
+        costs = {n: (self.costs.p50(n, "start"), self.costs.p50(n, "wake"))
+                 for n in self.pinv.services}
+        costs = {n: c for n, c in costs.items() if c != (None, None)}
+        if not leases and not prewarmed and not live and not measured and not costs:
             return self.pinv
         services = dict(self.pinv.services)
+        for name, (start_s, wake_s) in costs.items():
+            services[name] = dataclasses.replace(services[name], start_s=start_s,
+                                                 wake_s=wake_s)
         for name, residual in live.items():
             services[name] = dataclasses.replace(services[name], residual_mb=residual)
         for name, mb in measured.items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from gpu_manager.planner.model import (
     RELEASES,
@@ -50,12 +50,16 @@ def sleep_frees(inv: PlannerInventory, state: ObservedState, name: str) -> int:
     return max(0, usage_mb(inv, state, name) - residual)
 
 
-def choose_victims(candidates: Sequence[tuple[str, int, int]], shortfall: int) -> list[str] | None:
+def choose_victims(candidates: Sequence[tuple[str, int, int]], shortfall: int,
+                   back_in: Mapping[str, float] | None = None) -> list[str] | None:
     """Pick services to stop among (name, mb, priority) so that they free >= shortfall MB.
 
     Returns None when even all candidates are not enough. See the module docstring for the
-    order of preferences; this runs in O(k * n log n) for k victims out of n candidates.
+    order of preferences; `back_in` (learned seconds to bring each back) breaks ties within
+    a priority: the cheapest to bring back goes first, the unmeasured last. This runs in
+    O(k * n log n) for k victims out of n candidates.
     """
+    cost = back_in or {}
     if shortfall <= 0:
         return []
     if sum(mb for _, mb, _ in candidates) < shortfall:
@@ -76,7 +80,7 @@ def choose_victims(candidates: Sequence[tuple[str, int, int]], shortfall: int) -
     # (2) the fewest victims: the largest-first prefix is the minimum count
     k = _min_count(sorted((mb for _, mb, _ in pool), reverse=True), shortfall)
     # (3) fill k slots by preference, keeping the rest of the slots feasible
-    prefer = sorted(pool, key=lambda c: (c[2], c[1], c[0]))
+    prefer = sorted(pool, key=lambda c: (c[2], cost.get(c[0], float("inf")), c[1], c[0]))
     chosen: list[str] = []
     taken: set[str] = set()
     freed = 0

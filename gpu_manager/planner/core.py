@@ -52,6 +52,7 @@ from gpu_manager.planner.model import (
     Refusal,
     Request,
     RequestStart,
+    ServiceSpec,
     SleepService,
     StartService,
     Step,
@@ -120,16 +121,23 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
     if victims is None:
         short = shortfall - sum(mb for _, mb, _ in cands)
         return insufficient(state, req, req.name, start.mb, short, blockers)
-    steps = [release(inv, state, v, _preempted(req.name, inv.services[v].priority,
-                                               spec.priority), preemption=True, sleep=sleep)
+    steps = [release(inv, state, v, _preempted(
+                 req.name, inv.services[v], spec.priority,
+                 sleep and can_sleep(inv, state, v)), preemption=True, sleep=sleep)
              for v in stop_order(inv, state, victims)]
     return finish(inv, state, req, [*again, *steps, start])
 
 
-def _preempted(by: str, theirs: int, ours: int) -> str:
+def _preempted(by: str, victim: ServiceSpec, ours: int, asleep: bool) -> str:
+    """Why a victim goes, and (learned) how long it takes to come back: what made it the
+    victim among its equals."""
+    back = victim.back_in(asleep)
+    how = "wake" if asleep and victim.wake_s else "start"
+    cost = "" if back is None else f"; back in ~{back:.1f}s by {how}"
+    theirs = victim.priority
     if theirs == ours:  # a request's swap: an equal with no request in flight
-        return f"swapped out for {by} (priority {theirs} = {ours}, no request in flight)"
-    return f"preempted by {by} (priority {theirs} < {ours})"
+        return f"swapped out for {by} (priority {theirs} = {ours}, no request in flight{cost})"
+    return f"preempted by {by} (priority {theirs} < {ours}{cost})"
 
 
 def _victims(inv: PlannerInventory, state: ObservedState, names: list[str], below: int | None,
@@ -140,7 +148,9 @@ def _victims(inv: PlannerInventory, state: ObservedState, names: list[str], belo
     blockers of the last try)."""
     for sleep in (True, False):
         cands, blockers = candidates(inv, state, names, below=below, sleep=sleep, swap=swap)
-        victims = choose_victims(cands, shortfall)
+        back_in = {n: t for n, _, _ in cands if (spec := inv.services.get(n)) is not None
+                   and (t := spec.back_in(sleep and can_sleep(inv, state, n))) is not None}
+        victims = choose_victims(cands, shortfall, back_in)
         if victims is not None:
             return victims, sleep, cands, blockers
     return None, False, cands, blockers

@@ -27,6 +27,14 @@ class ServiceSpec:
     # Host RAM its sleep holds (measured, else declared): a sleep the host cannot hold is a
     # stop (`ObservedState.host_free_mb`).
     host_ram_mb: int = 0
+    # Learned: the median of its measured cold starts and wakes (None: not measured yet).
+    # Among victims of equal priority, the cheapest to bring back goes first.
+    start_s: float | None = None
+    wake_s: float | None = None
+
+    def back_in(self, asleep: bool) -> float | None:
+        """What bringing it back is expected to take: its wake if asleep, else its start."""
+        return (self.wake_s if asleep else None) or self.start_s
 
 
 @dataclass(frozen=True, slots=True)
