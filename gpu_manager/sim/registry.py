@@ -10,7 +10,9 @@ Layout of the folder:
 - `gpu.json`: {"total_mb", "release_delay_ms", "device", "devices": {"<index>": total_mb}},
   written by the simulated probe
 - `procs/<pid>.json`: one registration per live (or recently dead) stand-in, with its load
-  (requests in flight, a `/sim/busy` period) that the probe reports as its SM utilisation
+  (requests in flight, a `/sim/busy` period) that the probe reports as its SM utilisation,
+  and its CUDA checkpoint state (gpu_manager/checkpoint/simulated.py): `cuda_state` and, while
+  checkpointed, `host_mb` (the MB parked in host memory; `mb` is then 0)
 - `foreign.json`: {"<device>": MB}: usage injected to model a desktop or an unmanaged job
 - `oom.jsonl`: one line per allocation the simulated GPU refused
 - `lock`: the flock that serialises all of the above
@@ -32,10 +34,17 @@ from typing import Any
 import psutil
 
 DEFAULT_RELEASE_DELAY_MS = 500
+# A registration's CUDA checkpoint states: the driver's CUprocessState names, lower-case.
+RUNNING, LOCKED, CHECKPOINTED = "running", "locked", "checkpointed"
+BLOCKED_POLL_S = 0.02
 
 
 class SimulatedOOM(Exception):
     """The simulated GPU does not have the memory a workload asked for."""
+
+
+class CudaStateError(Exception):
+    """A checkpoint step asked of a process in the wrong state (CUDA_ERROR_ILLEGAL_STATE)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,10 @@ class Registration:
     in_flight_pct: int = 0  # utilisation while any is
     busy_until: float | None = None  # wall-clock end of a `/sim/busy` period
     busy_pct: int = 0  # utilisation during it
+    # Checkpoint state: kept in the file so that a restarted daemon still knows a process
+    # it took off the GPU, and the MB to give back to it.
+    cuda_state: str = RUNNING
+    host_mb: int = 0  # while checkpointed: the MB parked in host memory
 
     @property
     def devices(self) -> tuple[int, ...]:
@@ -197,15 +210,47 @@ class SimRegistry:
 
     def resize(self, pid: int, mb: int) -> Registration:
         """Change live `pid`'s MB: a decrease counts at once, an increase must fit (see above).
+        Waits while `pid` is locked or checkpointed, as the driver blocks its CUDA calls.
 
         Raises SimulatedOOM when an increase does not fit (the registration is left as it
         was), LookupError when `pid` holds no registration.
         """
+        while True:
+            with self._locked():
+                old = self._read_locked(pid)
+                if old.cuda_state == RUNNING:
+                    new = dataclasses.replace(old, mb=mb, resized_at=time.time())
+                    if mb > old.mb:
+                        self._check_fits_locked(new, resize_from_mb=old.mb)
+                    _write_atomic(self.procs / f"{pid}.json", asdict(new))
+                    return new
+            time.sleep(BLOCKED_POLL_S)  # outside the flock: the unlock needs it
+
+    def get(self, pid: int) -> Registration:
+        """`pid`'s registration; LookupError when it has none."""
+        with self._locked():
+            return self._read_locked(pid)
+
+    def cuda_step(self, pid: int, expect: str, to: str) -> Registration:
+        """Move live `pid` from checkpoint state `expect` to `to`, as the driver's calls do:
+        locked -> checkpointed parks its MB in host memory (`host_mb`, `mb` 0), checkpointed
+        -> locked takes them back, on every card it holds, and must fit like an allocation.
+
+        Raises CudaStateError when `pid` is not `expect`, SimulatedOOM when the MB do not fit
+        back (left checkpointed), LookupError when `pid` holds no registration or has died.
+        """
         with self._locked():
             old = self._read_locked(pid)
-            new = dataclasses.replace(old, mb=mb, resized_at=time.time())
-            if mb > old.mb:
-                self._check_fits_locked(new, resize_from_mb=old.mb)
+            if old.dead_since is not None or not process_alive(old.pid, old.create_time):
+                raise LookupError(f"pid {pid} is not running")
+            if old.cuda_state != expect:
+                raise CudaStateError(f"pid {pid} is {old.cuda_state}, not {expect}")
+            new = dataclasses.replace(old, cuda_state=to)
+            if (expect, to) == (LOCKED, CHECKPOINTED):
+                new = dataclasses.replace(new, mb=0, host_mb=old.mb, resized_at=time.time())
+            elif (expect, to) == (CHECKPOINTED, LOCKED):
+                new = dataclasses.replace(new, mb=old.host_mb, host_mb=0, resized_at=time.time())
+                self._check_fits_locked(new, restore_from_host=True)
             _write_atomic(self.procs / f"{pid}.json", asdict(new))
         return new
 
