@@ -29,9 +29,12 @@ from gpu_manager.frontdoor.errors import DoorError
 from gpu_manager.frontdoor.relay import ClientWatch, Relay, Upstream, up_headers
 from gpu_manager.frontdoor.ws import bridge
 
-_MULTIPART_MODEL = re.compile(
-    rb'content-disposition:[^\r\n]*name="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n',
-    re.IGNORECASE)
+# A part's `name="model"` (not `filename=`): searched in one header line, never backtracking
+# over the body (a regex over the whole body took time quadratic in its size).
+_NAME_MODEL = re.compile(rb'(?:^|;)[ \t]*name[ \t]*=[ \t]*(?:"model"|model)[ \t]*(?:;|$)',
+                         re.IGNORECASE)
+_BOUNDARY = re.compile(r'boundary="?([^";]{1,200})"?', re.IGNORECASE)
+MAX_PARTS = 256  # an OpenAI form has a handful of fields: more are not looked at
 
 
 def proxied(path: str) -> bool:
@@ -188,17 +191,43 @@ def model_of(body: bytes, content_type: str) -> str | None:
     """The `model` field of a JSON, multipart or url-encoded body; None if it has none."""
     ctype = content_type.split(";", maxsplit=1)[0].strip().lower()
     if ctype == "multipart/form-data":
-        found = _MULTIPART_MODEL.search(body)
-        return found.group(1).decode("utf-8", "replace").strip() if found else None
+        return _multipart_model(body, content_type)
     if ctype == "application/x-www-form-urlencoded":
         values = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("model")
         return values[0] if values else None
     try:
         data = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than it can read
         raise DoorError(400, "invalid_json", "the request body is not valid JSON") from None
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) else None
+
+
+def _multipart_model(body: bytes, content_type: str) -> str | None:
+    """The `model` field of a multipart body: each `find` goes forward, so the work is linear
+    in the body (and at most MAX_PARTS parts are looked at)."""
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        return None
+    delim = b"--" + found.group(1).strip().encode("latin-1", "replace")
+    pos = body.find(delim)
+    for _ in range(MAX_PARTS):
+        if pos < 0:
+            return None
+        head = body.find(b"\r\n", pos + len(delim))
+        if head < 0:
+            return None
+        end_head = body.find(b"\r\n\r\n", head)
+        if end_head < 0:
+            return None
+        nxt = body.find(b"\r\n" + delim, end_head)
+        for line in body[head + 2:end_head].split(b"\r\n"):
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"content-disposition" and _NAME_MODEL.search(value):
+                raw = body[end_head + 4:nxt if nxt >= 0 else len(body)]
+                return raw.decode("utf-8", "replace").strip()
+        pos = nxt + 2 if nxt >= 0 else -1
+    return None
 
 
 def _too_large(limit: int) -> DoorError:

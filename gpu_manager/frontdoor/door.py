@@ -37,6 +37,7 @@ from gpu_manager.planner import (
     RequestStart,
     StopService,
 )
+from gpu_manager.redact import redact_url
 from gpu_manager.units import Event, ServiceState
 
 if TYPE_CHECKING:
@@ -102,6 +103,13 @@ class FrontDoor:
         for other, busy in list(self._waiting_on.items()):
             if name in busy:
                 self.gate(other).notify()
+
+    def _unwanted(self, name: str) -> None:
+        """No request waits for `name` any more and no start of it runs: its start waits for
+        nobody, and those it waited for admit again now (not when their requests end)."""
+        gate = self.gates.get(name)
+        if (gate is None or not gate.waiting) and name not in self._starts:
+            self._set_waiting(name, None)
 
     def _yielding(self, name: str) -> bool:
         """Whether `name` admits no new request: the start of an equal with requests
@@ -201,6 +209,7 @@ class FrontDoor:
         finally:
             gate.waiting -= 1
             gate.changed_figures()
+            self._unwanted(name)
 
     def _ensure_start(self, name: str) -> None:
         task = self._starts.get(name)
@@ -211,7 +220,6 @@ class FrontDoor:
     async def _start(self, name: str) -> None:
         """One start (or wake) for every request waiting on `name`; its failure is theirs."""
         gate = self.gate(name)
-        waited_on = self._waiting_on.get(name, frozenset())
         try:
             # An equal with requests in flight when it was planned, idle by the time the
             # refusal came back: planned again (a few times), not answered as a refusal.
@@ -221,21 +229,28 @@ class FrontDoor:
                     return  # its entry in _waiting_on stays: tried again when they end
                 if outcome == "done":
                     break
-            self._waiting_on.pop(name, None)
+            self._set_waiting(name, None)
         except asyncio.CancelledError:
-            self._waiting_on.pop(name, None)
+            self._set_waiting(name, None)
             raise
         except Exception as exc:
-            self._waiting_on.pop(name, None)
+            self._set_waiting(name, None)
             self._failed[name] = (time.monotonic(), start_error(name, exc))
             if not isinstance(exc, OperationError | LockHeld | LockLost | LockUnavailable):
                 logger.opt(exception=exc).error(f"front door: starting {name} failed: {exc}")
         finally:
             self._starts.pop(name, None)
             gate.notify()
-            if name not in self._waiting_on:
-                for other in waited_on:
-                    self.gate(other).notify()  # they admit again
+            self._unwanted(name)
+
+    def _set_waiting(self, name: str, busy: frozenset[str] | None) -> None:
+        """What `name`'s start waits for (None: nothing); those no longer waited for admit
+        again now."""
+        before = self._waiting_on.pop(name, frozenset())
+        if busy:
+            self._waiting_on[name] = busy
+        for other in before - (busy or frozenset()):
+            self.gate(other).notify()
 
     async def _try_start(self, name: str, gate: Gate) -> Literal["done", "wait", "again"]:
         """Plan and run one start: done, or blocked by requests in flight (wait for them),
@@ -246,7 +261,8 @@ class FrontDoor:
         # flight waits for them here, not as a refused operation per attempt.
         async with asyncio.timeout(self.daemon.bounds.pids_s + 1.0):
             ahead = await orch.dry_run(request)
-        if isinstance(ahead, Refusal) and _in_flight(b.reason for b in ahead.blockers):
+        if isinstance(ahead, Refusal) and _in_flight(
+                ((b.reason, b.mb) for b in ahead.blockers), ahead.short_mb):
             return self._wait_for_busy(name, (b.name for b in ahead.blockers))
         op, task, joined = orch.submit(request)
         if not joined:
@@ -258,7 +274,8 @@ class FrontDoor:
         except OperationError as exc:
             blockers = exc.extra.get("blockers") or ()
             if exc.code == "insufficient_vram" and _in_flight(
-                    str(b.get("reason")) for b in blockers):
+                    ((str(b.get("reason")), _mb(b.get("mb"))) for b in blockers),
+                    _mb(exc.extra.get("short_mb"))):
                 return self._wait_for_busy(name, (str(b.get("name")) for b in blockers))
             raise
         return "done"
@@ -269,7 +286,7 @@ class FrontDoor:
         idle, its requests waiting within their queue time), or go again if none is."""
         busy = frozenset(blockers) & self.in_use()
         if busy:
-            self._waiting_on[name] = busy
+            self._set_waiting(name, busy)
             return "wait"
         return "again"
 
@@ -290,7 +307,8 @@ class FrontDoor:
                     "util_source": st.source if st else "none",
                     "releasing": bool(st and st.releasing)}
         return {
-            "url": cfg.url, "models": list(cfg.models), "max_concurrent": cfg.max_concurrent,
+            "url": redact_url(cfg.url), "models": list(cfg.models),
+            "max_concurrent": cfg.max_concurrent,
             "in_flight": len(gate.in_flight) if gate else 0,
             "waiting": gate.waiting if gate else 0, "queue_max": cfg.queue.max,
             "draining": bool(gate and gate.holds),
@@ -309,6 +327,13 @@ class FrontDoor:
         cfg = self.serve_of(name)
         return 0.0 if cfg is None else cfg.drain_s
 
+    def _quiet(self, name: str) -> bool:
+        """Still idle when its release runs: no request came and went, nor was it busy by
+        measure, since the idle watch decided (the release may have waited for the lock)."""
+        cfg = self.serve_of(name)
+        quiet = None if self.idle is None else self.idle.idle_for(name, time.monotonic())
+        return cfg is None or cfg.idle is None or quiet is None or quiet >= cfg.idle.after_s
+
     @contextlib.asynccontextmanager
     async def hold_back(self, name: str, request: Request) -> AsyncIterator[list[str]]:
         cfg = self.serve_of(name)
@@ -316,7 +341,7 @@ class FrontDoor:
             yield []
             return
         gate = self.gate(name)
-        if isinstance(request, IdleSleep | IdleStop) and gate.busy:
+        if isinstance(request, IdleSleep | IdleStop) and (gate.busy or not self._quiet(name)):
             raise OperationError("not_idle", f"{name} has requests again; not released")
         gate.holds += 1  # new requests wait from now on
         gate.changed_figures()
@@ -354,6 +379,13 @@ def start_error(name: str, exc: Exception) -> DoorError:
                      "the daemon's log)", retry_after=RETRY_REFUSED_S)
 
 
-def _in_flight(reasons: Iterable[str]) -> bool:
-    """Whether a refusal names a blocker the planner kept for its requests in flight."""
-    return any(r.endswith(IN_FLIGHT) for r in reasons)
+def _in_flight(blockers: Iterable[tuple[str, int]], short_mb: int) -> bool:
+    """Whether a refusal names blockers the planner kept for their requests in flight, and
+    those would make the room it lacks once idle (else waiting for them helps nobody: the
+    refusal is the answer now, and they need not yield)."""
+    mbs = [mb for reason, mb in blockers if reason.endswith(IN_FLIGHT)]
+    return bool(mbs) and sum(mbs) >= short_mb
+
+
+def _mb(value: object) -> int:
+    return value if isinstance(value, int) else 0
