@@ -54,6 +54,7 @@ from gpu_manager.units import (
     Unit,
     make_driver,
 )
+from gpu_manager.units.checkpoint_sleep import CheckpointSleeper, make_checkpointer, on_gpu
 from gpu_manager.units.drivers.native import OWNER_ENV, find_launched, kill_group
 from gpu_manager.units.logrotate import LogRotator, native_logs
 
@@ -84,8 +85,12 @@ class Daemon(GracefulShutdown):
         self.units: dict[str, Unit] = {}
         self.orchestrator: Orchestrator
         self.health = HealthChecker()
-        # One HTTP client for every unit's sleep and wake (and Redis for the pause protocol).
-        self.sleeper = HttpSleeper(redis_url=settings.redis_url)
+        # One HTTP client for every unit's sleep and wake (and Redis for the pause protocol);
+        # `cuda-checkpoint` through the driver, for the service's pids on the GPU.
+        self.sleeper = HttpSleeper(redis_url=settings.redis_url, checkpoint=CheckpointSleeper(
+            make_checkpointer(self._inventory.gpu.backend == "simulated", self.sim_dir),
+            lambda name: on_gpu(self.orchestrator.ledger.view().unit_pids.get(name, ()),
+                                self.poller.latest)))
         self._docker: Any = None  # the DockerEngine, made on first use
         self.probe_error: str | None = None
         self.owner = str(settings.state_dir.resolve())

@@ -184,7 +184,14 @@ class _ServiceBase(_Strict):
     @model_validator(mode="after")
     def _residual(self) -> _ServiceBase:
         sleep = self.sleep
-        if sleep is not None and sleep.residual_mb is None:
+        if sleep is not None and sleep.api == "cuda-checkpoint":
+            # a checkpointed process holds nothing on the GPU (its context goes too) and
+            # all of its device memory in host RAM, until measured
+            object.__setattr__(self, "sleep", sleep.model_copy(update={
+                "residual_mb": 0 if sleep.residual_mb is None else sleep.residual_mb,
+                "host_ram_mb": self.vram_mb if sleep.host_ram_mb is None
+                else sleep.host_ram_mb}))
+        elif sleep is not None and sleep.residual_mb is None:
             object.__setattr__(self, "sleep", sleep.model_copy(
                 update={"residual_mb": min(1024, self.vram_mb // 4)}))
         return self  # a residual over vram_mb: the loader reports it at its line

@@ -89,7 +89,8 @@ class AsleepCheck(_Strict):
     equals: Any = True
 
 
-SleepApi = Literal["vllm", "sglang", "comfyui", "ollama", "tabbyapi", "http", "pause"]
+SleepApi = Literal["vllm", "sglang", "comfyui", "ollama", "tabbyapi", "http", "pause",
+                   "cuda-checkpoint"]
 
 
 class SleepConfig(_Strict):
@@ -139,6 +140,8 @@ class SleepConfig(_Strict):
         if self.api == "pause":
             if self.pause is None:
                 raise ValueError("api 'pause' needs a pause: block (the protocol's settings)")
+        elif self.api == "cuda-checkpoint":
+            pass  # the driver's, through the service's pids: no URL
         elif self.url is None:
             raise ValueError(f"api {self.api!r} needs url (the server's base URL)")
         if self.api == "http" and (self.sleep is None or self.wake is None):

@@ -65,21 +65,37 @@ class HttpSleeper:
     """The real thing: HTTP (and, for the pause protocol, Redis) to the service."""
 
     def __init__(self, client: httpx.AsyncClient | None = None,
-                 redis_url: str | None = None) -> None:
+                 redis_url: str | None = None, checkpoint: Sleeper | None = None) -> None:
         self.client = client or httpx.AsyncClient(trust_env=False, follow_redirects=False)
         self.redis_url = redis_url
+        # `cuda-checkpoint`: through the driver, not HTTP (units/checkpoint_sleep.py)
+        self.checkpoint = checkpoint
 
     async def sleep(self, name: str, cfg: SleepConfig, requester: str,
                     reason: str) -> Outcome:
-        return await self._bounded("sleep", cfg, cfg.timeout_s,
-                                   self._sleep(cfg, requester, reason))
+        call = (self.checkpoint.sleep(name, cfg, requester, reason)
+                if cfg.api == "cuda-checkpoint" and self.checkpoint is not None
+                else self._sleep(cfg, requester, reason))
+        return await self._bounded("sleep", cfg, cfg.timeout_s, call)
 
     async def wake(self, name: str, cfg: SleepConfig, memo: tuple[str, ...]) -> Outcome:
-        return await self._bounded("wake", cfg, cfg.wake_timeout_s, self._wake(cfg, memo))
+        call = (self.checkpoint.wake(name, cfg, memo)
+                if cfg.api == "cuda-checkpoint" and self.checkpoint is not None
+                else self._wake(cfg, memo))
+        return await self._bounded("wake", cfg, cfg.wake_timeout_s, call)
 
     async def asleep(self, name: str, cfg: SleepConfig) -> bool | None:
         """vLLM: `GET /is_sleeping`; Ollama: no model loaded (`GET /api/ps`); `http`: its
-        `asleep` check. The others have no way to say (None): the GPU will."""
+        `asleep` check; `cuda-checkpoint`: the driver's state of its pids. The others have
+        no way to say (None): the GPU will."""
+        if cfg.api == "cuda-checkpoint":
+            if self.checkpoint is None:
+                return None
+            try:
+                async with asyncio.timeout(cfg.timeout_s + GRACE_S):
+                    return await self.checkpoint.asleep(name, cfg)
+            except TimeoutError:
+                return None
         try:
             async with asyncio.timeout(cfg.timeout_s + GRACE_S):
                 match cfg.api:

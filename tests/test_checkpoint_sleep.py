@@ -1,0 +1,69 @@
+"""`sleep: {api: cuda-checkpoint}` on the real daemon: a stand-in with no sleep API of its own is
+checkpointed in place (its VRAM off the simulated GPU, the process alive) and restored at wake
+(the same process, its VRAM back, healthy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpu_manager.sim.registry import SimRegistry
+from tests.support.daemon import DaemonProc
+from tests.support.env import free_port
+
+PLAIN = """
+  plain:
+    type: native
+    vram_mb: 6000
+    priority: 5
+    command: ["{{python}}", "-m", "gpu_manager.sim.workload", "--name", "plain",
+              "--vram-mb", "6000", "--port", "{port}", "--startup-s", "0.3"]
+    health: {{url: "http://127.0.0.1:{port}/health", timeout_s: 2, interval_s: 1}}
+    start_timeout_s: 20
+    stop_timeout_s: 5
+    sleep: {{api: cuda-checkpoint, timeout_s: 10}}
+"""
+
+
+def held(d: DaemonProc, pid: int) -> tuple[int, int] | None:
+    reg = next((r for r in SimRegistry(d.sim_dir).active() if r.pid == pid), None)
+    return None if reg is None else (reg.mb, reg.host_mb)
+
+
+def test_a_service_without_a_sleep_api_is_checkpointed_and_restored(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path, extra_services=PLAIN.format(port=free_port())).start()
+    try:
+        assert d.post("/gpu/service/plain/start").status_code == 200
+        (pid,) = d.status()["services"]["plain"]["pids"]
+        assert held(d, pid) == (6000, 0)
+        svc = d.status()["services"]["plain"]
+        assert (svc["residual_mb"], svc["host_ram_mb"]) == (0, 6000)  # the defaults
+        r = d.post("/gpu/service/comfyui/start")  # needs plain's room
+        assert r.status_code == 200, r.text
+        step = next(s for s in r.json()["plan"]["steps"] if s["service"] == "plain")
+        assert step["action"] == "sleep", step
+        assert "checkpointed 1 process(es) to host memory" in step["detail"], step
+        svc = d.status()["services"]["plain"]
+        assert svc["state"] == "sleeping" and svc["pids"] == [pid]
+        assert held(d, pid) == (0, 6000)  # off the GPU, in host memory, alive
+        assert d.post("/gpu/service/comfyui/stop").status_code == 200
+        r = d.post("/gpu/service/plain/start")  # the wake: a restore
+        assert r.status_code == 200, r.text
+        svc = d.status()["services"]["plain"]
+        assert svc["state"] == "ready" and svc["pids"] == [pid] and svc["wakes"] == 1
+        assert held(d, pid) == (6000, 0)
+    finally:
+        d.close()
+
+
+async def test_without_the_driver_api_the_sleep_fails_with_the_reason() -> None:
+    """The real driver layer on a machine without libcuda: the sleep answers why, and the
+    plan falls back to a stop that says it (the release steps' fallback)."""
+    from gpu_manager.checkpoint.libcuda import LibcudaCheckpointer
+    from gpu_manager.config import SleepConfig
+    from gpu_manager.units.checkpoint_sleep import CheckpointSleeper
+
+    sleeper = CheckpointSleeper(LibcudaCheckpointer("/nonexistent/libcuda.so.1"),
+                                lambda name: [12345])
+    out = await sleeper.sleep("x", SleepConfig(api="cuda-checkpoint"), "test", "test")
+    assert not out.ok and out.detail.startswith("cuda-checkpoint is not possible here: ")
+    assert "libcuda" in out.detail
