@@ -21,8 +21,9 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}$")
 class QueueConfig(_Strict):
     """Requests waiting for the service (a start, a wake, a free slot)."""
 
-    # More waiting than this: 429 with Retry-After.
-    max: int = Field(default=64, ge=0, le=100000)
+    # More waiting than this: 429 with Retry-After (at least 1: a request for a stopped
+    # service waits for its start).
+    max: int = Field(default=64, ge=1, le=100000)
     # Waiting longer than this: 503 with Retry-After (a start that takes longer still
     # goes on; the next request finds it ready).
     timeout_s: float = Field(default=120.0, gt=0, le=3600)

@@ -37,6 +37,10 @@ _BOUNDARY = re.compile(r'boundary="?([^";]{1,200})"?', re.IGNORECASE)
 MAX_PARTS = 256  # an OpenAI form has a handful of fields: more are not looked at
 
 
+# The longest a `/v1` body may take to arrive (it is read whole, for its `model`).
+BODY_READ_S = 120.0
+
+
 def proxied(path: str) -> bool:
     return path.startswith(("/v1/", "/svc/")) or path == "/v1"
 
@@ -63,7 +67,9 @@ class FrontDoorApp:
                 await self._svc(scope, receive, send, path)
         except DoorError as err:
             if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008,
+                # 1013 "try again later" for a refused or late start; 1008 for the rest
+                await send({"type": "websocket.close",
+                            "code": 1013 if err.status in (429, 503) else 1008,
                             "reason": err.message[:120]})
             else:
                 await err.send(send, openai)
@@ -95,7 +101,12 @@ class FrontDoorApp:
             raise DoorError(404, "not_found", f"{method} {path} is not served here: /v1 "
                             "takes GET /v1/models and POSTs that name a `model`")
         headers = Headers(scope=scope)
-        body = await self._read_body(receive, headers)
+        try:  # a client trickling its body holds a coroutine: not for ever
+            async with asyncio.timeout(BODY_READ_S):
+                body = await self._read_body(receive, headers)
+        except TimeoutError:
+            raise DoorError(408, "request_timeout", f"the request body did not arrive within "
+                            f"{BODY_READ_S:g}s") from None
         model = model_of(body, headers.get("content-type", ""))
         if not model:
             raise DoorError(400, "model_required", "the request names no `model`: give one "
@@ -174,10 +185,16 @@ class FrontDoorApp:
             raise
         except asyncio.CancelledError:
             if watch is None or not watch.gone:
+                if watch is not None:
+                    watch.close()
                 raise
             task.uncancel()  # ours: the client left while it waited; nobody to answer
             self.door.stats.answered(name, "gone", None)
             return
+        except BaseException:
+            if watch is not None:
+                watch.close()
+            raise
         qs = scope.get("query_string", b"")
         url = cfg.url + urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~%") + (
             "?" + qs.decode("latin-1") if qs else "")

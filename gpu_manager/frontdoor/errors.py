@@ -10,7 +10,8 @@ from gpu_manager.redact import redact_value
 
 # OpenAI's `type` by status: what its SDKs and clients switch on.
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 413: "invalid_request_error",
+          404: "invalid_request_error", 408: "invalid_request_error",
+          413: "invalid_request_error",
           429: "rate_limit_error", 502: "server_error", 503: "server_error",
           504: "server_error"}
 

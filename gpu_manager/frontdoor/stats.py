@@ -28,7 +28,7 @@ class DoorStats:
             buckets=START_BUCKETS, registry=r)
         self.cold = Histogram(
             "gpu_manager_frontdoor_cold_start_seconds", "The wait of requests that found "
-            "their service stopped or asleep, until it answered them", ["service"],
+            "their service stopped or asleep, until they were forwarded to it", ["service"],
             buckets=START_BUCKETS, registry=r)
         self.starts = Counter(
             "gpu_manager_frontdoor_starts", "Starts and wakes caused by requests",

@@ -23,7 +23,7 @@ class Drainer(Protocol):
         ...
 
     def in_use(self) -> frozenset[str]:
-        """The services with requests in flight or waiting (an equal may not swap them)."""
+        """The services with requests in flight (an equal may not swap them out)."""
         ...
 
     def drain_bound_s(self, name: str) -> float:
