@@ -87,8 +87,10 @@ class Daemon(GracefulShutdown):
         self.health = HealthChecker()
         # One HTTP client for every unit's sleep and wake (and Redis for the pause protocol);
         # `cuda-checkpoint` through the driver, for the service's pids on the GPU.
+        self.sleeper_checkpoint = make_checkpointer(self._inventory.gpu.backend == "simulated",
+                                                    self.sim_dir)
         self.sleeper = HttpSleeper(redis_url=settings.redis_url, checkpoint=CheckpointSleeper(
-            make_checkpointer(self._inventory.gpu.backend == "simulated", self.sim_dir),
+            self.sleeper_checkpoint,
             lambda name: on_gpu(self.orchestrator.ledger.view().unit_pids.get(name, ()),
                                 self.poller.latest)))
         self._docker: Any = None  # the DockerEngine, made on first use
@@ -179,6 +181,9 @@ class Daemon(GracefulShutdown):
         sup.spawn("child-log-rotation", self.logrotate.run)
         sup.spawn("history", self._sample_history)
         await self.refresh_lock_info()
+        if any(c.sleep is not None and c.sleep.api == "cuda-checkpoint"
+               for c in inv.services.values()):  # asked once: the driver does not change
+            self.orchestrator.checkpoint_cap = await self.sleeper_checkpoint.capability()
         self.start_s = time.monotonic() - t0  # the rebuild after a restart: adoption included
         for issue in inv.warnings:
             logger.warning(f"config: {issue}")

@@ -67,3 +67,61 @@ async def test_without_the_driver_api_the_sleep_fails_with_the_reason() -> None:
     out = await sleeper.sleep("x", SleepConfig(api="cuda-checkpoint"), "test", "test")
     assert not out.ok and out.detail.startswith("cuda-checkpoint is not possible here: ")
     assert "libcuda" in out.detail
+
+
+def test_a_service_that_cannot_sleep_here_is_stopped_and_the_plan_says_why() -> None:
+    from gpu_manager.planner import (
+        ObservedState,
+        Plan,
+        PlannerInventory,
+        ServiceSpec,
+        StartService,
+        plan,
+    )
+
+    inv = PlannerInventory({
+        "tts": ServiceSpec("tts", 6000, 5, residual_mb=None,
+                           no_sleep="cuda-checkpoint unavailable: libcuda.so.1 not found"),
+        "big": ServiceSpec("big", 20000, 50)})
+    result = plan(inv, ObservedState(23552, {"tts": 6000}), StartService("big"))
+    assert isinstance(result, Plan)
+    (stop,) = [s for s in result.steps if s.service == "tts"]
+    assert stop.action == "stop"
+    assert stop.reason.endswith("stopped, not asleep: cuda-checkpoint unavailable: "
+                                "libcuda.so.1 not found")
+
+
+TWO_CARDS = """gpu:
+  backend: simulated
+  devices: [{total_mb: 24576}, {total_mb: 24576}]
+services:
+  tp:
+    type: native
+    command: "sleep 100"
+    vram_mb: 8000
+    gpus: 2
+    sleep: {api: cuda-checkpoint}
+  one:
+    type: native
+    command: "sleep 100"
+    vram_mb: 8000
+    sleep: {api: cuda-checkpoint}
+"""
+
+
+def test_check_config_probe_says_what_this_host_can_checkpoint(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "services.yaml").write_text(TWO_CARDS)
+    (tmp_path / "phases.yaml").write_text("phases: {}\n")
+    exe = Path(sys.executable).with_name("gpu-manager")
+    got = subprocess.run([str(exe), "check-config", "--config-dir", str(tmp_path), "--probe"],
+                         capture_output=True, text=True, timeout=60, check=False,
+                         env={"GPU_MANAGER_SIM_DIR": str(tmp_path / "sim"), "PATH": "/usr/bin"})
+    assert got.returncode == 0, got.stderr
+    lines = [line for line in got.stdout.splitlines() if line.startswith("probe: ")]
+    assert lines == [
+        "probe: tp: cuda-checkpoint NOT available: tensor-parallel across 2 cards: "
+        "cuda-checkpoint does not support multi-process NCCL; a release stops it instead",
+        "probe: one: cuda-checkpoint available (simulated)"]

@@ -118,6 +118,9 @@ class ServiceStatus(Body):
     host_ram_mb: int | None = Field(None, description="Host RAM its sleep holds (measured "
                                     "once it slept, else `sleep.host_ram_mb`); null: no sleep")
     host_ram_measured: bool = False
+    sleep_unavailable: str | None = Field(None, description="Why its sleep cannot be used "
+                                          "here (cuda-checkpoint without the driver's API); "
+                                          "a release stops it instead")
     costs: dict[str, CostFigure] = Field(default_factory=dict, description="Learned, per kind "
                                          "(start, wake, sleep, stop, reclaim): the median of "
                                          "the last 20 measured")

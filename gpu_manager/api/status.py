@@ -57,6 +57,7 @@ def services(daemon: Daemon) -> dict[str, Any]:
     books = orch.ledger.view()
     inv = daemon.inventory
     out: dict[str, Any] = {}
+    no_sleep = orch.no_sleep()
     for name, unit in list(daemon.units.items()):
         # A unit no longer in the inventory is one whose removal could not stop it: shown
         # (it still holds VRAM) with its last definition, and `removed: true`.
@@ -73,6 +74,8 @@ def services(daemon: Daemon) -> dict[str, Any]:
             "pids_error": books.pid_errors.get(name),
             # how it sleeps (its `sleep:` api) and what it keeps asleep; None: it cannot
             "sleep": cfg.sleep.api if cfg.sleep else None,
+            # why its sleep cannot be used on this host (the plan stops it instead)
+            "sleep_unavailable": no_sleep.get(name),
             "residual_mb": cfg.residual_mb,
             # what its sleep holds in host RAM (measured once it slept; declared until then)
             "host_ram_mb": orch.host_ram_of(name) if cfg.sleep else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from pathlib import Path
@@ -45,12 +46,37 @@ def _load(config_dir: Path | None) -> Inventory:
 
 
 @app.command("check-config")
-def check_config(config_dir: ConfigDirOpt = None) -> None:
+def check_config(config_dir: ConfigDirOpt = None, probe: Annotated[bool, typer.Option(
+        "--probe", help="Also ask this host's driver what the inventory needs of it "
+        "(cuda-checkpoint: the driver's version and API)")] = False) -> None:
     """Validate services.yaml and phases.yaml; print each problem as file:line: field: message."""
     inv = _load(config_dir)
     for issue in inv.warnings:
         err.print(f"warning: {issue}", markup=False, highlight=False)
     out.print(f"OK: {inv.summary()}", markup=False, highlight=False)
+    if probe:
+        _probe_sleep(inv)
+
+
+def _probe_sleep(inv: Inventory) -> None:
+    """Each `cuda-checkpoint` service: can this host checkpoint it, and if not, why."""
+    from gpu_manager.units.checkpoint_sleep import (  # noqa: PLC0415 - only with --probe
+        make_checkpointer,
+        why_not,
+    )
+
+    names = [n for n, c in inv.services.items()
+             if c.sleep is not None and c.sleep.api == "cuda-checkpoint"]
+    if not names:
+        out.print("probe: no service sleeps by cuda-checkpoint", markup=False)
+        return
+    cap = asyncio.run(make_checkpointer(inv.gpu.backend == "simulated", sim_dir())
+                      .capability())
+    for name in names:
+        why = why_not(inv.services[name], cap)
+        verdict = (f"available ({cap.driver})" if why is None
+                   else f"NOT available: {why}; a release stops it instead")
+        out.print(f"probe: {name}: cuda-checkpoint {verdict}", markup=False, soft_wrap=True)
 
 
 def _parse_running(running: str) -> dict[str, int | None]:

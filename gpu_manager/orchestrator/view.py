@@ -24,6 +24,7 @@ from loguru import logger
 
 from gpu_manager.aio import retrieve
 from gpu_manager.bounds import Bounds
+from gpu_manager.checkpoint import Capability
 from gpu_manager.config import Inventory
 from gpu_manager.orchestrator.cards import held_by_card, held_on, listed_pids, past_residual
 from gpu_manager.orchestrator.costs import Costs
@@ -41,6 +42,7 @@ from gpu_manager.planner import (
 from gpu_manager.probe import DeviceSnapshot, Poller, Snapshot
 from gpu_manager.state_store import StateStore
 from gpu_manager.units import EventBus, ServiceState, Unit
+from gpu_manager.units.checkpoint_sleep import why_not
 
 S = ServiceState
 # Prewarmed services rank below everything: any start may preempt them.
@@ -80,6 +82,9 @@ class GpuView:
         # What each service's sleep holds in host RAM, measured (written by the release
         # steps only); the declared `sleep.host_ram_mb` until then.
         self.host_ram: dict[str, int] = {}
+        # What the driver allows of cuda-checkpoint (None: not asked); written once by the
+        # daemon's start.
+        self.checkpoint_cap: Capability | None = None
         # What each release and return has cost (written by the plan runs only).
         self.costs = Costs(store.path.parent / "costs.json")
         # The front door, once it is up: what a release step drains first (set once).
@@ -127,6 +132,12 @@ class GpuView:
                      request: Request) -> contextlib.AbstractAsyncContextManager[list[str]]:
         """Around a release step of `name`: the front door drains its requests first."""
         return no_drain() if self.drainer is None else self.drainer.hold_back(name, request)
+
+    def no_sleep(self) -> dict[str, str]:
+        """The services whose sleep this host cannot do, and why (the plan stops them and
+        says so; status shows it)."""
+        return {n: why for n, cfg in self.inventory.services.items()
+                if (why := why_not(cfg, self.checkpoint_cap)) is not None}
 
     def host_ram_of(self, name: str) -> int:
         """What `name`'s sleep holds in host RAM: measured, else declared, else 0."""
@@ -345,9 +356,14 @@ class GpuView:
         costs = {n: (self.costs.p50(n, "start"), self.costs.p50(n, "wake"))
                  for n in self.pinv.services}
         costs = {n: c for n, c in costs.items() if c != (None, None)}
-        if not leases and not prewarmed and not live and not measured and not costs:
+        no_sleep = self.no_sleep()
+        if not leases and not prewarmed and not live and not measured and not costs \
+                and not no_sleep:
             return self.pinv
         services = dict(self.pinv.services)
+        for name, why in no_sleep.items():
+            live[name] = None  # cannot sleep here: planned as a stop that says why
+            services[name] = dataclasses.replace(services[name], no_sleep=why)
         for name, (start_s, wake_s) in costs.items():
             services[name] = dataclasses.replace(services[name], start_s=start_s,
                                                  wake_s=wake_s)

@@ -126,6 +126,9 @@ def release(
     """Free `name`'s VRAM: put it to sleep (`sleep` and it can), else stop it."""
     if sleep and can_sleep(inv, state, name):
         return Step("sleep", name, sleep_frees(inv, state, name), reason, preemption)
+    spec = inv.services.get(name)
+    if sleep and spec is not None and spec.no_sleep:
+        reason = f"{reason}; stopped, not asleep: {spec.no_sleep}"
     return Step("stop", name, usage_mb(inv, state, name), reason, preemption)
 
 

@@ -31,6 +31,9 @@ class ServiceSpec:
     # Among victims of equal priority, the cheapest to bring back goes first.
     start_s: float | None = None
     wake_s: float | None = None
+    # Why it cannot sleep here although it has a `sleep:` block (its sleep needs what this
+    # host lacks); the plan's stop says it.
+    no_sleep: str | None = None
 
     def back_in(self, asleep: bool) -> float | None:
         """What bringing it back is expected to take: its wake if asleep, else its start."""

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gpu_manager.checkpoint import Checkpointer, ProcessState, Result
-from gpu_manager.config import SleepConfig
+from gpu_manager.checkpoint import Capability, Checkpointer, ProcessState, Result
+from gpu_manager.config import ServiceConfig, SleepConfig
 from gpu_manager.probe import Snapshot
 from gpu_manager.units.sleeper import Outcome
 
@@ -96,3 +96,16 @@ def on_gpu(pids: Sequence[int], snap: Snapshot) -> list[int]:
     has nothing to checkpoint)."""
     listed = {p.pid for d in snap.devices for p in d.processes or ()}
     return sorted(p for p in pids if p in listed)
+
+
+def why_not(cfg: ServiceConfig, cap: Capability | None) -> str | None:
+    """Why `cfg`'s `cuda-checkpoint` sleep cannot be used here (None: it can, or it has
+    another sleep): the driver, or a known-unsupported shape of the service."""
+    if cfg.sleep is None or cfg.sleep.api != "cuda-checkpoint":
+        return None
+    if cfg.gpus > 1:
+        return (f"tensor-parallel across {cfg.gpus} cards: cuda-checkpoint does not support "
+                "multi-process NCCL")
+    if cap is None:
+        return None  # not checked yet: the sleep itself will say
+    return None if cap.capable else f"cuda-checkpoint unavailable: {cap.reason}"
