@@ -344,6 +344,7 @@ class Daemon(GracefulShutdown):
         while True:
             await asyncio.sleep(PIDS_EVERY_S)
             await self.orchestrator.refresh_pids(prune=not self.orchestrator.busy)
+            self.orchestrator.sample_host()
 
     # -- readiness ----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:

@@ -80,7 +80,7 @@ async def test_the_body_is_reused_while_nothing_it_shows_changes(live: Live) -> 
     assert first == fresh(live.daemon)
     assert cache.body() is first and cache.builds == builds
     assert body.json().keys() == {
-        "vram", "gpus", "placement", "services", "lock", "phase", "leases", "waiting",
+        "vram", "gpus", "placement", "host", "services", "lock", "phase", "leases", "waiting",
         "sleeping", "prewarmed", "operations", "phases"}
 
 

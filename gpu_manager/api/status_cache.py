@@ -14,7 +14,8 @@ Why it cannot go stale. A body is reused only while
     event is published there),
   - the ledger's view (rebuilt after every write: pids, releases, leases),
   - the inventory (a reload swaps it), the lock info and when it was read, the lock keeper's
-    holders and doubt, the prewarmed set, the current phase, the leases' waiting queue;
+    holders and doubt, the prewarmed set, the current phase, the leases' waiting queue,
+    the host RAM sample (taken once a second);
   the markers themselves are kept, not their ids, so a freed object's id reused by a new one
   cannot pass for it;
 - and it is younger than `MAX_AGE_S`: the safety net for what has no marker (a unit's last
@@ -80,4 +81,4 @@ class StatusCache:
         keeper = orch.keeper
         return (self._generation, d.poller.latest, d.bus.last_id, orch.ledger.view(),
                 orch.inventory, d.lock_info, d.lock_checked_at, keeper.holders, keeper.doubt,
-                orch.prewarmed, orch.current_phase, d.leases.waiting)
+                orch.prewarmed, orch.current_phase, d.leases.waiting, orch.host_free_mb())

@@ -85,6 +85,8 @@ class GpuView:
         # What the driver allows of cuda-checkpoint (None: not asked); written once by the
         # daemon's start.
         self.checkpoint_cap: Capability | None = None
+        self._host_available: int | None = None  # MB; written by sample_host only
+        self.sample_host()
         # What each release and return has cost (written by the plan runs only).
         self.costs = Costs(store.path.parent / "costs.json")
         # The front door, once it is up: what a release step drains first (set once).
@@ -156,10 +158,16 @@ class GpuView:
             held = sum(self.host_ram_of(n) for n, u in list(self.units.items())
                        if u.state == S.SLEEPING)
             return host.simulated_total_mb - host.ram_reserve_mb - held
+        return None if self._host_available is None else \
+            self._host_available - host.ram_reserve_mb
+
+    def sample_host(self) -> None:
+        """Read the host's available RAM (/proc/meminfo: fast), once a second by the daemon:
+        plans and the status read the sample, so two reads in a row agree."""
         try:
-            return psutil.virtual_memory().available // (1024 * 1024) - host.ram_reserve_mb
+            self._host_available = psutil.virtual_memory().available // (1024 * 1024)
         except (OSError, psutil.Error):
-            return None
+            self._host_available = None
 
     def in_use(self) -> frozenset[str]:
         """The services the front door has requests in flight or waiting for."""

@@ -27,6 +27,8 @@ Rules
 
 from __future__ import annotations
 
+from collections import Counter
+
 from gpu_manager.planner.common import (
     FOREIGN,
     acquire,
@@ -121,17 +123,20 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
     if victims is None:
         short = shortfall - sum(mb for _, mb, _ in cands)
         return insufficient(state, req, req.name, start.mb, short, blockers)
+    # the learned cost is what chose among equals: said where there were equals to choose from
+    ties = {p for p, k in Counter(c[2] for c in cands).items() if k > 1}
     steps = [release(inv, state, v, _preempted(
                  req.name, inv.services[v], spec.priority,
-                 sleep and can_sleep(inv, state, v)), preemption=True, sleep=sleep)
+                 sleep and can_sleep(inv, state, v), inv.services[v].priority in ties),
+                 preemption=True, sleep=sleep)
              for v in stop_order(inv, state, victims)]
     return finish(inv, state, req, [*again, *steps, start])
 
 
-def _preempted(by: str, victim: ServiceSpec, ours: int, asleep: bool) -> str:
-    """Why a victim goes, and (learned) how long it takes to come back: what made it the
-    victim among its equals."""
-    back = victim.back_in(asleep)
+def _preempted(by: str, victim: ServiceSpec, ours: int, asleep: bool, tied: bool) -> str:
+    """Why a victim goes, and (learned, when it had equals to be chosen from) how long it
+    takes to come back: what made it the victim among them."""
+    back = victim.back_in(asleep) if tied else None
     how = "wake" if asleep and victim.wake_s else "start"
     cost = "" if back is None else f"; back in ~{back:.1f}s by {how}"
     theirs = victim.priority
