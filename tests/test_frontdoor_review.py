@@ -50,7 +50,7 @@ def _door(services: dict[str, tuple[ServiceState, dict[str, Any]]],
           orch: _Orch | None = None) -> FrontDoor:
     inv = SimpleNamespace(services={
         n: SimpleNamespace(serve=ServeConfig.model_validate(
-            {"url": "http://127.0.0.1:9", **serve}), sleep=None)
+            {"url": "http://127.0.0.1:9", **serve}), sleep=None, priority=10)
         for n, (_, serve) in services.items()})
     host = SimpleNamespace(
         inventory=inv, accepting=True, orchestrator=orch or _Orch(),
@@ -165,13 +165,11 @@ async def test_a_start_does_not_wait_for_requests_that_cannot_make_room() -> Non
     long.release()
 
 
-@pytest.mark.xfail(strict=True, reason="known, not fixed: making the swapped-out equal "
-                   "yield from the dry run on live-locks two models taking turns (each start "
-                   "swaps the other out before its waiters got a slot)")
-async def test_an_equal_being_swapped_out_admits_no_new_request_meanwhile() -> None:
-    """a's start swaps out b, idle when planned. Until the swap has run, b admits no new
-    request: one let in meanwhile would be drained by b's release (up to drain_s) and cut,
-    though nothing of equal priority may cut a request in flight."""
+async def test_an_equal_that_took_requests_after_its_swap_was_planned_is_not_cut() -> None:
+    """a's start swaps out b, idle when planned; b let a request in before its release step.
+    The swap gives way (refused `swap_busy`, nothing released, the request not cut); a's
+    start waits for b's request, b admits no new one meanwhile, and a tries again when b's
+    request has ended."""
     swap = Plan(RequestStart("a"), (Step("sleep", "b", 13700, "swapped out", True),
                                     Step("wake", "a", 13700, "requested", after=(0,))),
                 23552, 14000, 14000)
@@ -183,16 +181,26 @@ async def test_an_equal_being_swapped_out_admits_no_new_request_meanwhile() -> N
     a_wait = asyncio.create_task(door.admit("a", a_cfg))
     await asyncio.sleep(0.05)
     assert orch.submitted == ["a"]  # the swap runs
-    b_wait = asyncio.create_task(door.admit("b", b_cfg))
-    await asyncio.sleep(0.05)
-    assert not b_wait.done(), "b let a request in while it is being swapped out"
+    slot = await asyncio.wait_for(door.admit("b", b_cfg), 1.0)  # b is still ready: admitted
+    # the swap's release step of b, as the executor runs it: it gives way
+    with pytest.raises(OperationError) as err:
+        async with door.hold_back("b", RequestStart("a")):
+            pass
+    assert err.value.code == "swap_busy" and slot.cut_reason is None
+    assert door.gate("b").holds == 0
     assert orch.op is not None
-    orch.op.set_result(None)  # the swap has run (here: b stays ready, a too, for the test)
-    door.daemon.units["a"].state = S.READY
-    door.gate("a").notify()
-    (await asyncio.wait_for(a_wait, 1.0)).release()
-    (await asyncio.wait_for(b_wait, 1.0)).release()
-    assert not door._waiting_on
+    orch.op.set_exception(err.value)  # the operation ends refused
+    await asyncio.sleep(0.05)
+    assert door._waiting_on == {"a": frozenset({"b"})} and not a_wait.done()
+    late = asyncio.create_task(door.admit("b", b_cfg))  # b yields to a's turn now
+    await asyncio.sleep(0.05)
+    assert not late.done()
+    orch.op = None  # the next try: (here) refused again, which answers a's waiter
+    slot.release()  # b's request ends: a tries again
+    with pytest.raises(DoorError):
+        await asyncio.wait_for(a_wait, 1.0)
+    assert orch.submitted == ["a", "a"]
+    (await asyncio.wait_for(late, 1.0)).release()  # b admits again once a's turn is over
 
 
 def test_the_status_never_shows_the_upstream_url_credentials() -> None:

@@ -25,11 +25,11 @@ from loguru import logger
 from gpu_manager.config.serve import ServeConfig
 from gpu_manager.frontdoor.errors import DoorError
 from gpu_manager.frontdoor.gate import Gate, Slot
+from gpu_manager.frontdoor.refusals import in_flight, mb_of, start_error
 from gpu_manager.frontdoor.stats import DoorStats
 from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
 from gpu_manager.orchestrator import OperationError
 from gpu_manager.planner import (
-    IN_FLIGHT,
     IdleSleep,
     IdleStop,
     Refusal,
@@ -45,8 +45,7 @@ if TYPE_CHECKING:
     from gpu_manager.frontdoor.idle import IdleWatch
 
 S = ServiceState
-# Retry-After (s): a refused start waits for something else to finish; a full queue drains.
-RETRY_REFUSED_S = 5.0
+# Retry-After (s): a full queue drains.
 RETRY_QUEUE_S = 2.0
 STARTABLE = frozenset({S.STOPPED, S.SLEEPING, S.FAILED})
 
@@ -261,7 +260,7 @@ class FrontDoor:
         # flight waits for them here, not as a refused operation per attempt.
         async with asyncio.timeout(self.daemon.bounds.pids_s + 1.0):
             ahead = await orch.dry_run(request)
-        if isinstance(ahead, Refusal) and _in_flight(
+        if isinstance(ahead, Refusal) and in_flight(
                 ((b.reason, b.mb) for b in ahead.blockers), ahead.short_mb):
             return self._wait_for_busy(name, (b.name for b in ahead.blockers))
         op, task, joined = orch.submit(request)
@@ -272,10 +271,12 @@ class FrontDoor:
         try:
             await asyncio.shield(task)  # our waiters may give up; the start goes on
         except OperationError as exc:
+            if exc.code == "swap_busy":
+                return self._wait_for_busy(name, (str(b) for b in exc.extra.get("busy") or ()))
             blockers = exc.extra.get("blockers") or ()
-            if exc.code == "insufficient_vram" and _in_flight(
-                    ((str(b.get("reason")), _mb(b.get("mb"))) for b in blockers),
-                    _mb(exc.extra.get("short_mb"))):
+            if exc.code == "insufficient_vram" and in_flight(
+                    ((str(b.get("reason")), mb_of(b.get("mb"))) for b in blockers),
+                    mb_of(exc.extra.get("short_mb"))):
                 return self._wait_for_busy(name, (str(b.get("name")) for b in blockers))
             raise
         return "done"
@@ -334,6 +335,15 @@ class FrontDoor:
         quiet = None if self.idle is None else self.idle.idle_for(name, time.monotonic())
         return cfg is None or cfg.idle is None or quiet is None or quiet >= cfg.idle.after_s
 
+    def _swap(self, name: str, request: Request) -> bool:
+        """Whether `request` releases `name` to start an equal in priority (a request's swap:
+        only an idle equal may be swapped out)."""
+        if not isinstance(request, RequestStart):
+            return False
+        svcs = self.daemon.inventory.services
+        mine, theirs = svcs.get(name), svcs.get(request.name)
+        return mine is not None and theirs is not None and mine.priority == theirs.priority
+
     @contextlib.asynccontextmanager
     async def hold_back(self, name: str, request: Request) -> AsyncIterator[list[str]]:
         cfg = self.serve_of(name)
@@ -343,6 +353,13 @@ class FrontDoor:
         gate = self.gate(name)
         if isinstance(request, IdleSleep | IdleStop) and (gate.busy or not self._quiet(name)):
             raise OperationError("not_idle", f"{name} has requests again; not released")
+        if gate.in_flight and self._swap(name, request):
+            # planned while it was idle, it let requests in since: an equal may not cut them.
+            # The swap gives way (nothing of it released yet); the start that asked waits for
+            # them as for any equal busy when planned (_try_start), and this one yields.
+            raise OperationError("swap_busy", f"{name} took requests since it was planned out "
+                                 f"for {getattr(request, 'name', '?')}; the swap waits for them",
+                                 busy=[name])
         gate.holds += 1  # new requests wait from now on
         gate.changed_figures()
         try:
@@ -357,35 +374,3 @@ class FrontDoor:
         finally:
             gate.holds -= 1
             gate.notify()
-
-
-def start_error(name: str, exc: Exception) -> DoorError:
-    """What the requests waiting for a start that did not happen are answered."""
-    if isinstance(exc, OperationError):
-        status = 503 if exc.code in ("insufficient_vram", "needed_by_phase", "lock_held",
-                                     "queue_timeout", "lock_unavailable", "lock_lost",
-                                     "shutting_down", "unmanaged_device") else 502
-        return DoorError(status, exc.code, f"{name} could not be started for this request: "
-                         f"{exc.detail}", retry_after=RETRY_REFUSED_S,
-                         **{k: v for k, v in exc.extra.items()
-                            if k in ("blockers", "short_mb", "plan")})
-    if isinstance(exc, LockHeld):
-        return DoorError(503, "lock_held", f"{name} could not be started: {exc}",
-                         retry_after=RETRY_REFUSED_S, holder=exc.holder)
-    if isinstance(exc, LockUnavailable | LockLost):
-        return DoorError(503, "lock_unavailable", f"{name} could not be started: {exc}",
-                         retry_after=RETRY_REFUSED_S)
-    return DoorError(502, "start_failed", f"{name} could not be started (internal error; see "
-                     "the daemon's log)", retry_after=RETRY_REFUSED_S)
-
-
-def _in_flight(blockers: Iterable[tuple[str, int]], short_mb: int) -> bool:
-    """Whether a refusal names blockers the planner kept for their requests in flight, and
-    those would make the room it lacks once idle (else waiting for them helps nobody: the
-    refusal is the answer now, and they need not yield)."""
-    mbs = [mb for reason, mb in blockers if reason.endswith(IN_FLIGHT)]
-    return bool(mbs) and sum(mbs) >= short_mb
-
-
-def _mb(value: object) -> int:
-    return value if isinstance(value, int) else 0

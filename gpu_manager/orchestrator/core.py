@@ -55,6 +55,7 @@ from gpu_manager.units import Event, EventBus, ServiceState, Unit
 
 S = ServiceState
 REFUSAL_CODES = frozenset({"unknown_service", "unknown_phase", "insufficient_vram", "not_idle",
+                           "swap_busy",
                            "needed_by_phase", "cannot_sleep", "not_running",
                            "unmanaged_device"})
 
