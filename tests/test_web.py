@@ -309,6 +309,10 @@ def test_a_served_service_shows_its_requests(browser: Any, tmp_path: Path) -> No
             wait_for(lambda: "1 started by requests" in cell.inner_text(), 15,
                      "the request-caused start on the page")
             assert "0 in flight" in cell.inner_text()
+            # what its start cost (learned)
+            costs = t.row("llm-a").locator('td[data-label="Costs"]')
+            wait_for(lambda: "start " in costs.inner_text(), 15, "the learned start cost")
+            assert "Host RAM held by sleepers" in t.page.locator("#gpu-body").inner_text()
             assert t.row("vidi").locator('td[data-label="Requests"]').inner_text() == "\u2013"
             assert not t.unexpected(), t.errors
         finally:

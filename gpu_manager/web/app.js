@@ -145,9 +145,14 @@ function renderGpu() {
     return el("div", { class: "card", "data-gpu": g.index },
       el("h3", { class: "card-label" }, label), bar, facts);
   });
+  // the host RAM that sleeping services fill (weights out of VRAM), and what is left
+  const host = page.status.host;
   const probe = el("dl", { class: "facts probe" },
     ...fact("Probe", (v.source ?? "–") + (v.error ? ` (${v.error})` : "")),
-    ...(several && page.status.placement ? fact("Placement", page.status.placement) : []));
+    ...(several && page.status.placement ? fact("Placement", page.status.placement) : []),
+    ...(host ? fact("Host RAM held by sleepers", fmtMB(host.held_by_sleepers_mb)) : []),
+    ...(host && host.ram_free_mb != null
+          ? fact("Host RAM free for sleeps", fmtMB(Math.max(0, host.ram_free_mb))) : []));
   const body = document.getElementById("gpu-body");
   body.classList.toggle("several", several);
   body.replaceChildren(...blocks, probe);
@@ -203,9 +208,23 @@ function renderServices() {
       cell("Requests", "small", requestsCell(s.serve)),
       cell("Health", "small", [s.health, s.last_exit].filter(Boolean).join(" · ")
                               || s.reason || ""),
+      cell("Costs", "small", costsCell(s)),
       cell("Actions", "actions", ...actions)));
   }
   document.querySelector("#services-table tbody").replaceChildren(...rows);
+}
+
+// What a service's releases and returns have cost (learned medians), what its sleep holds
+// in host RAM, and why it cannot sleep here when it cannot.
+function costsCell(s) {
+  const parts = [];
+  for (const [kind, c] of Object.entries(s.costs || {})) {
+    parts.push(`${kind} ${c.p50_s < 10 ? c.p50_s.toFixed(2) : Math.round(c.p50_s)}s`);
+  }
+  if (s.host_ram_mb) parts.push(`asleep: ${fmtMB(s.host_ram_mb)} RAM` +
+                                (s.host_ram_measured ? "" : " (declared)"));
+  if (s.sleep_unavailable) parts.push(`cannot sleep: ${s.sleep_unavailable}`);
+  return parts.join(" · ") || "–";
 }
 
 // The front door's figures for a served service: in flight, waiting, the last request, the
