@@ -58,6 +58,9 @@ def test_examples_inventory_is_valid(repo_root: Path) -> None:
     assert ollama.residual_mb == 300
     assert {n for n, s in inv.services.items() if s.sleep} >= {"comfyui", "ollama", "llm",
                                                                 "training"}
+    llm = inv.services["llm"].serve
+    assert llm is not None and llm.models == ["Qwen/Qwen2.5-7B-Instruct"]
+    assert llm.idle is not None and llm.idle.then == "sleep"
     training = inv.services["training"].sleep
     assert training is not None and training.api == "http" and training.asleep is not None
     assert not inv.warnings
