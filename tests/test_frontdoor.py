@@ -452,3 +452,21 @@ def test_an_upstream_that_dies_mid_answer_is_a_truncation_never_a_clean_end(
         d.close()
         dies.shutdown()
         dies.server_close()
+
+
+def test_a_page_of_another_site_may_not_start_a_service(tmp_path: Path) -> None:
+    """A cross-site GET (an image, a link) reads through a running service, but a stopped
+    one is not started for it: that would preempt others on a visitor's behalf."""
+    port = free_port()
+    d = DaemonProc(tmp_path, extra_services=COMFY.format(port=port)).start()
+    try:
+        foreign = {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"}
+        r = httpx.get(f"{d.url}/svc/comfy/system_stats", headers=foreign, trust_env=False)
+        assert r.status_code == 403 and r.json()["error"] == "cross_origin"
+        assert d.states()["comfy"] == "stopped"
+        own = httpx.get(f"{d.url}/svc/comfy/system_stats", trust_env=False, timeout=30)
+        assert own.status_code == 200  # no Origin (curl, an SDK): started for it
+        r = httpx.get(f"{d.url}/svc/comfy/system_stats", headers=foreign, trust_env=False)
+        assert r.status_code == 200  # running: read through
+    finally:
+        d.close()

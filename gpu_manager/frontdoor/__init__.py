@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from gpu_manager.api.security import Policy
 from gpu_manager.frontdoor.asgi import FrontDoorApp, proxied
 from gpu_manager.frontdoor.door import FrontDoor
 from gpu_manager.frontdoor.idle import IdleWatch
@@ -27,8 +28,9 @@ def install(app: FastAPI, daemon: Host, settings: Settings,
     door.idle = IdleWatch(door)
     registry.register(GateCollector(lambda: {
         n: (len(g.in_flight), g.waiting) for n, g in door.gates.items()}))
+    policy = Policy.from_settings(settings)
     app.add_middleware(FrontDoorApp, door=door, token=settings.token_value(),
-                       max_body=settings.proxy_max_body_bytes)
+                       max_body=settings.proxy_max_body_bytes, foreign=policy.cross_origin)
     return door
 
 

@@ -19,6 +19,7 @@ import json
 import re
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -47,8 +48,11 @@ def proxied(path: str) -> bool:
 
 class FrontDoorApp:
     def __init__(self, app: ASGIApp, door: FrontDoor, token: str | None,
-                 max_body: int) -> None:
+                 max_body: int, foreign: Callable[[Headers, str], str | None] | None = None
+                 ) -> None:
         self.app, self.door, self.token, self.max_body = app, door, token, max_body
+        # why a request comes from another site's page (the API's Origin policy), or None
+        self.foreign = foreign
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -165,11 +169,25 @@ class FrontDoorApp:
                             openai=False)
 
     # -- both ----------------------------------------------------------------------------------
+    def _no_foreign_start(self, scope: Scope, name: str) -> None:
+        """A page of another site may read through a running service (a link, an image: the
+        security middleware already refuses its writes), but never start or wake one: that
+        preempts others and spends the GPU on a visitor's behalf."""
+        unit = self.door.daemon.units.get(name)
+        if self.foreign is None or (unit is not None and unit.state.value == "ready"):
+            return
+        why = self.foreign(Headers(scope=scope), scope.get("scheme", "http"))
+        if why is not None:
+            raise DoorError(403, "cross_origin", f"{name} is {unit.state.value if unit else '?'}"
+                            f" and a request from another site may not start or wake it "
+                            f"({why})")
+
     async def _forward(self, scope: Scope, receive: Receive, send: Send, name: str,
                        path: str, body: bytes | None, openai: bool) -> None:
         cfg = self.door.serve_of(name)
         if cfg is None:
             raise DoorError(404, "unknown_service", f"{name} is not served")
+        self._no_foreign_start(scope, name)
         t0 = time.monotonic()
         task = asyncio.current_task()
         assert task is not None
