@@ -51,6 +51,9 @@ def test_a_service_without_a_sleep_api_is_checkpointed_and_restored(tmp_path: Pa
         svc = d.status()["services"]["plain"]
         assert svc["state"] == "ready" and svc["pids"] == [pid] and svc["wakes"] == 1
         assert held(d, pid) == (6000, 0)
+        costs = svc["costs"]  # learned as what they are
+        assert costs["checkpoint"]["n"] == 1 and costs["restore"]["n"] == 1
+        assert "sleep" not in costs and "wake" not in costs
     finally:
         d.close()
 

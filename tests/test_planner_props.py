@@ -356,3 +356,32 @@ def test_a_start_waits_for_the_stops_that_repay_a_deficit() -> None:
     assert isinstance(result, Plan)
     assert [(s.action, s.service, s.after) for s in result.steps] == [
         ("stop", "x", ()), ("stop", "y", ()), ("start", "b", (0, 1))]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9000), st.integers(0, 3),
+                          st.one_of(st.none(), st.floats(0.01, 300))), max_size=8),
+       st.integers(-100, 40000))
+def test_learned_costs_only_break_ties_among_equals(
+        items: list[tuple[int, int, float | None]], shortfall: int) -> None:
+    """With costs as input the choice stays minimal (the lowest priority ceiling, then the
+    fewest victims); among the candidates of one priority below the ceiling that were passed
+    over, none both frees as much and comes back faster than one that was taken."""
+    cands = [(f"c{i}", mb, prio) for i, (mb, prio, _) in enumerate(items)]
+    back = {f"c{i}": t for i, (_, _, t) in enumerate(items) if t is not None}
+    chosen = choose_victims(cands, shortfall, back)
+    best = oracle_victims(cands, shortfall) if shortfall > 0 else (-1, 0)
+    if chosen is None:
+        assert best is None
+        return
+    assert best is not None
+    picked = [c for c in cands if c[0] in chosen]
+    assert sum(c[1] for c in picked) >= shortfall
+    assert (max((c[2] for c in picked), default=-1), len(picked)) == best
+    inf = float("inf")
+    for name, mb, prio in picked:
+        for other, omb, oprio in cands:
+            if other in chosen or oprio != prio or omb < mb:
+                continue
+            # a passed-over equal that frees at least as much is not cheaper to bring back
+            assert back.get(other, inf) >= back.get(name, inf), (name, other)

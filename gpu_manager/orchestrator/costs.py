@@ -22,7 +22,7 @@ from typing import Any
 
 from loguru import logger
 
-KINDS = ("start", "wake", "sleep", "stop", "reclaim")
+KINDS = ("start", "wake", "sleep", "stop", "reclaim", "checkpoint", "restore")
 KEEP = 20
 SAVE_EVERY_S = 1.0
 
@@ -49,7 +49,8 @@ class Costs:
     def back_in(self, name: str, asleep: bool) -> float | None:
         """What bringing `name` back is expected to take: its wake if it will be asleep,
         else its cold start (None: never measured)."""
-        return (self.p50(name, "wake") if asleep else None) or self.p50(name, "start")
+        return (self.p50(name, "wake") or self.p50(name, "restore") if asleep else None) \
+            or self.p50(name, "start")
 
     def of(self, name: str) -> dict[str, Any]:
         return {kind: {"p50_s": round(statistics.median(v), 3), "n": len(v)}

@@ -162,12 +162,16 @@ class PlanRun(Releases):
         or wake without its wait for VRAM; a sleep only when it slept (not a fallback)."""
         costs, took = self.view.costs, record.duration_s or 0.0
         waited = record.reclaim_wait_s or 0.0
-        if action in ("start", "wake"):
+        unit = self.view.units.get(name)
+        if unit is not None and unit.cfg.sleep is not None \
+                and unit.cfg.sleep.api == "cuda-checkpoint":  # its own kinds: other figures
+            action = {"sleep": "checkpoint", "wake": "restore"}.get(action, action)
+        if action in ("start", "wake", "restore"):
             costs.record(name, action, max(0.0, took - waited))
             if record.reclaim_wait_s is not None:
                 costs.record(name, "reclaim", waited)
-        elif action == "sleep" and name not in self.fell_back:
-            costs.record(name, "sleep", took)
+        elif action in ("sleep", "checkpoint") and name not in self.fell_back:
+            costs.record(name, action, took)
         elif action == "stop":
             costs.record(name, "stop", took)
 
