@@ -128,3 +128,69 @@ def test_check_config_probe_says_what_this_host_can_checkpoint(tmp_path: Path) -
         "probe: tp: cuda-checkpoint NOT available: tensor-parallel across 2 cards: "
         "cuda-checkpoint does not support multi-process NCCL; a release stops it instead",
         "probe: one: cuda-checkpoint available (simulated)"]
+
+
+LADDER = """
+  llm:
+    type: native
+    vram_mb: 6000
+    priority: 5
+    command: ["{{python}}", "-m", "gpu_manager.sim.workload", "--name", "llm",
+              "--vram-mb", "6000", "--port", "{port}", "--startup-s", "0.3", "--api", "vllm",
+              "--sleep-vram-mb", "300"]
+    health: {{url: "http://127.0.0.1:{port}/health", timeout_s: 2, interval_s: 1}}
+    start_timeout_s: 20
+    stop_timeout_s: 5
+    # its API's sleep keeps (as declared) 5000 MB: in comfyui's way; a checkpoint keeps none
+    sleep: {{api: vllm, url: "http://127.0.0.1:{port}", residual_mb: 5000, timeout_s: 5}}
+    release: [sleep, checkpoint, stop]
+"""
+
+
+def test_the_ladder_takes_the_checkpoint_when_the_sleeps_residual_is_in_the_way(
+        tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path, extra_services=LADDER.format(port=free_port())).start()
+    try:
+        assert d.post("/gpu/service/llm/start").status_code == 200
+        (pid,) = d.status()["services"]["llm"]["pids"]
+        r = d.post("/gpu/service/comfyui/start")  # 20000 MB: llm's residual would not fit
+        assert r.status_code == 200, r.text
+        step = next(s for s in r.json()["plan"]["steps"] if s["service"] == "llm")
+        assert step["action"] == "sleep" and step["how"] == "checkpoint", step
+        assert "checkpointed: its sleep's residual does not fit" in step["reason"]
+        assert "checkpointed 1 process(es)" in step["detail"]
+        assert held(d, pid) == (0, 6000)
+        assert d.post("/gpu/service/comfyui/stop").status_code == 200
+        assert d.post("/gpu/service/llm/start").status_code == 200  # woken by a restore
+        svc = d.status()["services"]["llm"]
+        assert svc["state"] == "ready" and svc["pids"] == [pid] and held(d, pid) == (6000, 0)
+        assert svc["costs"]["checkpoint"]["n"] == 1
+    finally:
+        d.close()
+
+
+def test_the_ladder_is_checked_at_its_line(tmp_path: Path, repo_root: Path) -> None:
+    import pytest
+
+    from gpu_manager.config import ConfigError, load_inventory
+
+    base = (repo_root / "services.yaml").read_text()
+    (tmp_path / "phases.yaml").write_text((repo_root / "phases.yaml").read_text())
+    cases = {
+        "release: [stop, sleep]": "release: stop is the last rung",
+        "release: [checkpoint, sleep]": "list checkpoint after sleep",
+        "release: [sleep, sleep]": "release lists a rung more than once",
+    }
+    for line, message in cases.items():
+        (tmp_path / "services.yaml").write_text(base + LADDER.format(port=1).replace(
+            "release: [sleep, checkpoint, stop]", line))
+        with pytest.raises(ConfigError) as err:
+            load_inventory(tmp_path)
+        (issue,) = err.value.issues
+        assert message in str(issue) and "services.llm" in str(issue), issue
+    # `[checkpoint]` alone: its sleep is a cuda-checkpoint; `[stop]`: it never sleeps
+    for line, api in (("release: [checkpoint]", "cuda-checkpoint"), ("release: [stop]", None)):
+        (tmp_path / "services.yaml").write_text(base + LADDER.format(port=1).replace(
+            "release: [sleep, checkpoint, stop]", line))
+        sleep = load_inventory(tmp_path).services["llm"].sleep
+        assert (sleep.api if sleep is not None else None) == api

@@ -253,6 +253,8 @@ class StepRecord(Body):
     detail: str | None
     after: list[int]
     devices: list[int] = Field(description="The cards it acts on (several GPUs; [] on one)")
+    how: str = Field("", description="A sleep by its `release:` ladder's cuda-checkpoint: "
+                     "\"checkpoint\"; else \"\"")
 
 
 class Operation(Body):

@@ -175,11 +175,49 @@ class _ServiceBase(_Strict):
     gpus: int = Field(default=1, ge=1, le=16)
     # Reached through the daemon's front door (`/v1`, `/svc/<name>`): see config/serve.py.
     serve: ServeConfig | None = None
+    # How a release frees its VRAM, first rung that fits: its `sleep:` API, then a
+    # cuda-checkpoint (residual 0, all of its VRAM in host RAM), then a stop. Default: its
+    # sleep if it has one, then stop. `[checkpoint]` alone: sleep by cuda-checkpoint;
+    # `[stop]`: never sleep.
+    release: list[Literal["sleep", "checkpoint", "stop"]] | None = Field(
+        default=None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod
     def _legacy(cls, data: Any) -> Any:
         return legacy_sleep(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _ladder(self) -> _ServiceBase:
+        rungs = self.release
+        if rungs is None:
+            return self
+        if len(set(rungs)) != len(rungs):
+            raise ValueError("release lists a rung more than once")
+        if "stop" in rungs and rungs[-1] != "stop":
+            raise ValueError("release: stop is the last rung")
+        if "sleep" in rungs and self.sleep is None:
+            raise ValueError("release lists sleep but the service has no sleep: block")
+        if "sleep" in rungs and "checkpoint" in rungs:
+            if rungs.index("checkpoint") < rungs.index("sleep"):
+                raise ValueError("release: list checkpoint after sleep (a checkpoint frees "
+                                 "all of its VRAM, a sleep all but its residual)")
+            if self.sleep is not None and self.sleep.api == "cuda-checkpoint":
+                raise ValueError("release lists checkpoint, but its sleep is a checkpoint "
+                                 "already")
+        if "sleep" not in rungs and "checkpoint" not in rungs:
+            object.__setattr__(self, "sleep", None)  # `[stop]`: never asleep
+        elif "sleep" not in rungs:  # `[checkpoint]`: its sleep is a cuda-checkpoint
+            base = {k: getattr(self.sleep, k) for k in ("timeout_s", "wake_timeout_s")} \
+                if self.sleep is not None else {}
+            object.__setattr__(self, "sleep", SleepConfig(api="cuda-checkpoint", **base))
+        return self
+
+    @property
+    def checkpoint_fallback(self) -> bool:
+        """A cuda-checkpoint after its API sleep (`release: [sleep, checkpoint, ...]`)."""
+        return self.release is not None and "sleep" in self.release \
+            and "checkpoint" in self.release
 
     @model_validator(mode="after")
     def _residual(self) -> _ServiceBase:

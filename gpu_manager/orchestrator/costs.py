@@ -4,8 +4,8 @@ across restarts in `<state dir>/costs.json`.
 
 The planner takes them as an input (it stays pure): among victims of equal priority it
 preempts the set cheapest to bring back (a sleeper's wake, else its cold start). Written only
-by the plan runs (`PlanRun._step`); the file is written off the event loop, at most once a
-second, and a damaged file is set aside, never trusted.
+by the plan runs (`PlanRun._step`); the file is written off the event loop, one write at a
+time, and a damaged file is set aside, never trusted.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from loguru import logger
 
 KINDS = ("start", "wake", "sleep", "stop", "reclaim", "checkpoint", "restore")
 KEEP = 20
-SAVE_EVERY_S = 1.0
 
 
 class Costs:
@@ -33,6 +32,7 @@ class Costs:
         self.keep = keep
         self._samples: dict[str, dict[str, deque[float]]] = {}
         self._saving: asyncio.Task[None] | None = None
+        self._dirty = False
         self._load()
 
     def record(self, name: str, kind: str, seconds: float) -> None:
@@ -80,17 +80,21 @@ class Costs:
                 os.replace(self.path, aside)
 
     def _schedule_save(self) -> None:
+        """One write in flight at a time; what is recorded meanwhile is written after it
+        (no timer: nothing of it outlives the loop but a write under way)."""
+        self._dirty = True
         if self.path is None or (self._saving is not None and not self._saving.done()):
             return
         try:
-            self._saving = asyncio.get_running_loop().create_task(self._save_soon(),
+            self._saving = asyncio.get_running_loop().create_task(self._save_loop(),
                                                                   name="costs-save")
         except RuntimeError:  # no loop (a planner test): nothing to persist
             self._saving = None
 
-    async def _save_soon(self) -> None:
-        await asyncio.sleep(SAVE_EVERY_S)
-        await self.flush()
+    async def _save_loop(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            await self.flush()
 
     async def flush(self) -> None:
         """Write the file now (bounded; a failure is logged: the figures are only lost)."""

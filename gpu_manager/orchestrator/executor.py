@@ -137,7 +137,8 @@ class PlanRun(Releases):
                     else:
                         detail = await self.sleep(step.service, step.reason, step.preemption,
                                                   view.owner(op.request),
-                                                  isinstance(op.request, SleepService))
+                                                  isinstance(op.request, SleepService),
+                                                  deep=step.how == "checkpoint")
                 record.detail = "; ".join([*notes, *([detail] if detail else [])]) or None
             else:
                 record.reclaim_wait_s, record.detail = await self.start(
@@ -149,7 +150,8 @@ class PlanRun(Releases):
         finally:
             record.duration_s = time.monotonic() - t0
         record.status = "done"
-        self._learn(step.action, step.service, record)
+        self._learn("checkpoint" if step.how == "checkpoint" else step.action, step.service,
+                    record)
         logger.bind(service=step.service, op=op.id, action=step.action,
                     reason=step.reason, duration_s=record.duration_s,
                     preemption=step.preemption).info(

@@ -60,6 +60,7 @@ class StepRecord:
     # The steps (indices) this one waited for; pending, running, done, failed or skipped.
     after: list[int] = field(default_factory=list)
     devices: list[int] = field(default_factory=list)  # the cards it acts on (several GPUs)
+    how: str = ""  # a sleep by its ladder's checkpoint: "checkpoint"
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Operation:
         self.used_before_mb = plan.used_before_mb
         self.used_after_mb = plan.used_after_mb
         self.steps = [StepRecord(s.action, s.service, s.mb, s.reason, s.preemption,
-                                 after=list(s.after), devices=list(s.devices))
+                                 after=list(s.after), devices=list(s.devices), how=s.how)
                       for s in plan.steps]
 
     def finish(self, status: OpStatus, error: dict[str, Any] | None = None) -> None:

@@ -56,7 +56,7 @@ class Releases:
         return await self.stop(name, reason, preemption, [f"{why}; stopped instead"])
 
     async def sleep(self, name: str, reason: str, preemption: bool, requester: str,
-                    explicit: bool = False) -> str | None:
+                    explicit: bool = False, deep: bool = False) -> str | None:
         """Put `name` to sleep and see its VRAM come off the GPU; if it refuses, or answers
         but keeps its memory past its timeout, stop it instead, and say so. `explicit` (a
         sleep asked for by name): a service that is not serving is refused, not stopped."""
@@ -74,15 +74,22 @@ class Releases:
         cards = view.cards_of(name)
         before = max(unit.cfg.vram_mb * len(cards), view.measured(name) or 0)
         rss_before = await host_rss_mb(pids)
-        result = await unit.sleep(reason, requester)
+        result = await unit.sleep(reason, requester, deep)
+        ladder = ""
+        if not result.ok and not deep and unit.cfg.checkpoint_fallback:
+            # its ladder's next rung before a stop: a checkpoint needs nothing of its API
+            ladder = f"its sleep failed ({result.reason}); "
+            deep = True
+            result = await unit.sleep(reason, requester, deep)
         if not result.ok:
             return await self._instead(name, reason, preemption,
-                                       f"sleep failed ({result.reason})")
+                                       f"{ladder}sleep failed ({result.reason})")
         if preemption:
             view.count_preemption(name)
         acked = time.monotonic()
+        residual = 0 if deep else sleep.residual_mb  # a checkpoint keeps nothing
         view.ledger.released(name, Releasing(
-            pids, max(0, before - sleep.residual_mb * len(cards)), acked, must_exit=False,
+            pids, max(0, before - residual * len(cards)), acked, must_exit=False,
             pids_known=pid_error is None, devices=cards))
         held = (None if pid_error is not None or not pids else
                 await self._confirm_sleep(name, sleep.timeout_s, acked))
@@ -95,7 +102,7 @@ class Releases:
                 f"{total} MB after {sleep.timeout_s:g}s (residual_mb {sleep.residual_mb} "
                 f"per card on {len(cards)} card{'s' if len(cards) > 1 else ''})")
         view.ledger.settle_soft([name])
-        note = f"{result.reason}; {total} MB left on the GPU"
+        note = f"{ladder}{result.reason}; {total} MB left on the GPU"
         rss_after = await host_rss_mb(pids)
         if rss_before is not None and rss_after is not None and \
                 view.inventory.host.simulated_total_mb is None:

@@ -44,9 +44,11 @@ def can_sleep(inv: PlannerInventory, state: ObservedState, name: str) -> bool:
             and name not in state.unready)
 
 
-def sleep_frees(inv: PlannerInventory, state: ObservedState, name: str) -> int:
-    """What a sleep frees, counted against the declared residual (the most it may keep)."""
-    residual = inv.services[name].residual_mb or 0
+def sleep_frees(inv: PlannerInventory, state: ObservedState, name: str,
+                deep: bool = False) -> int:
+    """What a sleep frees, counted against the declared residual (the most it may keep); a
+    deep sleep (its ladder's checkpoint) frees all of it."""
+    residual = 0 if deep and inv.services[name].deep else inv.services[name].residual_mb or 0
     return max(0, usage_mb(inv, state, name) - residual)
 
 
@@ -121,10 +123,15 @@ def stop_order(inv: PlannerInventory, state: ObservedState, names: Iterable[str]
 
 def release(
     inv: PlannerInventory, state: ObservedState, name: str, reason: str, preemption: bool = False,
-    sleep: bool = False,
+    sleep: bool = False, deep: bool = False,
 ) -> Step:
-    """Free `name`'s VRAM: put it to sleep (`sleep` and it can), else stop it."""
+    """Free `name`'s VRAM: put it to sleep (`sleep` and it can; `deep`: by its ladder's
+    checkpoint where it has one), else stop it."""
     if sleep and can_sleep(inv, state, name):
+        if deep and inv.services[name].deep:
+            return Step("sleep", name, sleep_frees(inv, state, name, True),
+                        f"{reason}; checkpointed: its sleep's residual does not fit",
+                        preemption, how="checkpoint")
         return Step("sleep", name, sleep_frees(inv, state, name), reason, preemption)
     spec = inv.services.get(name)
     if sleep and spec is not None and spec.no_sleep:
@@ -160,9 +167,13 @@ def host_ram(inv: PlannerInventory, state: ObservedState, steps: Sequence[Step],
     if left is None or not any(s.action == "sleep" for s in steps):
         return steps
 
+    deep = {s.service for s in steps if s.how == "checkpoint"}
+
     def need(name: str) -> int:
         spec = inv.services.get(name)
-        return spec.host_ram_mb if spec is not None else 0
+        if spec is None:
+            return 0
+        return spec.vram_mb if name in deep else spec.host_ram_mb  # a checkpoint parks all
 
     sleeps = sorted((s.service for s in steps if s.action == "sleep"),
                     key=lambda n: (-inv.services[n].priority if n in inv.services else 0, n))
@@ -174,7 +185,7 @@ def host_ram(inv: PlannerInventory, state: ObservedState, steps: Sequence[Step],
             left -= need(name)
     return [step if step.action != "sleep" or step.service not in refused else
             dataclasses.replace(
-                step, action="stop", mb=stop_mb(step) if stop_mb is not None
+                step, action="stop", how="", mb=stop_mb(step) if stop_mb is not None
                 else usage_mb(inv, state, step.service),
                 reason=f"{step.reason}; stopped, not asleep: host RAM (its sleep holds "
                        f"{need(step.service)} MB, {max(0, refused[step.service])} MB free)")
@@ -240,7 +251,7 @@ def unknown_service(inv: PlannerInventory, request: Request, name: str) -> Refus
 
 def candidates(
     inv: PlannerInventory, state: ObservedState, names: Iterable[str], below: int | None,
-    sleep: bool = False, swap: bool = False,
+    sleep: bool = False, swap: bool = False, deep: bool = False,
 ) -> tuple[list[tuple[str, int, int]], list[Blocker]]:
     """Split running (or sleeping) services into preemption candidates, with the MB each
     frees (`sleep`: by sleeping where it can), and blockers (with why). `swap` (a start a
@@ -249,7 +260,7 @@ def candidates(
     cands: list[tuple[str, int, int]] = []
     blockers: list[Blocker] = []
     for n in names:
-        mb = (sleep_frees(inv, state, n) if sleep and can_sleep(inv, state, n)
+        mb = (sleep_frees(inv, state, n, deep) if sleep and can_sleep(inv, state, n)
               else usage_mb(inv, state, n))
         spec = inv.services.get(n)
         if spec is None:

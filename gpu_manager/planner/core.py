@@ -118,8 +118,8 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
     shortfall = start.mb - (state.budget_mb - used_mb(inv, state) + freed)
     others = [n for n in (*state.running, *state.sleeping) if n != req.name]
     swap = isinstance(req, RequestStart)
-    victims, sleep, cands, blockers = _victims(inv, state, others, spec.priority, shortfall,
-                                               swap)
+    victims, sleep, deep, cands, blockers = _victims(inv, state, others, spec.priority,
+                                                     shortfall, swap)
     if victims is None:
         short = shortfall - sum(mb for _, mb, _ in cands)
         return insufficient(state, req, req.name, start.mb, short, blockers)
@@ -128,7 +128,7 @@ def _plan_start(inv: PlannerInventory, state: ObservedState, req: StartService) 
     steps = [release(inv, state, v, _preempted(
                  req.name, inv.services[v], spec.priority,
                  sleep and can_sleep(inv, state, v), inv.services[v].priority in ties),
-                 preemption=True, sleep=sleep)
+                 preemption=True, sleep=sleep, deep=deep)
              for v in stop_order(inv, state, victims)]
     return finish(inv, state, req, [*again, *steps, start])
 
@@ -147,18 +147,23 @@ def _preempted(by: str, victim: ServiceSpec, ours: int, asleep: bool, tied: bool
 
 def _victims(inv: PlannerInventory, state: ObservedState, names: list[str], below: int | None,
              shortfall: int, swap: bool = False) -> tuple[
-                 list[str] | None, bool, list[tuple[str, int, int]], list[Blocker]]:
+                 list[str] | None, bool, bool, list[tuple[str, int, int]], list[Blocker]]:
     """Victims for `shortfall`: first by sleeping what can sleep, and if what the sleepers
     keep is too much, by stopping. (victims or None, whether they sleep, the candidates and
     blockers of the last try)."""
-    for sleep in (True, False):
-        cands, blockers = candidates(inv, state, names, below=below, sleep=sleep, swap=swap)
+    # the ladder, rung by rung: every victim by its sleep, then those that have one by
+    # their checkpoint (residual 0), then every victim stopped
+    for sleep, deep in ((True, False), (True, True), (False, False)):
+        if deep and not any(inv.services[n].deep for n in names if n in inv.services):
+            continue
+        cands, blockers = candidates(inv, state, names, below=below, sleep=sleep, swap=swap,
+                                     deep=deep)
         back_in = {n: t for n, _, _ in cands if (spec := inv.services.get(n)) is not None
                    and (t := spec.back_in(sleep and can_sleep(inv, state, n))) is not None}
         victims = choose_victims(cands, shortfall, back_in)
         if victims is not None:
-            return victims, sleep, cands, blockers
-    return None, False, cands, blockers
+            return victims, sleep, deep, cands, blockers
+    return None, False, False, cands, blockers
 
 
 def _plan_stop(inv: PlannerInventory, state: ObservedState, req: StopService) -> Plan | Refusal:
@@ -226,7 +231,7 @@ def _plan_phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) 
         steps, shortfall, stopped = _wake_less(inv, state, steps, wanted, keep, shortfall)
     touched = {s.service for s in steps}
     kept = [n for n in (*managed, *state.sleeping) if n in keep and n not in touched]
-    victims, sleep, cands, blockers = _victims(inv, state, kept, None, shortfall)
+    victims, sleep, deep, cands, blockers = _victims(inv, state, kept, None, shortfall)
     if victims is None:
         short = shortfall - sum(mb for _, mb, _ in cands)
         blockers += [Blocker(n, usage_mb(inv, state, n), f"needed by {label}")
@@ -239,7 +244,7 @@ def _plan_phase(inv: PlannerInventory, state: ObservedState, req: PreparePhase) 
         what = f"{label}: " + ", ".join(s.service for s in acquires) if acquires else label
         return insufficient(state, req, what, need, short, blockers)
     steps += [release(inv, state, v, f"kept by {label} but does not fit beside it",
-                      preemption=True, sleep=sleep)
+                      preemption=True, sleep=sleep, deep=deep)
               for v in stop_order(inv, state, victims)]
     if victims and stopped:  # what the kept ones free may leave room for residuals after all
         steps = _sleep_again(inv, state, slept, stopped, steps, need)

@@ -34,6 +34,9 @@ class ServiceSpec:
     # Why it cannot sleep here although it has a `sleep:` block (its sleep needs what this
     # host lacks); the plan's stop says it.
     no_sleep: str | None = None
+    # A cuda-checkpoint after its API sleep (`release: [sleep, checkpoint]`): residual 0,
+    # all of its VRAM in host RAM; the rung taken when its sleep's residual is in the way.
+    deep: bool = False
 
     def back_in(self, asleep: bool) -> float | None:
         """What bringing it back is expected to take: its wake if asleep, else its start."""
@@ -60,7 +63,7 @@ class PlannerInventory:
             name: ServiceSpec(name, s.vram_mb, s.priority, s.preemptible,
                               residual_mb=s.residual_mb, devices=s.allowed_devices,
                               gpus=s.gpus, host_ram_mb=(s.sleep.host_ram_mb or 0)
-                              if s.sleep is not None else 0)
+                              if s.sleep is not None else 0, deep=s.checkpoint_fallback)
             for name, s in inv.services.items()
         }
         phases = {
@@ -207,6 +210,8 @@ class Step:
     after: tuple[int, ...] = ()
     # The cards it acts on (several GPUs only): where a start is placed, what a stop frees.
     devices: tuple[int, ...] = ()
+    # A sleep by its ladder's second rung, a cuda-checkpoint ("checkpoint"); "": its sleep.
+    how: str = ""
 
     def __str__(self) -> str:
         verb = "frees" if self.action in RELEASES else "needs"

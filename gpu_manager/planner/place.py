@@ -206,8 +206,9 @@ def _merge(inv: PlannerInventory, state: ObservedState, req: Request,
         step = merged[k]
         if step.action in RELEASES:
             on = tuple(sorted(set(where(state, step.service)) | cards[k]))
-            frees = sleep_frees if step.action == "sleep" else usage_mb
-            mb = sum(frees(inv, states[d], step.service) for d in on if d in states)
+            deep = step.how == "checkpoint"
+            mb = sum(sleep_frees(inv, states[d], step.service, deep) if step.action == "sleep"
+                     else usage_mb(inv, states[d], step.service) for d in on if d in states)
             step = dataclasses.replace(step, mb=mb)
         else:
             on = tuple(sorted(cards[k]))

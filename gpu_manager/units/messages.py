@@ -39,6 +39,7 @@ class Stop(Ask):
 class Sleep(Ask):
     reason: str
     requester: str
+    deep: bool = False  # by its ladder's cuda-checkpoint, not its sleep API
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,8 @@ class UnitOwner:
         self._next: tuple[ServiceConfig, Driver] | None = None  # reconfigure while running
         self.sleeper: Sleeper = sleeper or HttpSleeper()
         self._sleep_memo: tuple[str, ...] = ()  # what the wake needs of the sleep
+        # asleep by its ladder's cuda-checkpoint (the wake restores), not its sleep API
+        self._deep = False
         # A sleep or wake under way, in the record before its call: "sleep" or "wake".
         self._intent: str | None = None
         self._flush = flush
@@ -154,11 +156,12 @@ class UnitOwner:
         return await self._ask(max(self.start_bound_s, self.wake_bound_s),
                                EnsureReady)
 
-    async def sleep(self, reason: str, requester: str = "gpu-manager") -> UnitResult:
-        """Ask the service to let its VRAM go (the `sleep:` block). ok: it said it did; the
-        GPU's evidence is the caller's to check."""
+    async def sleep(self, reason: str, requester: str = "gpu-manager",
+                    deep: bool = False) -> UnitResult:
+        """Ask the service to let its VRAM go (the `sleep:` block; `deep`: its ladder's
+        cuda-checkpoint). ok: it said it did; the GPU's evidence is the caller's to check."""
         return await self._ask(self.sleep_bound_s + self.bounds.lock_io_s,
-                               lambda f: Sleep(f, reason, requester))
+                               lambda f: Sleep(f, reason, requester, deep))
 
     async def woke(self, detail: str) -> UnitResult:
         """It holds its VRAM again on its own (a request reloaded the model)."""
@@ -315,11 +318,13 @@ class UnitOwner:
         record = self.driver.record() if self.state in RUNNING else None
         if record is not None and self.state == S.SLEEPING:
             # so a restarted daemon adopts it as asleep, and knows what to wake
-            record = {**record, "asleep": True, "memo": list(self._sleep_memo)}
+            record = {**record, "asleep": True, "memo": list(self._sleep_memo),
+                      **({"deep": True} if self._deep else {})}
         if record is not None and self._intent is not None:
             # a sleep or wake under way: a daemon that dies during its call asks the service
             # how it is (and the GPU what it holds) instead of trusting the state before it
-            record = {**record, "intent": self._intent, "memo": list(self._sleep_memo)}
+            record = {**record, "intent": self._intent, "memo": list(self._sleep_memo),
+                      **({"deep": True} if self._deep else {})}
         if record is not None and self.devices:
             record = {**record, "devices": list(self.devices), "visible": list(self.visible)}
         self._on_record(self.name, record)

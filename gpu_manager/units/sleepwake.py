@@ -40,8 +40,18 @@ class SleepWake(Watchers):
         gen = self._gen
         self._spawn("start", lambda: self._wake_sequence(gen), gen)
 
-    async def _wake_sequence(self, gen: int) -> None:
+    def _sleep_cfg(self, deep: bool) -> SleepConfig | None:
+        """How it sleeps: its `sleep:` block, or (`deep`) its ladder's cuda-checkpoint, with
+        the same bounds."""
         sleep = self.cfg.sleep
+        if not deep or sleep is None:
+            return sleep
+        return SleepConfig(api="cuda-checkpoint", timeout_s=sleep.timeout_s,
+                           wake_timeout_s=sleep.wake_timeout_s, residual_mb=0,
+                           host_ram_mb=self.cfg.vram_mb)
+
+    async def _wake_sequence(self, gen: int) -> None:
+        sleep = self._sleep_cfg(self._deep)  # woken the way it was put to sleep
         assert sleep is not None
         bound = sleep.wake_timeout_s + self.start_sequence_bound_s + self.bounds.lock_io_s
         try:
@@ -71,9 +81,9 @@ class SleepWake(Watchers):
         self._finish_waiters(False, f"wake failed: {detail}")
 
     async def _on_sleep(self, fut: asyncio.Future[UnitResult], reason: str,
-                        requester: str) -> None:
+                        requester: str, deep: bool = False) -> None:
         t0 = time.monotonic()
-        sleep = self.cfg.sleep
+        sleep = self._sleep_cfg(deep)
         if self.state == S.SLEEPING:
             answer(fut, UnitResult(True, self.state, "already asleep", 0.0))
             return
@@ -82,6 +92,7 @@ class SleepWake(Watchers):
             answer(fut, UnitResult(False, self.state, f"cannot sleep: {why}", 0.0))
             return
         self._cancel("health")  # a sleeping server may well fail its check: not a fault
+        self._deep = deep
         await self._announce("sleep")
         outcome = await self._sleep_call(sleep, requester, reason)
         took = time.monotonic() - t0
@@ -115,8 +126,9 @@ class SleepWake(Watchers):
 
     async def _asleep_now(self) -> bool | None:
         """The service's own word on whether it sleeps (None: it has no way to say, or did
-        not answer): asked at adoption when the record says a sleep or wake was under way."""
-        sleep = self.cfg.sleep
+        not answer): asked at adoption when the record says a sleep or wake was under way
+        (a checkpointed one is asked of the driver: its own API may block on CUDA)."""
+        sleep = self._sleep_cfg(self._deep)
         if sleep is None:
             return None
         bound = sleep.timeout_s + self.bounds.answer_margin_s

@@ -62,8 +62,8 @@ class Unit(SleepWake):
                 await self._on_ensure_ready(fut)
             case Stop(fut, reason):
                 await self._on_stop(fut, reason)
-            case Sleep(fut, reason, requester):
-                await self._on_sleep(fut, reason, requester)
+            case Sleep(fut, reason, requester, deep):
+                await self._on_sleep(fut, reason, requester, deep)
             case Woke(fut, detail):
                 await self._on_woke(fut, detail)
             case Adopt(fut, record):
@@ -176,6 +176,7 @@ class Unit(SleepWake):
             # now; a wake brings it back, and the GPU's evidence (it holds more than its
             # residual) makes it `ready` at the next pid refresh if it is not.
             self._sleep_memo = tuple(str(m) for m in record.get("memo") or ())
+            self._deep = bool(record.get("deep"))
             self._set(S.SLEEPING, f"adopted after a daemon restart, asleep ({why})")
             self._record()
             answer(fut, UnitResult(True, self.state, "adopted, asleep", 0.0))
@@ -194,6 +195,7 @@ class Unit(SleepWake):
         intent = record.get("intent")
         if not record.get("asleep") and intent not in ("sleep", "wake"):
             return False, "the record says awake"
+        self._deep = bool(record.get("deep"))  # asked by the way it was put to sleep
         said = await self._asleep_now()
         if said is not None:
             return said, f"it says so{f', after a {intent} was cut short' if intent else ''}"
