@@ -194,3 +194,47 @@ def test_the_ladder_is_checked_at_its_line(tmp_path: Path, repo_root: Path) -> N
             "release: [sleep, checkpoint, stop]", line))
         sleep = load_inventory(tmp_path).services["llm"].sleep
         assert (sleep.api if sleep is not None else None) == api
+
+
+TWO = """
+  pair:
+    type: native
+    vram_mb: 6000
+    priority: 5
+    # a server with a worker process: both hold GPU memory (3000 MB each)
+    command: ["/bin/sh", "-c", "{python} -m gpu_manager.sim.workload --name pair-worker
+      --vram-mb 3000 --port {worker} & exec {python} -m gpu_manager.sim.workload
+      --name pair --vram-mb 3000 --port {port} --startup-s 0.3"]
+    health: {{url: "http://127.0.0.1:{port}/health", timeout_s: 2, interval_s: 1}}
+    start_timeout_s: 20
+    stop_timeout_s: 5
+    sleep: {{api: cuda-checkpoint, timeout_s: 10}}
+"""
+
+
+def test_every_gpu_process_of_a_service_is_checkpointed_and_restored(tmp_path: Path) -> None:
+    import sys
+
+    from tests.support.env import wait_for
+
+    d = DaemonProc(tmp_path, extra_services=TWO.format(port=free_port(), worker=free_port(),
+                                                       python=sys.executable))
+    d.start()
+    try:
+        assert d.post("/gpu/service/pair/start").status_code == 200
+        wait_for(lambda: len(d.status()["services"]["pair"]["pids"]) >= 2, 10,
+                 "both processes of the service")
+        regs = {r.name: r.pid for r in SimRegistry(d.sim_dir).active()
+                if r.name in ("pair", "pair-worker")}
+        assert len(regs) == 2
+        r = d.post("/gpu/service/comfyui/start")  # needs the pair's 6000 MB
+        assert r.status_code == 200, r.text
+        step = next(s for s in r.json()["plan"]["steps"] if s["service"] == "pair")
+        assert step["action"] == "sleep" and "checkpointed 2 process(es)" in step["detail"]
+        assert {held(d, pid) for pid in regs.values()} == {(0, 3000)}
+        assert d.post("/gpu/service/comfyui/stop").status_code == 200
+        assert d.post("/gpu/service/pair/start").status_code == 200
+        assert {held(d, pid) for pid in regs.values()} == {(3000, 0)}
+        assert d.status()["services"]["pair"]["state"] == "ready"
+    finally:
+        d.close()
