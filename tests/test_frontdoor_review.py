@@ -46,6 +46,14 @@ class _Orch:
         return SimpleNamespace(id="op-1"), fut, False
 
 
+async def until(cond: Any, timeout: float = 2.0) -> None:
+    """Wait (on the loop, which runs the door's tasks) for `cond`, at most `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.005)
+
+
 def _door(services: dict[str, tuple[ServiceState, dict[str, Any]]],
           orch: _Orch | None = None) -> FrontDoor:
     inv = SimpleNamespace(services={
@@ -130,10 +138,9 @@ async def test_when_the_requests_an_equal_yielded_to_are_gone_it_admits_again() 
     a_cfg, b_cfg = door.serve_of("a"), door.serve_of("b")
     assert a_cfg is not None and b_cfg is not None
     a_wait = asyncio.create_task(door.admit("a", a_cfg))
-    await asyncio.sleep(0.05)
-    assert door._waiting_on == {"a": frozenset({"b"})}
+    await until(lambda: door._waiting_on == {"a": frozenset({"b"})})
     b_wait = asyncio.create_task(door.admit("b", b_cfg))
-    await asyncio.sleep(0.05)
+    await until(lambda: door.gate("b").waiting == 1)  # queued, not let in
     assert not b_wait.done()  # b yields to a: turns are taken
     with pytest.raises(DoorError):
         await a_wait  # a's request gives up (its queue time)
@@ -179,8 +186,7 @@ async def test_an_equal_that_took_requests_after_its_swap_was_planned_is_not_cut
     a_cfg, b_cfg = door.serve_of("a"), door.serve_of("b")
     assert a_cfg is not None and b_cfg is not None
     a_wait = asyncio.create_task(door.admit("a", a_cfg))
-    await asyncio.sleep(0.05)
-    assert orch.submitted == ["a"]  # the swap runs
+    await until(lambda: orch.submitted == ["a"])  # the swap runs
     slot = await asyncio.wait_for(door.admit("b", b_cfg), 1.0)  # b is still ready: admitted
     # the swap's release step of b, as the executor runs it: it gives way
     with pytest.raises(OperationError) as err:
@@ -190,10 +196,10 @@ async def test_an_equal_that_took_requests_after_its_swap_was_planned_is_not_cut
     assert door.gate("b").holds == 0
     assert orch.op is not None
     orch.op.set_exception(err.value)  # the operation ends refused
-    await asyncio.sleep(0.05)
-    assert door._waiting_on == {"a": frozenset({"b"})} and not a_wait.done()
+    await until(lambda: door._waiting_on == {"a": frozenset({"b"})})
+    assert not a_wait.done()
     late = asyncio.create_task(door.admit("b", b_cfg))  # b yields to a's turn now
-    await asyncio.sleep(0.05)
+    await until(lambda: door.gate("b").waiting == 1)  # queued, not let in
     assert not late.done()
     orch.op = None  # the next try: (here) refused again, which answers a's waiter
     slot.release()  # b's request ends: a tries again

@@ -176,8 +176,8 @@ class LibcudaCheckpointer(DriverCheckpointer):
     """Checkpoints real CUDA processes with the driver's cuCheckpointProcess* calls."""
 
     def __init__(self, path: str | None = None) -> None:
-        super().__init__()
+        super().__init__(self._load)
         self.path = path or os.environ.get(LIBCUDA_ENV) or DEFAULT_LIBRARY
 
-    def _open(self) -> tuple[LibCuda | None, Capability]:
+    def _load(self) -> tuple[LibCuda | None, Capability]:
         return open_libcuda(self.path)

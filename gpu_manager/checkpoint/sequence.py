@@ -86,19 +86,17 @@ class _Pid:
 
 
 class DriverCheckpointer:
-    """A `Checkpointer` over a `Driver`; subclasses say how to open theirs (`_open`)."""
+    """A `Checkpointer` over a `Driver`; `open_driver` loads it (blocking: it runs in a
+    thread) and says whether it is capable (the driver only when it is)."""
 
-    def __init__(self) -> None:
+    def __init__(self, open_driver: Callable[[], tuple[Driver | None, Capability]]) -> None:
+        self._open = open_driver
         self._driver: Driver | None = None
         self._capability: Capability | None = None
         self._opening: asyncio.Future[tuple[Driver | None, Capability]] | None = None
         self._guard = threading.Lock()  # the threads end calls while the loop reads these
         self._inflight: dict[int, str] = {}  # pid -> a driver call still running on it
         self._claimed: set[int] = set()  # pids a sequence of ours is working on
-
-    def _open(self) -> tuple[Driver | None, Capability]:
-        """Load the driver (blocking; runs in a thread): the driver when capable."""
-        raise NotImplementedError
 
     # -- threads -----------------------------------------------------------------------------
     def _start(self, pid: int | None, call: str, fn: Callable[[], T]) -> asyncio.Future[T]:

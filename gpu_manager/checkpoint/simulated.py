@@ -115,12 +115,12 @@ class SimulatedCheckpointer(DriverCheckpointer):
     def __init__(self, sim_dir: Path,
                  checkpoint_s_per_gb: float = DEFAULT_CHECKPOINT_S_PER_GB,
                  restore_s_per_gb: float = DEFAULT_RESTORE_S_PER_GB) -> None:
-        super().__init__()
+        super().__init__(self._load)
         self.registry = SimRegistry(sim_dir)
         self.checkpoint_s_per_gb = checkpoint_s_per_gb
         self.restore_s_per_gb = restore_s_per_gb
 
-    def _open(self) -> tuple[SimulatedDriver, Capability]:
+    def _load(self) -> tuple[SimulatedDriver, Capability]:
         driver = SimulatedDriver(self.registry, self.checkpoint_s_per_gb,
                                  self.restore_s_per_gb)
         return driver, Capability(True, "simulated", None, True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 from starlette.types import Message, Receive, Send
 
+from gpu_manager.aio import retrieve
 from gpu_manager.config.serve import ServeConfig
 from gpu_manager.frontdoor.errors import DoorError
 from gpu_manager.frontdoor.gate import Slot
@@ -46,6 +47,9 @@ class ClientWatch:
         self.gone = False
         self._ready = ready
         self._watch = asyncio.create_task(self._run(), name="client-watch")
+        # a receive() that fails (the server's side of a broken connection) ends it; seen,
+        # never "exception never retrieved"
+        self._watch.add_done_callback(retrieve)
 
     async def _run(self) -> None:
         if self._ready is not None:
@@ -116,7 +120,13 @@ class Relay:
         size = 0
         try:
             while True:
-                msg = await receive()
+                try:  # a client that stops sending its body holds a slot: not for ever
+                    async with asyncio.timeout(self.cfg.chunk_timeout_s):
+                        msg = await receive()
+                except TimeoutError:
+                    raise DoorError(408, "request_timeout", "the request body stopped "
+                                    f"arriving for {self.cfg.chunk_timeout_s:g}s "
+                                    "(serve.chunk_timeout_s)") from None
                 if msg["type"] == "http.disconnect":
                     self.slot.cut(GONE)
                     return
