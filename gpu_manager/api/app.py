@@ -22,6 +22,8 @@ from gpu_manager.api.security import Policy, SecurityMiddleware
 from gpu_manager.api.status_cache import StatusCache
 from gpu_manager.config import Inventory
 from gpu_manager.daemon import Daemon, arm_exit_watchdog
+from gpu_manager.fleet import api as fleet_api
+from gpu_manager.fleet.api import make_fleet
 from gpu_manager.orchestrator import Operation
 from gpu_manager.planner import (
     PreparePhase,
@@ -66,6 +68,8 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
         await daemon.leases.close()
         await daemon.finish_operations(deadline)
         await door.aclose()  # requests still relayed are cut; their clients hear 503
+        if fleet is not None:
+            await fleet.aclose()
         if settings.on_shutdown == "stop":
             try:
                 async with asyncio.timeout(max(5.0, deadline - time.monotonic())):
@@ -146,6 +150,10 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
                 "plan": op.as_dict()}
 
     app.include_router(leases.make_router(daemon, authorized, POST))
+    # the fleet's routes (404 without `fleet:`); Ray itself is imported at its first question
+    fleet = (make_fleet(daemon.inventory.fleet, token)
+             if daemon.inventory.fleet is not None else None)
+    app.include_router(fleet_api.make_router(fleet, authorized, POST))
     app.include_router(events.make_router(daemon))
     web.install(app, daemon)
 

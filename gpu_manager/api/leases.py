@@ -18,10 +18,13 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from gpu_manager.api.body import Body
 from gpu_manager.api.docs import answers
-from gpu_manager.api.models import JsonInt, json_int
+from gpu_manager.api.errors import ApiError
+from gpu_manager.api.models import DryRun, JsonInt, json_int
 from gpu_manager.api.status import vram
 from gpu_manager.daemon import Daemon
 from gpu_manager.orchestrator.cards import visible_ids
+from gpu_manager.planner import Refusal
+from gpu_manager.planner.serialize import plan_dict
 
 # JSON as the schema says: `false` is no number of MB, "5" no priority.
 STRICT = ConfigDict(strict=True)
@@ -43,6 +46,16 @@ class AcquireBody(BaseModel):
     # The client's process as this host sees it: its memory (and its children's) on the
     # GPU is the lease's, not foreign use counted on top of the lease's claim.
     pid: Annotated[int, Field(ge=1, le=2**22), BeforeValidator(json_int)] | None = None
+
+
+class PlanBody(BaseModel):
+    """An acquire's fit check: what granting it would do now (nothing is reserved)."""
+
+    model_config = STRICT
+    requester: str | None = Field(default=None, max_length=200)
+    priority: Annotated[Literal[1, 2], BeforeValidator(json_int)] = 1
+    vram_mb: Annotated[int, Field(ge=0), BeforeValidator(json_int)] | None = None
+    device: Annotated[int, Field(ge=0, le=63), BeforeValidator(json_int)] | None = None
 
 
 class ReleaseBody(BaseModel):
@@ -203,6 +216,24 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
     router.post("/gpu/acquire", dependencies=deps,
                 responses=answers(*post, 409, 503, ok=LeaseAnswer, why=NOT_GRANTED,
                                   body=LeaseAnswer))(acquire)
+
+    @router.post("/gpu/acquire/plan", dependencies=deps, responses=answers(
+        *post, 409, ok=DryRun, why={409: "`insufficient_vram`: it cannot be granted now "
+                                         "without a wait (the plan's blockers, MB short), "
+                                         "or ever (more than the card can give)."}))
+    async def acquire_plan(body: PlanBody) -> dict[str, Any]:
+        """The plan an acquire would run now: whom it would preempt, what is left free.
+        A fleet asks every host this before it places a lease."""
+        if body.device is not None and daemon.orchestrator.inventory.gpu.gpu(body.device) \
+                is None:
+            raise ApiError("invalid_request", [{"loc": ["body", "device"], "msg": (
+                f"device {body.device} is not managed by this daemon")}])
+        result = await daemon.leases.plan(body.priority, body.vram_mb, body.device)
+        if isinstance(result, str):
+            raise ApiError("insufficient_vram", result)
+        if isinstance(result, Refusal):
+            raise ApiError(result.code, result.message, plan=plan_dict(result))
+        return {"success": True, "dry_run": True, "plan": plan_dict(result)}
 
     @router.post("/gpu/release", dependencies=deps, responses=answers(
         *post, 404, 409, ok=ReleaseAnswer, why={404: "No such active session.", **LOST},

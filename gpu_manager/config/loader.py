@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from gpu_manager.config.models import (
     DockerService,
+    FleetConfig,
     GpuConfig,
     HostConfig,
     LeaseConfig,
@@ -72,6 +73,7 @@ class Inventory:
     # Accepted but deprecated (`evict:`, `preempt:`): logged at every load, shown by `check`.
     warnings: tuple[ConfigIssue, ...] = ()
     host: HostConfig = field(default_factory=HostConfig)
+    fleet: FleetConfig | None = None
 
     @property
     def budget_mb(self) -> int | None:
@@ -223,7 +225,7 @@ def load_inventory(config_dir: Path | str | None = None) -> Inventory:
     assert sfile is not None and pfile is not None
     lines = {sdoc.name: sdoc.lines, **({pdoc.name: pdoc.lines} if pdoc else {})}
     return Inventory(sfile.gpu, sfile.services, pfile.phases, base, lines, sfile.leases,
-                     sfile.prewarm, tuple(_legacy_warnings(sdoc)), sfile.host)
+                     sfile.prewarm, tuple(_legacy_warnings(sdoc)), sfile.host, sfile.fleet)
 
 
 def _legacy_warnings(sdoc: _Doc) -> list[ConfigIssue]:

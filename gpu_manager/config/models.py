@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from gpu_manager.config.fleet import FleetConfig
 from gpu_manager.config.serve import ServeConfig
 from gpu_manager.config.sleep import (
     AsleepCheck,
@@ -27,8 +28,8 @@ from gpu_manager.config.sleep import (
     legacy_sleep,
 )
 
-__all__ = ["AsleepCheck", "HttpCall", "OllamaEvict", "PauseConfig", "ServeConfig", "SleepApi",
-           "SleepConfig"]
+__all__ = ["AsleepCheck", "FleetConfig", "HttpCall", "OllamaEvict", "PauseConfig",
+           "ServeConfig", "SleepApi", "SleepConfig"]
 
 ServiceName = Annotated[
     str,
@@ -362,6 +363,8 @@ class ServicesFile(_Strict):
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     host: HostConfig = Field(default_factory=HostConfig)
     leases: LeaseConfig = Field(default_factory=LeaseConfig)
+    # One host of a fleet on Ray (the `fleet` extra); None: this host alone.
+    fleet: FleetConfig | None = None
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
     # Start (or wake) the services of a phase's `next:` in the background after a
     # transition, when they fit beside what runs without moving anything. Off by default:

@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 from loguru import logger
 
 from gpu_manager.aio import wait_event
@@ -32,9 +31,17 @@ from gpu_manager.config import LeaseConfig
 from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
 from gpu_manager.orchestrator.core import Orchestrator
 from gpu_manager.orchestrator.deadlines import lock_call
+from gpu_manager.orchestrator.holders import HOLDER_CHECK_S, orphaned, pid_created
 from gpu_manager.orchestrator.ledger import ClientLease, LostLease, lease_name
 from gpu_manager.orchestrator.operations import Operation, OperationError
-from gpu_manager.planner import Plan, StartService
+from gpu_manager.planner import (
+    Plan,
+    PlannerInventory,
+    Refusal,
+    ServiceSpec,
+    StartService,
+    plan,
+)
 from gpu_manager.units import Event
 
 RETRY_S = 0.5  # re-try the head of the queue at least this often (foreign usage may drop)
@@ -68,14 +75,6 @@ class _Acquire:
     op: Operation | None = None  # the attempt's operation, once it has one
     # Given up before it was granted: (code, why): released by its client, or shutdown.
     abandoned: tuple[str, str] | None = None
-
-
-def pid_created(pid: int) -> float | None:
-    """The create time of `pid` on this host, None when there is no such process."""
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
 
 
 class LeaseManager:
@@ -158,6 +157,25 @@ class LeaseManager:
         self._pending[session_id] = a
         a.task.add_done_callback(lambda _: self._forget(session_id, a))
         return await asyncio.shield(a.task)
+
+    async def plan(self, client_priority: int, vram_mb: int | None,
+                   device: int | None = None) -> Plan | Refusal | str:
+        """What an acquire of `vram_mb` would do now (a fleet asks every host before it
+        places one): the plan (its preemptions, the room left), the planner's refusal, or
+        why no wait could ever make it fit. Pure: nothing is reserved, nothing queued."""
+        budget = self.card_budget(device)
+        mb = vram_mb if vram_mb is not None else self.cfg.default_vram_mb
+        mb = budget if mb is None else mb
+        if 0 < budget < mb:
+            return (f"{mb} MB is more than this GPU can ever give ({budget} MB: its total "
+                    "less the reserve)")
+        await self.orch.refresh_pids()
+        inv = self.orch.planner_inventory()
+        name = lease_name(f"plan-{next(self._seq)}")
+        spec = ServiceSpec(name, mb, self.scale(client_priority), preemptible=False,
+                           stoppable=False, devices=None if device is None else (device,))
+        return plan(PlannerInventory({**inv.services, name: spec}, inv.phases),
+                    self.orch.observed(), StartService(name))
 
     def _forget(self, session_id: str, a: _Acquire) -> None:
         if self._pending.get(session_id) is a:
@@ -357,10 +375,20 @@ class LeaseManager:
             await asyncio.wait(tasks, timeout=2 * CANCEL_WAIT_S)
 
     async def expire_loop(self) -> None:
-        """Run by the daemon's supervisor: take back leases whose TTL ran out."""
+        """Run by the daemon's supervisor: take back leases whose TTL ran out, and those
+        whose client process (the pid its acquire gave) has exited: a task killed with its
+        host's Ray node leaves no lease behind for its TTL."""
+        checked = time.monotonic()
         while True:
             await asyncio.sleep(0.25)
             for lease in self.orch.ledger.expired(time.monotonic()):
                 logger.warning(f"lease {lease.session_id} of {lease.requester} expired after "
                                f"{lease.ttl_s:g}s without renewal; taking the GPU back")
                 await self.release(lease.session_id, "expired")
+            if time.monotonic() - checked >= HOLDER_CHECK_S:
+                checked = time.monotonic()
+                for lease in await orphaned(self.active, self.orch.bounds.pids_s):
+                    logger.warning(f"lease {lease.session_id} of {lease.requester}: its process "
+                                   f"{lease.pid} has exited; taking the GPU back")
+                    await self.release(lease.session_id, "holder_exited")
+
