@@ -18,7 +18,7 @@ def main() -> None:
 
         serve_only(sys.argv[2:])
         return
-    from gpu_manager.cli import client, local, serve  # noqa: F401, PLC0415 - they register
+    from gpu_manager.cli import client, fleet, local, serve  # noqa: F401, PLC0415 - they register
     from gpu_manager.cli.common import app  # noqa: PLC0415
 
     app.command("serve")(serve.serve)
