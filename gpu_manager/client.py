@@ -71,7 +71,7 @@ class GPUClient:
                  service_auth: str | None = None, *, vram_mb: int | None = None,
                  ttl_s: float = 60.0, service_id: str | None = None,
                  device: int | None = None,
-                 on_lost: Callable[[str], object] | None = None) -> None:
+                 on_lost: Callable[[str], object] | None = None, fleet: bool = False) -> None:
         self.coordinator_url = (coordinator_url or os.environ.get("GPU_COORDINATOR_URL")
                                 or DEFAULT_URL).rstrip("/")
         self.timeout_seconds = (timeout_seconds if timeout_seconds is not None
@@ -87,6 +87,11 @@ class GPUClient:
         # set CUDA_VISIBLE_DEVICES to (the granted card's UUID).
         self.device = device
         self.cuda_visible_devices: str | None = None
+        # A fleet (`coordinator_url` is any of its daemons): the lease is placed on the host
+        # that has room; it is renewed and released at that host's daemon (`host_url`).
+        self.fleet = fleet
+        self.host: str | None = None
+        self.host_url: str | None = None
         self.service_id = service_id or os.environ.get("SERVICE_NAME", "ml-service")
         # Called (with why) when the coordinator says the lease was lost while held; a
         # coroutine function is awaited. `lost` keeps the reason; `raise_if_lost()` raises.
@@ -165,13 +170,18 @@ class GPUClient:
                 "pid": os.getpid()}
             if self.vram_mb is not None:
                 body["vram_mb"] = self.vram_mb
-            if self.device is not None:
+            if self.device is not None and not self.fleet:
                 body["device"] = self.device
-            resp = await http.post("/gpu/acquire", json=body)
-            if resp.status_code not in (404, 405):
+            resp = await http.post("/fleet/acquire" if self.fleet else "/gpu/acquire",
+                                   json=body)
+            if resp.status_code not in (404, 405) or self.fleet:
                 data = resp.json()
                 self.cuda_visible_devices = data.get("cuda_visible_devices")
-                return bool(data.get("success")), str(data.get("error") or resp.status_code)
+                self.host, self.host_url = data.get("host"), data.get("url")
+                # a fleet's refusal is the error shape: its detail names every host
+                why = data.get("detail") if self.fleet and not data.get("success") else None
+                return bool(data.get("success")), str(why or data.get("error")
+                                                      or resp.status_code)
             self._legacy = True  # an older coordinator: speak its form from now on
         resp = await http.post("/gemma/request", json={
             "task_id": task_id, "messages": [], "context": [], "max_tokens": 0,
@@ -182,6 +192,10 @@ class GPUClient:
             return False, str(resp.json().get("message") or resp.status_code)
         except ValueError:
             return False, f"HTTP {resp.status_code}"
+
+    def _at(self, path: str) -> str:
+        """Where the lease lives: its host's daemon in a fleet, else the coordinator."""
+        return f"{self.host_url.rstrip('/')}{path}" if self.fleet and self.host_url else path
 
     async def _give_up(self, task_id: str) -> None:
         """After attempts that got no answer, the coordinator may still grant the session
@@ -199,7 +213,7 @@ class GPUClient:
         while True:
             await asyncio.sleep(max(self.ttl_s / 3, 0.1))
             try:
-                resp = await self._client().post("/gpu/renew", json={
+                resp = await self._client().post(self._at("/gpu/renew"), json={
                     "session_id": task_id, "requester": self.service_id})
                 if resp.status_code == 409 and resp.json().get("lost"):
                     await self._lost(task_id, str(resp.json().get("error") or "lost"))
@@ -242,7 +256,7 @@ class GPUClient:
             if self._legacy:
                 resp = await self._client().post(f"/gemma/release/{task_id}", json={})
             else:
-                resp = await self._client().post("/gpu/release", json={
+                resp = await self._client().post(self._at("/gpu/release"), json={
                     "session_id": task_id, "requester": self.service_id})
         except httpx.HTTPError as exc:
             logger.warning(f"GPU release failed (the lease expires by its TTL): {exc}")
