@@ -94,6 +94,6 @@ def status(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False)
         vram = h.get("vram") or {}
         state = "up" if h.get("reachable") else f"DOWN ({h.get('error')})"
         running = [n for n, s in (h.get("services") or {}).items()
-                   if s.get("state") in ("running", "starting", "sleeping")]
+                   if s.get("state") in ("ready", "starting", "sleeping")]
         out.print(f"{h['host']:<16} {state:<12} {vram.get('used_mb')}/{vram.get('total_mb')} MB"
                   f"  {', '.join(running) or '-'}", markup=False, highlight=False)

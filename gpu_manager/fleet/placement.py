@@ -83,6 +83,8 @@ def refused(host: str, status: int | None, body: Any, error: str | None) -> Refu
         return Refused(host, "unreachable", error or "no answer")
     if not isinstance(body, Mapping):
         return Refused(host, "bad_answer", f"HTTP {status}")
+    if "session_id" in body:  # the lease protocol's no: `error` is its message
+        return Refused(host, "not_granted", str(body.get("error")))
     raw = body.get("plan")
     plan: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     detail = body.get("detail")

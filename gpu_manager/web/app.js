@@ -1,9 +1,8 @@
 // The dashboard: reads /gpu/status, /gpu/operations and /gpu/history, follows /gpu/events
 // (EventSource resumes by itself with Last-Event-ID), and sends the same calls as the CLI.
 // No framework and no build step: the daemon serves these files as they are.
-import { el, fmtMB, ago, hue } from "/ui/util.js";
+import { el, fmtMB, ago, hue, fetchJSON, token, TOKEN_KEY } from "/ui/util.js";
 
-const TOKEN_KEY = "gpu-manager-token";
 const FALLBACK_MS = 10000; // a slow poll in case the event stream is down
 const MAX_EVENTS = 200;
 const STATES = ["stopped", "starting", "ready", "unhealthy", "stopping", "failed",
@@ -18,20 +17,13 @@ const page = {
 
 // ---- the API ----------------------------------------------------------------------------
 
-function token() { return sessionStorage.getItem(TOKEN_KEY); }
-
 async function api(path, options = {}) {
-  const headers = { Accept: "application/json" };
-  const t = token();
-  if (t) headers.Authorization = `Bearer ${t}`;
-  const res = await fetch(path, { ...options, headers, cache: "no-store" });
-  let body = null;
-  try { body = await res.json(); } catch { body = null; }
+  const res = await fetchJSON(path, options);
   if (res.status === 401) {
     page.needsToken = true;
     renderTokenState();
   }
-  return { ok: res.ok, status: res.status, body };
+  return res;
 }
 
 function scheduleRefresh(ops = false) {

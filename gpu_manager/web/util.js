@@ -42,3 +42,19 @@ export function hue(name) {
   for (const c of name) h = (h * 31 + c.charCodeAt(0)) % 360;
   return `hsl(${h} 60% 50%)`;
 }
+
+// The API from this page's origin, with the token this tab was given (if any): the answer's
+// status and JSON body (null when it has none). The page's modules share it.
+export const TOKEN_KEY = "gpu-manager-token";
+
+export function token() { return sessionStorage.getItem(TOKEN_KEY); }
+
+export async function fetchJSON(path, options = {}) {
+  const headers = { Accept: "application/json" };
+  const t = token();
+  if (t) headers.Authorization = `Bearer ${t}`;
+  const res = await fetch(path, { ...options, headers, cache: "no-store" });
+  let body = null;
+  try { body = await res.json(); } catch { body = null; }
+  return { ok: res.ok, status: res.status, body };
+}
