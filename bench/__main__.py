@@ -8,7 +8,7 @@ import sys
 import time
 
 SCRIPTS = ["planner", "probe", "reclaim", "lock", "footprint", "status_load", "transitions",
-           "transitions_real", "dashboard", "concurrency", "frontdoor"]
+           "transitions_real", "dashboard", "concurrency", "frontdoor", "fleet"]
 
 
 def main() -> None:

@@ -109,11 +109,60 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append(("...and never over the GPU's total",
                     f"{cc['max_vram_used_mb']} of {cc['total_mb']} MB", "<= total",
                     verdict(cc["max_vram_used_mb"] <= cc["total_mb"])))
+    if (fl := load("fleet")) is not None:
+        out += fleet_rows(fl)
     if (pr := load("probe")) is not None:
         sim = pr["simulated"]
         out.append(("snapshot read + can_fit p99 (no probe call)",
                     f"{sim['read_us_p99']:.2f} us", "<< 100 ms (NFR-1)", "met"))
     return out
+
+
+def fleet_rows(fl: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """bench/fleet.py: no target was set for these; the start's line is a check."""
+    p, c, st = fl["placement"], fl["curve"], fl["start"]
+    out = [("fleet: placement over 3 Ray hosts, /fleet/acquire?dry_run=true p50 / p99",
+            f"{p['fleet']['p50_ms']:.2f} / {p['fleet']['p99_ms']:.2f} ms = "
+            f"{p['ratio_p50']:.1f}x one host's /gpu/acquire/plan "
+            f"({p['host_plan']['p50_ms']:.2f} ms)", "none set", ""),
+           ("fleet: placement p50 at 1 / 3 / 5 / 10 hosts (in-process, real daemons)",
+            " / ".join(f"{v['p50_ms']:.2f}" for v in c.values()) + f" ms ({max(c, key=int)} "
+            f"hosts: {c[max(c, key=int)]['ratio_to_1']:.1f}x of 1)", "none set", "")]
+    if losses := fl.get("host_loss"):
+        done = [x["finished_elsewhere_s"] for x in losses]
+        dead = [x["status_dead_s"] for x in losses]
+        hc = losses[0]["health_check"]
+        out.append((f"fleet: host lost mid-task, removal to the task's result from another "
+                    f"host ({len(losses)} losses)",
+                    f"{min(done):.2f}-{max(done):.2f} s (dead in /fleet/status "
+                    f"{min(dead):.2f}-{max(dead):.2f} s; health check every "
+                    f"{hc['health_check_period_ms']} ms, dead after "
+                    f"{hc['health_check_failure_threshold']} misses)", "none set", ""))
+    loaded = (st["ray_mapped_in_fleet_daemon"] or st["ray_in_sys_modules_after_app_import"])
+    out.append(("fleet extra out of the single-host start: Ray loaded; cold start with "
+                "`fleet:` vs alone (p50)",
+                f"{'yes' if loaded else 'no'} (import ray: {st['import_ray_s']:.2f} s); "
+                f"{st['fleet_p50_s']:.2f} vs {st['alone_p50_s']:.2f} s = {st['ratio']:.2f}x",
+                "not loaded", verdict(not loaded)))
+    return out
+
+
+def fleet_curve(fl: dict[str, Any]) -> list[str]:
+    lines = ["## Placement over more hosts (bench/fleet.py)", "",
+             f"`{fl['command']}` (run at {fl['when']}, load average before: "
+             f"{', '.join(str(x) for x in fl.get('loadavg_before', []))}; the whole script "
+             f"{fl['seconds']:.0f} s): one in-process `Fleet` over N real "
+             "daemons on this machine (cards of "
+             + ", ".join(f"{mb // 1024}" for mb in fl["curve_mb"]) + " GB), a dry-run lease "
+             f"of {fl['lease_mb']} MB; one by one = the same N dry runs asked in turn.", "",
+             "| hosts | p50 | p99 | vs 1 host | one by one p50 | vs one by one | asker's CPU "
+             "p50 | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for n, v in fl["curve"].items():
+        lines.append(f"| {n} | {v['p50_ms']:.2f} ms | {v['p99_ms']:.2f} ms | "
+                     f"{v['ratio_to_1']:.1f}x | {v['serial_p50_ms']:.2f} ms | "
+                     f"{v['ratio_to_serial']:.2f}x | {v.get('asker_cpu_p50_ms', '?')} ms | "
+                     f"{', '.join(v['chosen'])} |")
+    return [*lines, ""]
 
 
 MODE_LABELS = {"a": "(a) seed: stop, sleep(2), start, poll 1 s",
@@ -214,6 +263,8 @@ def main() -> None:
         lines += real_profile(tr)
     if (cc := load("concurrency")) is not None:
         lines += concurrency(cc, load("concurrency_before"))
+    if (fl := load("fleet")) is not None:
+        lines += fleet_curve(fl)
     notes = DOC.with_name("benchmarks-notes.md")
     if notes.exists():
         lines += ["## Notes", "", notes.read_text().strip(), ""]
