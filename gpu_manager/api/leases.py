@@ -162,8 +162,8 @@ def engine_of(task_id: str) -> str:
     return match.group(1) if match else task_id
 
 
-def acquire_body(cards: list[int]) -> type[AcquireBody]:
-    """The acquire body of this daemon: `device` one of the cards it manages (the schema
+def managed_device(cards: list[int]) -> Any:
+    """The `device` field of this daemon's bodies: one of the cards it manages (the schema
     says which, so a generated client never sends another; another is a 422)."""
     def managed(v: int) -> int:
         if v not in cards:
@@ -171,19 +171,37 @@ def acquire_body(cards: list[int]) -> type[AcquireBody]:
                              f"{', '.join(map(str, cards))})")
         return v
 
+    enum: list[Any] = list(cards)
+    return Annotated[int, Field(json_schema_extra={"enum": enum}),
+                     BeforeValidator(json_int), AfterValidator(managed)] | None
+
+
+def acquire_body(cards: list[int]) -> type[AcquireBody]:
+    Device = managed_device(cards)
+
     class Acquire(AcquireBody):
-        device: Annotated[int, Field(json_schema_extra={"enum": cards}),
-                          BeforeValidator(json_int), AfterValidator(managed)] | None = None
+        device: Device = None  # type: ignore[valid-type]
 
     Acquire.__name__ = "AcquireBody"
     return Acquire
+
+
+def plan_body(cards: list[int]) -> type[PlanBody]:
+    Device = managed_device(cards)
+
+    class Plan(PlanBody):
+        device: Device = None  # type: ignore[valid-type]
+
+    Plan.__name__ = "PlanBody"
+    return Plan
 
 
 def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
     """`post`: what every mutating route answers before it runs (app.py's POST)."""
     router = APIRouter(tags=["leases"])
     deps = [Depends(auth)]
-    Body_ = acquire_body([c.index for c in daemon.inventory.gpu.managed])
+    cards = [c.index for c in daemon.inventory.gpu.managed]
+    Body_, PlanBody_ = acquire_body(cards), plan_body(cards)
 
     async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
         res = await daemon.leases.acquire(body.session_id, body.requester, body.priority,
@@ -217,23 +235,21 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
                 responses=answers(*post, 409, 503, ok=LeaseAnswer, why=NOT_GRANTED,
                                   body=LeaseAnswer))(acquire)
 
-    @router.post("/gpu/acquire/plan", dependencies=deps, responses=answers(
-        *post, 409, ok=DryRun, why={409: "`insufficient_vram`: it cannot be granted now "
-                                         "without a wait (the plan's blockers, MB short), "
-                                         "or ever (more than the card can give)."}))
     async def acquire_plan(body: PlanBody) -> dict[str, Any]:
         """The plan an acquire would run now: whom it would preempt, what is left free.
         A fleet asks every host this before it places a lease."""
-        if body.device is not None and daemon.orchestrator.inventory.gpu.gpu(body.device) \
-                is None:
-            raise ApiError("invalid_request", [{"loc": ["body", "device"], "msg": (
-                f"device {body.device} is not managed by this daemon")}])
         result = await daemon.leases.plan(body.priority, body.vram_mb, body.device)
         if isinstance(result, str):
             raise ApiError("insufficient_vram", result)
         if isinstance(result, Refusal):
             raise ApiError(result.code, result.message, plan=plan_dict(result))
         return {"success": True, "dry_run": True, "plan": plan_dict(result)}
+
+    acquire_plan.__annotations__["body"] = PlanBody_  # validated as this daemon's body
+    router.post("/gpu/acquire/plan", dependencies=deps, responses=answers(
+        *post, 409, ok=DryRun, why={409: "`insufficient_vram`: it cannot be granted now "
+                                         "without a wait (the plan's blockers, MB short), "
+                                         "or ever (more than the card can give)."}))(acquire_plan)
 
     @router.post("/gpu/release", dependencies=deps, responses=answers(
         *post, 404, 409, ok=ReleaseAnswer, why={404: "No such active session.", **LOST},
