@@ -160,7 +160,7 @@ def fleet_curve(fl: dict[str, Any]) -> list[str]:
     for n, v in fl["curve"].items():
         lines.append(f"| {n} | {v['p50_ms']:.2f} ms | {v['p99_ms']:.2f} ms | "
                      f"{v['ratio_to_1']:.1f}x | {v['serial_p50_ms']:.2f} ms | "
-                     f"{v['ratio_to_serial']:.2f}x | {v.get('asker_cpu_p50_ms', '?')} ms | "
+                     f"{v['ratio_to_serial']:.2f}x | {v['asker_cpu_p50_ms']:.2f} ms | "
                      f"{', '.join(v['chosen'])} |")
     return [*lines, ""]
 
