@@ -6,6 +6,7 @@ import { el, fmtMB, hue, fetchJSON } from "/ui/util.js";
 
 const REFRESH_MS = 2000;
 const ABSENT_MS = 60000;
+const ANSWER_MS = 10000; // a host that does not answer costs the status its peer timeout (5 s)
 // what a host runs: its services in any of these states
 const SHOWN_STATES = ["ready", "starting", "waking", "unhealthy", "stopping", "sleeping"];
 
@@ -16,7 +17,7 @@ async function poll() {
   let next = fleet.shown ? REFRESH_MS : ABSENT_MS;
   if (!document.hidden) {
     try {
-      const res = await fetchJSON("/fleet/status");
+      const res = await fetchJSON("/fleet/status", { signal: AbortSignal.timeout(ANSWER_MS) });
       if (res.ok && res.body && res.body.enabled !== false) {
         render(res.body);
         next = REFRESH_MS;
