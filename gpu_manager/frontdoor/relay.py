@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -169,10 +170,24 @@ class Relay:
                 await send({"type": "http.response.start", "status": response.status_code,
                             "headers": head})
                 self.started = True
+                done = DoneWatch() if self.sse and self.openai and ends_with_done(
+                    up.url, response) else None
                 async for chunk in response.aiter_raw():
+                    if done is not None:
+                        done.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk,
                                 "more_body": True})
                 self.slot.finishing = True  # a disconnect seen from here on cuts nothing
+                if done is not None and not done.seen:
+                    # The upstream ended its stream properly, but before its end marker:
+                    # llama.cpp's server does, for a streamed prompt beyond its context (200,
+                    # then an empty stream). Relayed as is, the SDK would take the answer for
+                    # whole, or empty: a silent truncation. An error event says otherwise.
+                    code = "cut"
+                    await self._end(send, DoorError(
+                        502, "upstream_truncated", f"{self.name} ended the stream without "
+                        "its end (data: [DONE]): the answer is incomplete"))
+                    return
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except asyncio.CancelledError:
                 if self.slot.cut_reason is None:
@@ -229,6 +244,35 @@ class Relay:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the connection went with it
+
+
+# OpenAI's streamed answers end with this event; only these routes promise it (the
+# Responses API, say, ends with an event of its own).
+DONE_ROUTES = ("/chat/completions", "/completions")
+DONE_MARK = b"data: [DONE]"
+
+
+def ends_with_done(url: str, response: httpx.Response) -> bool:
+    """Whether this 2xx event stream from the upstream must end with `data: [DONE]` (and we
+    can see it: a compressed body is relayed as is, unread)."""
+    return (response.is_success and "content-encoding" not in response.headers
+            and urllib.parse.urlsplit(url).path.endswith(DONE_ROUTES))
+
+
+class DoneWatch:
+    """Sees `data: [DONE]` go by in a relayed stream, whatever the chunking: the marker may
+    straddle two chunks, so the tail of the last one is kept."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.seen:
+            return
+        window = self._tail + chunk
+        self.seen = DONE_MARK in window
+        self._tail = window[-(len(DONE_MARK) - 1):]
 
 
 async def _close(response: httpx.Response) -> None:
