@@ -17,7 +17,8 @@
   {"busy_until": wall time}. A process also counts busy at `--busy-pct` while it answers an
   inference request (OpenAI routes, a ComfyUI prompt running). `--cuda`: 409, the real driver
   measures the load.
-- SIGTERM/SIGINT: exits (after `--stop-s`, modelling a slow shutdown) unless `--ignore-sigterm`.
+- SIGTERM/SIGINT: exits (after `--stop-s`, modelling a slow shutdown) unless `--ignore-sigterm`;
+  after a SIGTERM it dies of it (exit status -15, 143 in a shell), as uvicorn's servers do.
 - `--api KIND`: also speaks that server's sleep/wake API (gpu_manager/sim/apis.py): sleeping
   takes `--sleep-s` and then drops the memory to `--sleep-vram-mb` (default 0: the registration
   stays, at 0 MB); waking takes it back (refused like a fresh allocation when it does not fit)
@@ -199,20 +200,37 @@ def main(argv: list[str] | None = None) -> int:
           f"http://{args.host}:{args.port}/health", flush=True)
 
     if args.crash_after_s is None:
-        signal.sigwait(sigs)
+        got = signal.sigwait(sigs)
     else:
         left = max(0.0, started + args.crash_after_s - time.monotonic())
-        if signal.sigtimedwait(sigs, left) is None:
+        info = signal.sigtimedwait(sigs, left)
+        if info is None:
             print(f"{args.name}: crashing as asked (--crash-after-s)", file=sys.stderr,
                   flush=True)
             os._exit(EXIT_CRASH)
+        got = signal.Signals(info.si_signo)
     if args.stop_s > 0:
         time.sleep(args.stop_s)  # modelling a slow shutdown is this option's whole purpose
     # No server.shutdown(): it waits out serve_forever's 0.5 s poll. The serving thread is a
-    # daemon thread and ends with the process.
+    # daemon thread and ends with the process (a stream in flight is dropped mid-way, with
+    # no last chunk, as uvicorn's servers drop theirs).
     server.server_close()
     del buffer
+    if got == signal.SIGTERM:
+        die_of(signal.SIGTERM)
     return 0
+
+
+def die_of(sig: signal.Signals) -> None:
+    """Exit by `sig` after a clean shutdown, as the real servers do: uvicorn (llama.cpp's
+    Python server, vLLM, SGLang) re-raises the SIGTERM it handled, so their exit status is
+    "killed by SIGTERM" (143 in a shell), never 0."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(sig, signal.SIG_DFL)
+    signal.raise_signal(sig)  # pending while blocked: delivered, fatally, at the unblock
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    os._exit(128 + sig)  # not reached; the same status, as a shell reports it
 
 
 if __name__ == "__main__":
