@@ -5,7 +5,7 @@
         [--busy-pct P]
         [--api vllm|sglang|comfyui|ollama|tabbyapi [--sleep-s S] [--wake-s S]
          [--sleep-vram-mb N] [--weights-mb N] [--model NAME] [--sleep-keeps-memory]
-         [--token-ms F] [--steps N]]
+         [--token-ms F] [--steps N] [--context-tokens N]]
 
 - Simulated (default): registers its pid and MB with the simulated GPU's registry; the probe
   counts it while this process lives (plus the release delay). If the simulated GPU lacks the
@@ -27,8 +27,10 @@
   The API answers 503 until `--startup-s` has passed (a real server is not listening yet).
   vllm/sglang/ollama/tabbyapi also serve OpenAI's /v1/models, /v1/chat/completions,
   /v1/completions and /v1/embeddings: a fixed text at `--token-ms` per token, streamed as
-  server-sent events on request; comfyui runs each prompt for `--steps` steps of `--token-ms`
-  and reports them on its /ws WebSocket (gpu_manager/sim/inference.py, comfyui.py).
+  server-sent events on request (a prompt plus `max_tokens` beyond `--context-tokens`: 400
+  `context_length_exceeded`, streamed or not, as vLLM answers it); comfyui runs each prompt
+  for `--steps` steps of `--token-ms` and reports them on its /ws WebSocket
+  (gpu_manager/sim/inference.py, comfyui.py).
 
 HTTP/1.1: replies keep the connection open (every whole reply carries Content-Length),
 streams are sent with chunked transfer encoding, and /ws switches the connection to a
@@ -102,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fault: sleep answers as usual but releases nothing")
     p.add_argument("--token-ms", type=float, default=0.0,
                    help="milliseconds per generated token (and per ComfyUI step) [default: 0]")
+    p.add_argument("--context-tokens", type=int, default=None,
+                   help="the model's context: a prompt's words plus max_tokens beyond it is a "
+                        "400 context_length_exceeded [default: no limit]")
     p.add_argument("--steps", type=int, default=5,
                    help="comfyui: sampler steps a prompt runs [default: 5]")
     p.add_argument("--busy-pct", type=int, default=DEFAULT_UTIL_PCT,
@@ -116,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sleep-s and --wake-s must be >= 0")
     if args.token_ms < 0 or args.steps < 0:
         p.error("--token-ms and --steps must be >= 0")
+    if args.context_tokens is not None and args.context_tokens < 1:
+        p.error("--context-tokens must be >= 1")
     if not 0 <= args.busy_pct <= 100:
         p.error("--busy-pct must be between 0 and 100")
     return args
@@ -169,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     busy = Busy(registry, util_pct=args.busy_pct)
     if args.api is not None:
         try:
-            api = _start_api(args, registry, Serving(args.name, args.token_ms / 1000,
-                                                     args.steps, busy))
+            api = _start_api(args, registry, Serving(
+                args.name, args.token_ms / 1000, args.steps, busy=busy,
+                context_tokens=args.context_tokens))
         except (DeviceOOM, SimulatedOOM) as exc:
             print(exc, file=sys.stderr, flush=True)
             return EXIT_OOM
