@@ -189,6 +189,15 @@ def test_the_openai_sdk_through_the_front_door(
     assert len([c for c in chunks if c.choices[0].delta.content]) == 6
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
 
+    # a stream longer than the health check's interval (0.5 s) arrives whole: the check is on
+    # /openapi.json, which takes no model lock (one on /v1/models would end it early)
+    t0 = time.monotonic()
+    long = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=1000,
+                                               stream=True, logprobs=True, top_logprobs=20))
+    assert time.monotonic() - t0 > 0.5
+    assert len([c for c in long if c.choices[0].delta.content]) == 1000
+    assert long[-1].choices[0].finish_reason == "length"
+
     vectors = client.embeddings.create(model="tiny", input=["hello", "world"])
     assert [len(v.embedding) for v in vectors.data] == [64, 64]
 
@@ -236,9 +245,10 @@ def test_two_models_of_one_config_file_server(
     port = free_port()
     # with --config_file it listens where the file says (it ignores --host/--port)
     config = tmp_path / "llama.json"
-    config.write_text(json.dumps({"host": "127.0.0.1", "port": port, "models": [
-        {"model": str(models[k]), "model_alias": f"tiny-{k}", "n_ctx": 512, "verbose": False}
-        for k in ("a", "b")]}))
+    config.write_text(json.dumps({
+        "host": "127.0.0.1", "port": port, "interrupt_requests": False, "models": [
+            {"model": str(models[k]), "model_alias": f"tiny-{k}", "n_ctx": 512,
+             "verbose": False} for k in ("a", "b")]}))
     block = llama_service("llama", port, ["--config_file", str(config)],
                           models=["tiny-a", "tiny-b"])
     d = DaemonProc(tmp_path, extra_services=block)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
+from loguru import logger
 from starlette.types import Message, Receive, Send
 
 from gpu_manager.aio import retrieve
@@ -156,12 +157,7 @@ class Relay:
         code = "5xx"
         try:
             try:
-                timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=cfg.chunk_timeout_s,
-                                        write=cfg.chunk_timeout_s, pool=cfg.connect_timeout_s)
-                request = self.client.build_request(
-                    up.method, up.url, headers=up.headers, timeout=timeout,
-                    content=up.body if up.body is not None else self._body(receive))
-                response = await self.client.send(request, stream=True)
+                response = await self._open(receive)
                 head = [(k, v) for k, v in response.headers.raw
                         if k.decode("latin-1").lower() not in DROP_DOWN]
                 self.sse = response.headers.get("content-type", "").startswith(
@@ -222,6 +218,28 @@ class Relay:
                 await _close(response)
             self.slot.release()
             self.stats.answered(self.name, code, time.monotonic() - t0)
+
+    async def _open(self, receive: Receive) -> httpx.Response:
+        """Send the request upstream; the answer's head. A kept-alive connection that the
+        upstream closed just as the request went out on it (llama.cpp's server closes one
+        after an error raised inside an event stream it had already ended) fails before any
+        answer: a body we hold is sent once more, on a fresh connection. A body streamed up
+        from the client cannot be sent twice."""
+        up, cfg = self.up, self.cfg
+        timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=cfg.chunk_timeout_s,
+                                write=cfg.chunk_timeout_s, pool=cfg.connect_timeout_s)
+        for retry in (False, True):
+            request = self.client.build_request(
+                up.method, up.url, headers=up.headers, timeout=timeout,
+                content=up.body if up.body is not None else self._body(receive))
+            try:
+                return await self.client.send(request, stream=True)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if retry or up.body is None:
+                    raise
+                logger.info(f"{self.name}: the connection closed under the request "
+                            f"({type(exc).__name__}: {exc}); sending it once more")
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _end(self, send: Send, err: DoorError) -> None:
         """End the answer with `err`: whole when nothing was sent, else as the stream allows."""

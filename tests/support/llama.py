@@ -3,6 +3,12 @@
 It runs on the CPU with a tiny random model that examples/llama_cpp/make_tiny_model.py writes
 (no download), as a native service whose VRAM on the simulated GPU is held for its own pid by
 `gpu_manager.sim.hold` (which execs the server in the same process).
+
+Its health check is on /openapi.json, not /v1/models: every API route of this server takes
+its one model lock, so a check there waits behind a generation, and (with the server's
+default `interrupt_requests`) ends a stream in flight with `[DONE]` and no finish_reason.
+/openapi.json takes no lock, and answers only once the model is loaded (nothing listens
+before).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ BLOCK = """
     priority: {priority}
     command: ["{{python}}", "-m", "gpu_manager.sim.hold", "--vram-mb", "{vram}",
               "--name", "{name}", "--", "{{python}}", "-m", "llama_cpp.server", {args}]
-    health: {{url: "http://127.0.0.1:{port}/v1/models", timeout_s: 2, interval_s: 0.5}}
+    health: {{url: "http://127.0.0.1:{port}/openapi.json", timeout_s: 2, interval_s: 0.5}}
     start_timeout_s: 30
     stop_timeout_s: 5
     restart: on-failure
@@ -58,7 +64,7 @@ def make_model(out: Path, seed: int = 0, context: int = 512) -> Path:
 def server_args(model: Path, port: int, alias: str, n_ctx: int = 512) -> list[str]:
     return ["--model", str(model), "--model_alias", alias, "--host", "127.0.0.1",
             "--port", str(port), "--n_ctx", str(n_ctx), "--embedding", "True",
-            "--verbose", "False"]
+            "--interrupt_requests", "False", "--verbose", "False"]
 
 
 def llama_service(name: str, port: int, args: list[str], *, models: list[str] | None = None,
@@ -66,8 +72,10 @@ def llama_service(name: str, port: int, args: list[str], *, models: list[str] | 
     """A services.yaml block running the real server; `models`: its `serve:` block's."""
     serve = ""
     if models is not None:
+        # one request at a time, as the server answers them: the others wait in the door's
+        # queue (bounded, drained, counted), not inside the server
         serve = (f'    serve:\n      url: "http://127.0.0.1:{port}"\n'
-                 f"      models: [{', '.join(models)}]\n")
+                 f"      models: [{', '.join(models)}]\n      max_concurrent: 1\n")
         serve += "".join(f"      {line}\n" for line in serve_extra.splitlines() if line)
     return BLOCK.format(name=name, vram=vram, priority=priority, port=port, serve=serve,
                         args=", ".join(json.dumps(a) for a in args))
