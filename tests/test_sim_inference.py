@@ -73,9 +73,11 @@ def test_openai_sdk_reads_every_route_and_503_while_asleep(
         chunks = list(c.chat.completions.create(model="asked", messages=CHAT, stream=True))
         assert all(ch.object == "chat.completion.chunk" and ch.model == "asked"
                    for ch in chunks)
-        assert [ch.choices[0].delta.role for ch in chunks] == ["assistant"] + [None] * 12
+        # the role alone first (as the real servers send it), a chunk a token, the finish
+        assert [ch.choices[0].delta.role for ch in chunks] == ["assistant"] + [None] * 13
+        assert chunks[0].choices[0].delta.content is None
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
-        assert [ch.choices[0].finish_reason for ch in chunks] == [None] * 12 + ["stop"]
+        assert [ch.choices[0].finish_reason for ch in chunks] == [None] * 13 + ["stop"]
 
         # the SDK asks for base64 by default and decodes it; "float" comes as a JSON list
         packed = c.embeddings.create(model="asked", input=["one", "two"])
@@ -146,7 +148,7 @@ def test_http_1_1_keeps_the_connection_and_chunks_streams(
         assert resp.getheader("Transfer-Encoding") == "chunked"
         assert resp.getheader("Content-Type", "").startswith("text/event-stream")
         events = [e for e in data.decode().split("\n\n") if e]
-        assert len(events) == 4 and events[-1] == "data: [DONE]", events
+        assert len(events) == 5 and events[-1] == "data: [DONE]", events  # role, 2, end
         for method, path, code in (("POST", "/sleep", 200), ("GET", "/health", 200),
                                    ("POST", "/v1/chat/completions", 503),
                                    ("POST", "/wake_up", 200)):
@@ -240,3 +242,22 @@ def test_comfyui_prompt_history_and_websocket_progress(
         ws.close()
         assert ws.close_code == 1000  # the stand-in answered the close frame
     assert call(w.port, "POST", "/prompt", {}).code == 400  # no prompt
+
+
+def test_a_prompt_beyond_the_context_is_the_servers_400_streamed_or_not(
+    sim: SimulatedProbe, workloads: list[Workload]
+) -> None:
+    """What llama.cpp's real server answered (tests/test_real_llama.py): 400 with OpenAI's
+    `context_length_exceeded`; the stand-in says it before any stream, as vLLM does."""
+    w = start(sim, workloads, "vllm", "--context-tokens", "10")
+    long: list[ChatCompletionMessageParam] = [{"role": "user", "content": "w " * 8}]
+    with sdk(w) as c:
+        assert c.chat.completions.create(model="m", messages=long, max_tokens=2).choices
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as err:
+                c.chat.completions.create(model="m", messages=long, max_tokens=3,
+                                          stream=stream)
+            assert err.value.code == "context_length_exceeded"
+            assert "maximum context length is 10 tokens" in err.value.message
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="m", prompt="w " * 10)  # the prompt alone fills it

@@ -14,10 +14,12 @@ import asyncio
 import json
 import os
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
+from loguru import logger
 from starlette.types import Message, Receive, Send
 
 from gpu_manager.aio import retrieve
@@ -155,12 +157,7 @@ class Relay:
         code = "5xx"
         try:
             try:
-                timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=cfg.chunk_timeout_s,
-                                        write=cfg.chunk_timeout_s, pool=cfg.connect_timeout_s)
-                request = self.client.build_request(
-                    up.method, up.url, headers=up.headers, timeout=timeout,
-                    content=up.body if up.body is not None else self._body(receive))
-                response = await self.client.send(request, stream=True)
+                response = await self._open(receive)
                 head = [(k, v) for k, v in response.headers.raw
                         if k.decode("latin-1").lower() not in DROP_DOWN]
                 self.sse = response.headers.get("content-type", "").startswith(
@@ -169,10 +166,24 @@ class Relay:
                 await send({"type": "http.response.start", "status": response.status_code,
                             "headers": head})
                 self.started = True
+                done = DoneWatch() if self.sse and self.openai and ends_with_done(
+                    up.url, response) else None
                 async for chunk in response.aiter_raw():
+                    if done is not None:
+                        done.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk,
                                 "more_body": True})
                 self.slot.finishing = True  # a disconnect seen from here on cuts nothing
+                if done is not None and not done.seen:
+                    # The upstream ended its stream properly, but before its end marker:
+                    # llama.cpp's server does, for a streamed prompt beyond its context (200,
+                    # then an empty stream). Relayed as is, the SDK would take the answer for
+                    # whole, or empty: a silent truncation. An error event says otherwise.
+                    code = "cut"
+                    await self._end(send, DoorError(
+                        502, "upstream_truncated", f"{self.name} ended the stream without "
+                        "its end (data: [DONE]): the answer is incomplete"))
+                    return
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except asyncio.CancelledError:
                 if self.slot.cut_reason is None:
@@ -208,6 +219,28 @@ class Relay:
             self.slot.release()
             self.stats.answered(self.name, code, time.monotonic() - t0)
 
+    async def _open(self, receive: Receive) -> httpx.Response:
+        """Send the request upstream; the answer's head. A kept-alive connection that the
+        upstream closed just as the request went out on it (llama.cpp's server closes one
+        after an error raised inside an event stream it had already ended) fails before any
+        answer: a body we hold is sent once more, on a fresh connection. A body streamed up
+        from the client cannot be sent twice."""
+        up, cfg = self.up, self.cfg
+        timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=cfg.chunk_timeout_s,
+                                write=cfg.chunk_timeout_s, pool=cfg.connect_timeout_s)
+        for retry in (False, True):
+            request = self.client.build_request(
+                up.method, up.url, headers=up.headers, timeout=timeout,
+                content=up.body if up.body is not None else self._body(receive))
+            try:
+                return await self.client.send(request, stream=True)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if retry or up.body is None:
+                    raise
+                logger.info(f"{self.name}: the connection closed under the request "
+                            f"({type(exc).__name__}: {exc}); sending it once more")
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
     async def _end(self, send: Send, err: DoorError) -> None:
         """End the answer with `err`: whole when nothing was sent, else as the stream allows."""
         if self.slot.cut_reason == GONE:
@@ -229,6 +262,35 @@ class Relay:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the connection went with it
+
+
+# OpenAI's streamed answers end with this event; only these routes promise it (the
+# Responses API, say, ends with an event of its own).
+DONE_ROUTES = ("/chat/completions", "/completions")
+DONE_MARK = b"data: [DONE]"
+
+
+def ends_with_done(url: str, response: httpx.Response) -> bool:
+    """Whether this 2xx event stream from the upstream must end with `data: [DONE]` (and we
+    can see it: a compressed body is relayed as is, unread)."""
+    return (response.is_success and "content-encoding" not in response.headers
+            and urllib.parse.urlsplit(url).path.endswith(DONE_ROUTES))
+
+
+class DoneWatch:
+    """Sees `data: [DONE]` go by in a relayed stream, whatever the chunking: the marker may
+    straddle two chunks, so the tail of the last one is kept."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.seen:
+            return
+        window = self._tail + chunk
+        self.seen = DONE_MARK in window
+        self._tail = window[-(len(DONE_MARK) - 1):]
 
 
 async def _close(response: httpx.Response) -> None:

@@ -3,8 +3,10 @@
 - GET /v1/models: {"object": "list", "data": [{"id", "object": "model", "created", "owned_by"}]}
 - POST /v1/chat/completions, POST /v1/completions: a fixed text ("Hello from <name> ..."), one
   word a token, `max_tokens` (or `max_completion_tokens`) capping the count, `--token-ms` per
-  token; `stream: true` sends one server-sent event per token as it is produced, then a chunk
-  with the finish reason (and the usage when `stream_options.include_usage`), then [DONE]
+  token; `stream: true` sends (chat: a chunk with the role alone, then) one server-sent event
+  per token as it is produced, then a chunk with the finish reason (and the usage when
+  `stream_options.include_usage`), then [DONE]; beyond `--context-tokens` (prompt words plus
+  `max_tokens`): 400 `context_length_exceeded` in OpenAI's shape, before any stream
 - POST /v1/embeddings: a small fixed-size unit vector per input, derived from the input (the
   same text always gets the same vector); `encoding_format` "float" or "base64" (what the
   openai SDK asks for by default: little-endian float32)
@@ -126,10 +128,13 @@ class OpenAiRoutes:
         limit = self._limit(body)
         if isinstance(limit, Reply):
             return limit
+        prompt_tokens = _words(asked)
+        too_long = self._beyond_context(prompt_tokens, limit, chat)
+        if too_long is not None:
+            return too_long
         full = self._reply_tokens()
         tokens = full if limit is None else full[:limit]
         finish = "length" if len(tokens) < len(full) else "stop"
-        prompt_tokens = _words(asked)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                  "total_tokens": prompt_tokens + len(tokens)}
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
@@ -153,6 +158,21 @@ class OpenAiRoutes:
         return Reply(200, {**head, "object": "chat.completion" if chat else "text_completion",
                            "choices": [choice], "usage": usage})
 
+    def _beyond_context(self, prompt: int, limit: int | None, chat: bool) -> Reply | None:
+        """The 400 for a request beyond the model's context, in OpenAI's shape and words (what
+        llama.cpp's server answers, and vLLM says): checked before any stream begins."""
+        context = self.api.serving.context_tokens
+        asked = prompt + (limit or 0)
+        if context is None or (asked <= context and prompt < context):
+            return None
+        where = "in the messages" if chat else "in your prompt"
+        return Reply(400, {"error": {
+            "message": f"This model's maximum context length is {context} tokens. However, "
+                       f"you requested {asked} tokens ({prompt} {where}, {limit} in the "
+                       "completion). Please reduce the length of the messages or completion.",
+            "type": "invalid_request_error", "param": "messages",
+            "code": "context_length_exceeded"}})
+
     def _chunks(self, head: dict[str, Any], chat: bool, tokens: list[str], finish: str,
                 usage: dict[str, int] | None) -> Iterator[dict[str, Any]]:
         obj = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
@@ -169,12 +189,15 @@ class OpenAiRoutes:
             return {**obj, "choices": [choice]}
 
         start = time.monotonic()
+        if chat:
+            # the role alone first, before any token, as the real servers send it (llama.cpp's
+            # server verified: {"role": "assistant"}, no content; vLLM's the same with "")
+            yield chunk(None, True, None)
         for i, token in enumerate(tokens):
             # paced from the start, so the stream's length does not drift with the writes
             _sleep_until(start + (i + 1) * self.api.serving.token_s)
-            yield chunk(token, i == 0, None)
-        # the role goes in the first chunk: this one when there were no tokens at all
-        yield chunk("" if not tokens else None, not tokens, finish)
+            yield chunk(token, False, None)
+        yield chunk(None, False, finish)
         if usage is not None:
             yield {**obj, "choices": [], "usage": usage}
 

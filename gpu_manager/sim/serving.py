@@ -79,4 +79,7 @@ class Serving:
     name: str  # who the fixed reply says hello from
     token_s: float = 0.0  # time per generated token (and per ComfyUI step)
     steps: int = 5  # ComfyUI: sampler steps per prompt
+    # The model's context in tokens (a prompt's words here): more asked is a 400. None: no
+    # limit (before the real server showed its 400, the stand-ins had none).
+    context_tokens: int | None = None
     busy: Busy = field(default_factory=Busy)

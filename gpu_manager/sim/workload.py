@@ -5,7 +5,7 @@
         [--busy-pct P]
         [--api vllm|sglang|comfyui|ollama|tabbyapi [--sleep-s S] [--wake-s S]
          [--sleep-vram-mb N] [--weights-mb N] [--model NAME] [--sleep-keeps-memory]
-         [--token-ms F] [--steps N]]
+         [--token-ms F] [--steps N] [--context-tokens N]]
 
 - Simulated (default): registers its pid and MB with the simulated GPU's registry; the probe
   counts it while this process lives (plus the release delay). If the simulated GPU lacks the
@@ -17,7 +17,8 @@
   {"busy_until": wall time}. A process also counts busy at `--busy-pct` while it answers an
   inference request (OpenAI routes, a ComfyUI prompt running). `--cuda`: 409, the real driver
   measures the load.
-- SIGTERM/SIGINT: exits (after `--stop-s`, modelling a slow shutdown) unless `--ignore-sigterm`.
+- SIGTERM/SIGINT: exits (after `--stop-s`, modelling a slow shutdown) unless `--ignore-sigterm`;
+  after a SIGTERM it dies of it (exit status -15, 143 in a shell), as uvicorn's servers do.
 - `--api KIND`: also speaks that server's sleep/wake API (gpu_manager/sim/apis.py): sleeping
   takes `--sleep-s` and then drops the memory to `--sleep-vram-mb` (default 0: the registration
   stays, at 0 MB); waking takes it back (refused like a fresh allocation when it does not fit)
@@ -26,8 +27,10 @@
   The API answers 503 until `--startup-s` has passed (a real server is not listening yet).
   vllm/sglang/ollama/tabbyapi also serve OpenAI's /v1/models, /v1/chat/completions,
   /v1/completions and /v1/embeddings: a fixed text at `--token-ms` per token, streamed as
-  server-sent events on request; comfyui runs each prompt for `--steps` steps of `--token-ms`
-  and reports them on its /ws WebSocket (gpu_manager/sim/inference.py, comfyui.py).
+  server-sent events on request (a prompt plus `max_tokens` beyond `--context-tokens`: 400
+  `context_length_exceeded`, streamed or not, as vLLM answers it); comfyui runs each prompt
+  for `--steps` steps of `--token-ms` and reports them on its /ws WebSocket
+  (gpu_manager/sim/inference.py, comfyui.py).
 
 HTTP/1.1: replies keep the connection open (every whole reply carries Content-Length),
 streams are sent with chunked transfer encoding, and /ws switches the connection to a
@@ -101,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fault: sleep answers as usual but releases nothing")
     p.add_argument("--token-ms", type=float, default=0.0,
                    help="milliseconds per generated token (and per ComfyUI step) [default: 0]")
+    p.add_argument("--context-tokens", type=int, default=None,
+                   help="the model's context: a prompt's words plus max_tokens beyond it is a "
+                        "400 context_length_exceeded [default: no limit]")
     p.add_argument("--steps", type=int, default=5,
                    help="comfyui: sampler steps a prompt runs [default: 5]")
     p.add_argument("--busy-pct", type=int, default=DEFAULT_UTIL_PCT,
@@ -115,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sleep-s and --wake-s must be >= 0")
     if args.token_ms < 0 or args.steps < 0:
         p.error("--token-ms and --steps must be >= 0")
+    if args.context_tokens is not None and args.context_tokens < 1:
+        p.error("--context-tokens must be >= 1")
     if not 0 <= args.busy_pct <= 100:
         p.error("--busy-pct must be between 0 and 100")
     return args
@@ -168,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     busy = Busy(registry, util_pct=args.busy_pct)
     if args.api is not None:
         try:
-            api = _start_api(args, registry, Serving(args.name, args.token_ms / 1000,
-                                                     args.steps, busy))
+            api = _start_api(args, registry, Serving(
+                args.name, args.token_ms / 1000, args.steps, busy=busy,
+                context_tokens=args.context_tokens))
         except (DeviceOOM, SimulatedOOM) as exc:
             print(exc, file=sys.stderr, flush=True)
             return EXIT_OOM
@@ -199,20 +208,37 @@ def main(argv: list[str] | None = None) -> int:
           f"http://{args.host}:{args.port}/health", flush=True)
 
     if args.crash_after_s is None:
-        signal.sigwait(sigs)
+        got = signal.sigwait(sigs)
     else:
         left = max(0.0, started + args.crash_after_s - time.monotonic())
-        if signal.sigtimedwait(sigs, left) is None:
+        info = signal.sigtimedwait(sigs, left)
+        if info is None:
             print(f"{args.name}: crashing as asked (--crash-after-s)", file=sys.stderr,
                   flush=True)
             os._exit(EXIT_CRASH)
+        got = signal.Signals(info.si_signo)
     if args.stop_s > 0:
         time.sleep(args.stop_s)  # modelling a slow shutdown is this option's whole purpose
     # No server.shutdown(): it waits out serve_forever's 0.5 s poll. The serving thread is a
-    # daemon thread and ends with the process.
+    # daemon thread and ends with the process (a stream in flight is dropped mid-way, with
+    # no last chunk, as uvicorn's servers drop theirs).
     server.server_close()
     del buffer
+    if got == signal.SIGTERM:
+        die_of(signal.SIGTERM)
     return 0
+
+
+def die_of(sig: signal.Signals) -> None:
+    """Exit by `sig` after a clean shutdown, as the real servers do: uvicorn (llama.cpp's
+    Python server, vLLM, SGLang) re-raises the SIGTERM it handled, so their exit status is
+    "killed by SIGTERM" (143 in a shell), never 0."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(sig, signal.SIG_DFL)
+    signal.raise_signal(sig)  # pending while blocked: delivered, fatally, at the unblock
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    os._exit(128 + sig)  # not reached; the same status, as a shell reports it
 
 
 if __name__ == "__main__":

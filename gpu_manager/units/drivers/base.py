@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 
 class DriverError(Exception):
     """A start/stop/adopt that failed for a reason worth showing the operator."""
+
+
+# The polite stop signals: a process that dies of one (or exits 128 + it, as a shell or a
+# container runtime reports that death) stopped as asked, as systemd counts it by default.
+# Real servers do this: uvicorn (llama.cpp's Python server, vLLM) shuts down on SIGTERM and
+# then re-raises it, so its exit status is "killed by SIGTERM" (143 in a shell) after a
+# clean shutdown. SIGKILL, SIGSEGV, SIGABRT and any other code are failures.
+CLEAN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+CLEAN_CODES = frozenset({0, *(128 + s for s in CLEAN_SIGNALS)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,14 +29,27 @@ class ExitInfo:
 
     @property
     def clean(self) -> bool:
-        return self.code == 0 and self.signal is None
+        if self.signal is not None:
+            return self.signal in CLEAN_SIGNALS
+        return self.code in CLEAN_CODES
 
     def describe(self) -> str:
         if self.signal is not None:
-            return f"killed by signal {self.signal}" + (f" ({self.detail})" if self.detail else "")
+            what = (f"stopped by signal {self.signal} ({_signame(self.signal)})" if self.clean
+                    else f"killed by signal {self.signal}")
+            return what + (f" ({self.detail})" if self.detail else "")
         if self.code is None:
             return self.detail or "exited"
-        return f"exited with code {self.code}" + (f" ({self.detail})" if self.detail else "")
+        named = f" ({_signame(self.code - 128)})" if self.code in CLEAN_CODES - {0} else ""
+        return f"exited with code {self.code}{named}" + (
+            f" ({self.detail})" if self.detail else "")
+
+
+def _signame(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class ExitWatch:
