@@ -10,31 +10,33 @@ const ANSWER_MS = 10000; // a host that does not answer costs the status its pee
 // what a host runs: its services in any of these states
 const SHOWN_STATES = ["ready", "starting", "waking", "unhealthy", "stopping", "sleeping"];
 
-const fleet = { shown: false, seen: new Set(), timer: null };
+const fleet = { shown: false, seen: new Set(), absentAt: null };
 
+// Every 2 s; a daemon found without a fleet (or not answering before the view was shown) is
+// asked again only once ABSENT_MS has passed, and a hidden tab asks nothing.
 async function poll() {
-  fleet.timer = null;
-  let next = fleet.shown ? REFRESH_MS : ABSENT_MS;
-  if (!document.hidden) {
+  const resting = !fleet.shown && fleet.absentAt != null &&
+                  Date.now() - fleet.absentAt < ABSENT_MS;
+  if (!document.hidden && !resting) {
     try {
       const res = await fetchJSON("/fleet/status", { signal: AbortSignal.timeout(ANSWER_MS) });
       if (res.ok && res.body && res.body.enabled !== false) {
         render(res.body);
-        next = REFRESH_MS;
-      } else if (res.status === 404 || (res.ok && res.body && res.body.enabled === false)) {
+      } else if (res.status === 404 || res.ok || !fleet.shown) {
         hide();
-        next = ABSENT_MS;
-      } else if (fleet.shown) {
+      } else {
         stale(`the fleet's status could not be read (HTTP ${res.status})`);
       }
     } catch (err) {
       if (fleet.shown) stale(`no answer: ${err}`);
+      else hide();
     }
   }
-  fleet.timer = setTimeout(poll, next);
+  setTimeout(poll, REFRESH_MS);
 }
 
 function hide() {
+  fleet.absentAt = Date.now();
   fleet.shown = false;
   fleet.seen.clear();
   document.getElementById("fleet").hidden = true;
@@ -64,6 +66,7 @@ function render(st) {
   document.querySelector("#fleet-table tbody").replaceChildren(...rows);
   document.getElementById("fleet-empty").hidden = rows.length > 0;
   fleet.shown = true;
+  fleet.absentAt = null;
   section.hidden = false;
 }
 
