@@ -265,3 +265,27 @@ def test_a_host_lost_mid_task(clean: FleetHosts, tmp_path: Path) -> None:
     assert r.json()["host"] == "b"
     assert {h["host"]: h["error"] for h in r.json()["placement"]["refused"]} == {
         "c": "host_down"}
+
+
+def test_the_dashboard_shows_the_fleet_with_the_lost_host_down(fleet: FleetHosts) -> None:
+    """After the previous test: c's node is gone. The page of any daemon (a real Chromium)
+    shows one row per host, c marked unreachable."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_web import CHROMIUM_ARGS, chromium_path
+
+    exe = chromium_path()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(fleet.daemons["b"].url + "/")
+            expect(page.locator("#fleet")).to_be_visible(timeout=15_000)
+            for host, up in (("a", "true"), ("b", "true"), ("c", "false")):
+                row = page.locator(f"tr.fleet-host[data-host='{host}']")
+                expect(row).to_have_attribute("data-reachable", up, timeout=15_000)
+            assert errors == []
+        finally:
+            browser.close()
