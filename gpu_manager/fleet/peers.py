@@ -27,12 +27,20 @@ class Reply:
 
 class Peers:
     def __init__(self, token: str | None, timeout_s: float) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        # trust_env=False: a proxy from the environment must not sit between the daemons
-        self._http = httpx.AsyncClient(headers=headers, trust_env=False,
-                                       timeout=httpx.Timeout(timeout_s),
-                                       limits=httpx.Limits(max_connections=64))
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http_: httpx.AsyncClient | None = None
         self.timeout_s = timeout_s
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        # Made at the first call, not at the daemon's start: an httpx client builds an SSL
+        # context (13-25 ms here) even for plain http:// peers.
+        if self._http_ is None:
+            # trust_env=False: a proxy from the environment must not sit between the daemons
+            self._http_ = httpx.AsyncClient(headers=self._headers, trust_env=False,
+                                            timeout=httpx.Timeout(self.timeout_s),
+                                            limits=httpx.Limits(max_connections=64))
+        return self._http_
 
     async def call(self, host: Host, method: str, path: str, *, json: Any = None,
                    params: dict[str, str] | None = None,
@@ -55,4 +63,5 @@ class Peers:
         return Reply(host, resp.status_code, body)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._http_ is not None:
+            await self._http_.aclose()

@@ -94,7 +94,7 @@ def fleet_on_loopback(tmp: Path, sizes: dict[str, int]) -> Iterator[FleetHosts]:
             names = list(sizes)
             labels = {n: {"fleet-host": n, "gpum-port": str(daemons[n].port)} for n in names}
             cluster = box["cluster"] = Cluster(initialize_head=True, head_node_args={
-                **NODE, "labels": labels[names[0]], "_system_config": SYSTEM})
+                **NODE, "labels": labels[names[0]], "_system_config": dict(SYSTEM)})
             started[names[0]] = cluster.head_node
             for n in names[1:]:
                 started[n] = cluster.add_node(**NODE, labels=labels[n])
