@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from gpu_manager.api.body import Body
 from gpu_manager.api.docs import answers
@@ -29,6 +29,7 @@ from gpu_manager.planner.serialize import plan_dict
 # JSON as the schema says: `false` is no number of MB, "5" no priority.
 STRICT = ConfigDict(strict=True)
 SessionId = Annotated[str, Field(min_length=1, max_length=200)]
+B = TypeVar("B", bound=BaseModel)
 
 
 class AcquireBody(BaseModel):
@@ -162,9 +163,9 @@ def engine_of(task_id: str) -> str:
     return match.group(1) if match else task_id
 
 
-def managed_device(cards: list[int]) -> Any:
-    """The `device` field of this daemon's bodies: one of the cards it manages (the schema
-    says which, so a generated client never sends another; another is a 422)."""
+def with_cards(body: type[B], cards: list[int]) -> type[B]:
+    """`body` for this daemon: its `device` one of the cards it manages (the schema says
+    which, so a generated client never sends another; another is a 422)."""
     def managed(v: int) -> int:
         if v not in cards:
             raise ValueError(f"device {v} is not managed by this daemon (devices: "
@@ -172,28 +173,10 @@ def managed_device(cards: list[int]) -> Any:
         return v
 
     enum: list[Any] = list(cards)
-    return Annotated[int, Field(json_schema_extra={"enum": enum}),
-                     BeforeValidator(json_int), AfterValidator(managed)] | None
-
-
-def acquire_body(cards: list[int]) -> type[AcquireBody]:
-    Device = managed_device(cards)
-
-    class Acquire(AcquireBody):
-        device: Device = None  # type: ignore[valid-type]
-
-    Acquire.__name__ = "AcquireBody"
-    return Acquire
-
-
-def plan_body(cards: list[int]) -> type[PlanBody]:
-    Device = managed_device(cards)
-
-    class Plan(PlanBody):
-        device: Device = None  # type: ignore[valid-type]
-
-    Plan.__name__ = "PlanBody"
-    return Plan
+    device: Any = Annotated[int, Field(json_schema_extra={"enum": enum}),
+                            BeforeValidator(json_int), AfterValidator(managed)] | None
+    mine = create_model(body.__name__, __base__=body, device=(device, None))
+    return mine
 
 
 def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
@@ -201,7 +184,7 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
     router = APIRouter(tags=["leases"])
     deps = [Depends(auth)]
     cards = [c.index for c in daemon.inventory.gpu.managed]
-    Body_, PlanBody_ = acquire_body(cards), plan_body(cards)
+    Body_, PlanBody_ = with_cards(AcquireBody, cards), with_cards(PlanBody, cards)
 
     async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
         res = await daemon.leases.acquire(body.session_id, body.requester, body.priority,
