@@ -165,9 +165,10 @@ class GPUClient:
             body: dict[str, Any] = {
                 "session_id": task_id, "requester": engine, "priority": priority,
                 "timeout_ms": int(self.timeout_seconds * 1000), "ttl_s": self.ttl_s,
-                "metadata": {"service": self.service_id},
+                "metadata": {"service": self.service_id}}
+            if not self.fleet:  # a pid names a process of this host: not of a fleet's host
                 # this process's memory on the GPU is the lease's, not foreign use
-                "pid": os.getpid()}
+                body["pid"] = os.getpid()
             if self.vram_mb is not None:
                 body["vram_mb"] = self.vram_mb
             if self.device is not None and not self.fleet:
@@ -200,9 +201,10 @@ class GPUClient:
     async def _give_up(self, task_id: str) -> None:
         """After attempts that got no answer, the coordinator may still grant the session
         to nobody: release it (which also cancels an acquire still in flight)."""
-        try:
-            await self._client().post("/gpu/release", timeout=5, json={
-                "session_id": task_id, "requester": self.service_id})
+        try:  # in a fleet: wherever it went (every host is asked)
+            await self._client().post("/fleet/release" if self.fleet else "/gpu/release",
+                                      timeout=5, json={"session_id": task_id} if self.fleet
+                                      else {"session_id": task_id, "requester": self.service_id})
         except httpx.HTTPError as exc:
             logger.info(f"could not release {task_id} after giving up (its TTL ends it): "
                         f"{exc}")

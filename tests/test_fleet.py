@@ -11,6 +11,7 @@ test removes c's node: tests that need c come before it.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 from gpu_manager.client import GPUClient
+from tests.support.daemon import DaemonProc
 from tests.support.env import wait_for
 from tests.support.fleet import FleetHosts, fleet_on_loopback
 
@@ -44,6 +46,22 @@ def clean(fleet: FleetHosts) -> Iterator[FleetHosts]:
         for lease in d.status()["leases"]:
             d.post("/gpu/release", json={"session_id": lease["session_id"]})
         wait_for(lambda d=d: not d.status()["leases"], 10, "the leases released")
+
+
+def lease_event(d: DaemonProc, session_id: str, status: str) -> dict[str, Any]:
+    """The `lease` event of `session_id` with `status`, from the daemon's event stream
+    (its history first), within 10 s."""
+    deadline = time.monotonic() + 10
+    with httpx.stream("GET", f"{d.url}/gpu/events", params={"kind": "lease", "after": "0"},
+                      timeout=httpx.Timeout(10, read=2), trust_env=False) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data:"):
+                data = json.loads(line[5:])
+                if data.get("session_id") == session_id and data.get("status") == status:
+                    return dict(data)
+            if time.monotonic() > deadline:
+                break
+    raise AssertionError(f"no lease event {status} for {session_id} within 10 s")
 
 
 def leases(fleet: FleetHosts, host: str) -> list[dict[str, Any]]:
@@ -142,14 +160,17 @@ def test_a_refusal_names_every_host(clean: FleetHosts) -> None:
     assert r.json()["host"] == "b" and refused == {"c": "unknown_service"}
 
 
-async def test_a_stale_plan_is_refused_and_placed_again(clean: FleetHosts) -> None:
-    """Between the dry runs and the act, someone else takes the chosen host's room: that
-    host refuses (409), and the lease is placed on the next best host."""
+async def test_a_stale_plan_is_refused_at_once_and_placed_again(clean: FleetHosts) -> None:
+    """Between the dry runs and the act, someone else takes the chosen host's room. That host
+    could still grant the lease by preempting `small`; it refuses instead (the act allows
+    the preemptions its dry run promised: none), at once (it waits for room only at the
+    last place), and the lease is placed on the next best host, `small` untouched."""
     from gpu_manager.config.fleet import FleetConfig
     from gpu_manager.fleet.members import Host, RayMembership
     from gpu_manager.fleet.peers import Peers, Reply
     from gpu_manager.fleet.runner import Fleet, Target
 
+    start(clean, "c", "small")  # c: 4168 MB free, so 2000 fits there best, without preempting
     c = clean.daemons["c"]
     taken: list[str] = []
 
@@ -159,27 +180,30 @@ async def test_a_stale_plan_is_refused_and_placed_again(clean: FleetHosts) -> No
                 taken.append(host.name)
                 async with httpx.AsyncClient(base_url=c.url, trust_env=False) as http:
                     r = await http.post("/gpu/acquire", json={
-                        "session_id": "thief", "requester": "other", "vram_mb": 6000})
-                    assert r.status_code == 200, r.text
+                        "session_id": "thief", "requester": "other", "vram_mb": 3000})
+                    assert r.status_code == 200, r.text  # c: 1168 MB free now
             return await super().call(host, method, path, **kw)
 
     cfg = FleetConfig(address=clean.cluster.address, host="a", membership_ttl_s=0)
     fleet = Fleet(cfg, RayMembership(cfg.address, 3.0, 0.0), Racing(None, 5.0))
-    lease = {"session_id": "mine", "requester": "trainer", "vram_mb": 6000,
-             "timeout_ms": 1000}
+    lease = {"session_id": "mine", "requester": "trainer", "vram_mb": 2000}
+    t0 = time.monotonic()
     try:
-        placed = await fleet.place(Target("a lease of 6000 MB", "/gpu/acquire/plan",
-                                          "/gpu/acquire", plan_body={"vram_mb": 6000},
-                                          act_body=lease, act_timeout_s=10))
+        placed = await fleet.place(Target(
+            "a lease of 2000 MB", "/gpu/acquire/plan", "/gpu/acquire",
+            plan_body={"vram_mb": 2000}, act_body=lease, lease=True, deadline=t0 + 20))
     finally:
         await fleet.aclose()
+    took = time.monotonic() - t0
     assert taken == ["c"]
     [attempt] = placed.attempts
     assert (attempt["host"], attempt["error"]) == ("c", "not_granted")
-    assert "lease:thief" in attempt["detail"]  # c's own words: what took its room
+    assert "would now preempt small" in attempt["detail"]  # c's own words
     assert placed.host.name == "b" and placed.reply is not None and placed.reply.ok
+    assert took < 10, took  # refused at once, not after the 20 s it could have waited
     assert [x["session_id"] for x in leases(clean, "b")] == ["mine"]
     assert [x["session_id"] for x in leases(clean, "c")] == ["thief"]
+    assert c.states()["small"] == "ready"
 
 
 def test_a_ray_task_runs_where_the_vram_is_holding_a_lease(clean: FleetHosts) -> None:
@@ -214,11 +238,11 @@ def test_a_ray_actor_holds_its_lease_until_it_dies(clean: FleetHosts) -> None:
     assert ray.get(actor.node.remote(), timeout=60) == clean.node_id("b")  # 10000: b
     [held] = leases(clean, "b")
     assert held["requester"] == "ray:Worker"
-    t0 = time.monotonic()
     ray.kill(actor)
-    # its TTL is 120 s: what takes the lease back is its process's exit
+    # its TTL is 120 s: what takes the lease back within seconds is its process's exit
     wait_for(lambda: leases(clean, "b") == [], 15, "the dead actor's lease reclaimed")
-    assert time.monotonic() - t0 < 15
+    event = lease_event(clean.daemons["b"], held["session_id"], "holder_exited")
+    assert event["requester"] == "ray:Worker"
 
 
 def _job(flags: str, block_on: str) -> str:
@@ -265,11 +289,12 @@ def test_a_host_lost_mid_task(clean: FleetHosts, tmp_path: Path) -> None:
     assert r.json()["host"] == "b"
     assert {h["host"]: h["error"] for h in r.json()["placement"]["refused"]} == {
         "c": "host_down"}
+    see_the_fleet_on_the_dashboard(clean, {"a": "true", "b": "true", "c": "false"})
 
 
-def test_the_dashboard_shows_the_fleet_with_the_lost_host_down(fleet: FleetHosts) -> None:
-    """After the previous test: c's node is gone. The page of any daemon (a real Chromium)
-    shows one row per host, c marked unreachable."""
+def see_the_fleet_on_the_dashboard(fleet: FleetHosts, reachable: dict[str, str]) -> None:
+    """The page of a daemon (a real Chromium) shows one row per host, each reachable or
+    not as `reachable` says."""
     from playwright.sync_api import expect, sync_playwright
 
     from tests.test_web import CHROMIUM_ARGS, chromium_path
@@ -283,9 +308,11 @@ def test_the_dashboard_shows_the_fleet_with_the_lost_host_down(fleet: FleetHosts
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(fleet.daemons["b"].url + "/")
             expect(page.locator("#fleet")).to_be_visible(timeout=15_000)
-            for host, up in (("a", "true"), ("b", "true"), ("c", "false")):
+            expect(page.locator("tr.fleet-host")).to_have_count(len(reachable))
+            for host, up in reachable.items():
                 row = page.locator(f"tr.fleet-host[data-host='{host}']")
                 expect(row).to_have_attribute("data-reachable", up, timeout=15_000)
             assert errors == []
         finally:
             browser.close()
+

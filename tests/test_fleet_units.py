@@ -168,3 +168,134 @@ async def test_a_daemon_alone_has_no_fleet_and_answers_fit_checks(
     assert "can ever give" in r.json()["detail"]
     r = await alone.post("/gpu/acquire/plan", json={"vram_mb": 6000, "device": 3})
     assert r.status_code == 422
+
+
+def test_a_request_preempts_no_more_than_it_allows(repo_root: Path) -> None:
+    """`max_preempt`: what a fleet's act carries (the highest priority its dry run
+    preempted): a plan that now needs more is refused, naming what it would preempt."""
+    from gpu_manager.planner import ObservedState, Plan, PlannerInventory, PreparePhase, plan
+    from gpu_manager.planner import Refusal as PlannerRefusal
+    from gpu_manager.planner import StartService as Start
+
+    inv = PlannerInventory.from_inventory(load_inventory(repo_root))
+    running = ObservedState(24576, {"cosyvoice": None, "ollama": None}, 1024, 0, None)
+    free = plan(inv, running, Start("comfyui"))  # 20000 needs both cosyvoice (50), ollama (10)
+    assert isinstance(free, Plan) and {s.service for s in free.stops} == {"cosyvoice", "ollama"}
+    assert isinstance(plan(inv, running, Start("comfyui", 50)), Plan)
+    refused_ = plan(inv, running, Start("comfyui", 10))
+    assert isinstance(refused_, PlannerRefusal) and refused_.code == "insufficient_vram"
+    assert [b.name for b in refused_.blockers] == ["cosyvoice"]
+    assert "would now preempt cosyvoice" in refused_.message
+    assert isinstance(plan(inv, running, Start("comfyui", -1)), PlannerRefusal)
+    # a phase's own stops (what it does not list) are no preemption: -1 still runs it
+    phase = plan(inv, ObservedState(24576, {"vidi": None}, 1024, 0, 2), PreparePhase(3, -1))
+    assert isinstance(phase, Plan) and [s.service for s in phase.stops] == ["vidi"]
+
+
+class Canned(Peers):
+    """Hosts that all say yes to the dry run and no (409) to the act: every place is
+    stale. Records what each act carried."""
+
+    def __init__(self) -> None:
+        super().__init__(None, 1.0)
+        self.acts: list[tuple[str, Any]] = []
+
+    async def call(self, host: Host, method: str, path: str, **kw: Any) -> Any:
+        from gpu_manager.fleet.peers import Reply
+
+        if path == "/gpu/acquire/plan":
+            return Reply(host, 200, {"plan": {"free_after_mb": 100 * len(host.name),
+                                              "steps": []}})
+        self.acts.append((host.name, kw.get("json")))
+        return Reply(host, 409, {"success": False, "session_id": "s", "error": "no room now"})
+
+
+async def test_when_every_place_is_stale_the_refusal_lists_each() -> None:
+    import time
+
+    hosts = [Host("a", "http://a", "n1", True), Host("bb", "http://bb", "n2", True)]
+    peers = Canned()
+    fleet = Fleet(FleetConfig(address="127.0.0.1:1", host="a", attempts=3),
+                  StaticMembership(hosts), peers)
+    target = Target("a lease", "/gpu/acquire/plan", "/gpu/acquire", act_body={"vram_mb": 1},
+                    lease=True, deadline=time.monotonic() + 30)
+    with pytest.raises(FleetError) as info:
+        await fleet.place(target)
+    assert (info.value.code, info.value.status) == ("insufficient_vram", 409)
+    assert [h["host"] for h in info.value.extra["hosts"]] == ["a", "bb"]
+    assert "a: not_granted (no room now)" in info.value.detail
+    # best fit first (a: 100 MB left); each act allows no preemption; only the last place
+    # tried (no other host left) waits for room, within what is left of the deadline
+    assert [(n, b["max_preempt"], b["wait"]) for n, b in peers.acts] == [
+        ("a", -1, False), ("bb", -1, True)]
+    assert 0 < peers.acts[1][1]["timeout_ms"] <= 30_000
+
+
+async def test_a_retry_joins_the_placement_and_a_grant_nobody_got_is_released() -> None:
+    import asyncio
+
+    from gpu_manager.fleet.acquires import FleetAcquires
+    from gpu_manager.fleet.peers import Reply
+    from gpu_manager.fleet.placement import Option
+    from gpu_manager.fleet.runner import Placed
+
+    host = Host("a", "http://a", "n1", True)
+    released: list[Any] = []
+
+    class Releases(Peers):
+        async def call(self, host: Host, method: str, path: str, **kw: Any) -> Any:
+            released.append((host.name, path, kw.get("json")))
+            return Reply(host, 200, {"success": True})
+
+    fleet = Fleet(FleetConfig(address="127.0.0.1:1", host="a"), StaticMembership([host]),
+                  Releases(None, 1.0))
+    acquires = FleetAcquires(fleet)
+    gate = asyncio.Event()
+    starts = 0
+
+    async def place() -> Placed:
+        nonlocal starts
+        starts += 1
+        await gate.wait()
+        return Placed(host, Option("a", 0), [], [], [],
+                      Reply(host, 200, {"success": True, "session_id": "s1"}))
+
+    async def gone() -> bool:
+        return False
+
+    first = asyncio.create_task(acquires.acquire("s1", place, gone))  # its client left
+    await asyncio.sleep(0)
+    second = asyncio.create_task(acquires.acquire("s1", place, gone))  # its retry too
+    await asyncio.sleep(0)
+    gate.set()
+    a, b = await asyncio.gather(first, second)
+    assert a is b and starts == 1
+    await asyncio.wait_for(acquires.aclose(), 5)
+    assert released == [("a", "/gpu/release", {"session_id": "s1"})]
+
+
+async def test_a_bad_host_url_is_an_answer_not_an_error() -> None:
+    peers = Peers(None, 1.0)
+    try:
+        reply = await peers.call(Host("x", "http://127.0.0.1:99999", "n", True), "GET", "/")
+    finally:
+        await peers.aclose()
+    assert reply.status is None and reply.error and not reply.sent
+    assert hosts_of([("n", True, "h", {"fleet-host": "x", "gpum-port": "99999"}, {})]) == []
+
+
+async def test_an_acquire_that_may_not_wait_is_refused_at_once(
+        alone: httpx.AsyncClient) -> None:
+    import time
+
+    r = await alone.post("/gpu/acquire", json={"session_id": "big", "requester": "t",
+                                               "vram_mb": 20000})
+    assert r.status_code == 200, r.text
+    t0 = time.monotonic()
+    r = await alone.post("/gpu/acquire", json={"session_id": "no-wait", "requester": "t",
+                                               "vram_mb": 10000, "timeout_ms": 20000,
+                                               "wait": False})
+    assert r.status_code == 409 and not r.json()["success"]
+    assert time.monotonic() - t0 < 5  # not the 20 s it was allowed
+    assert [x["session_id"] for x in (await alone.get("/gpu/status")).json()["leases"]] == [
+        "big"]

@@ -39,6 +39,9 @@ from gpu_manager.settings import Settings
 
 DryRun = Annotated[bool, Query(description="Return the plan without acting.")]
 Wait = Annotated[bool, Query(description="false: answer 202 at once with an operation id.")]
+MaxPreempt = Annotated[int | None, Query(ge=-1, le=1_000_000, description=(
+    "The highest priority the plan may preempt (-1: none); a plan that needs more is "
+    "refused (409). A fleet sends what its placement chose."))]
 
 
 def create_app(settings: Settings, inventory: Inventory | None = None, *,
@@ -182,14 +185,16 @@ def create_app(settings: Settings, inventory: Inventory | None = None, *,
     @app.post("/gpu/prepare-phase/{phase}", tags=["gpu"], dependencies=[Auth],
               responses=answers(*POST, 404, *TRANSITION, ok=m.Done | m.DryRun,
                                 accepted=m.Accepted))
-    async def prepare_phase(phase: int = phase_, dry_run: DryRun = False, wait: Wait = True) -> Any:
-        return await run(PreparePhase(phase), dry_run, wait, phase=phase)
+    async def prepare_phase(phase: int = phase_, dry_run: DryRun = False, wait: Wait = True,
+                            max_preempt: MaxPreempt = None) -> Any:
+        return await run(PreparePhase(phase, max_preempt), dry_run, wait, phase=phase)
 
     @app.post("/gpu/service/{name}/start", tags=["gpu"], dependencies=[Auth],
               responses=answers(*POST, 404, *TRANSITION, ok=m.Done | m.DryRun,
                                 accepted=m.Accepted))
-    async def start_service(name: str = name_, dry_run: DryRun = False, wait: Wait = True) -> Any:
-        return await run(StartService(name), dry_run, wait, service=name)
+    async def start_service(name: str = name_, dry_run: DryRun = False, wait: Wait = True,
+                            max_preempt: MaxPreempt = None) -> Any:
+        return await run(StartService(name, max_preempt), dry_run, wait, service=name)
 
     @app.post("/gpu/service/{name}/stop", tags=["gpu"], dependencies=[Auth],
               responses=answers(*POST, 404, *TRANSITION, ok=m.Done | m.DryRun,

@@ -47,6 +47,12 @@ class AcquireBody(BaseModel):
     # The client's process as this host sees it: its memory (and its children's) on the
     # GPU is the lease's, not foreign use counted on top of the lease's claim.
     pid: Annotated[int, Field(ge=1, le=2**22), BeforeValidator(json_int)] | None = None
+    # The highest priority the grant may preempt (-1: none): a fleet sends what its
+    # placement chose; a grant that would need more is refused instead.
+    max_preempt: Annotated[int, Field(ge=-1, le=1_000_000), BeforeValidator(json_int)] | \
+        None = None
+    # false: no wait for room: what cannot be granted now is refused at once (409).
+    wait: bool = True
 
 
 class PlanBody(BaseModel):
@@ -189,7 +195,8 @@ def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:
     async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
         res = await daemon.leases.acquire(body.session_id, body.requester, body.priority,
                                           body.timeout_ms, body.vram_mb, body.ttl_s,
-                                          body.metadata, device=body.device, pid=body.pid)
+                                          body.metadata, device=body.device, pid=body.pid,
+                                          max_preempt=body.max_preempt, wait=body.wait)
         if res.code == "invalid":  # a bad request, not a refusal: the one 422 shape
             return JSONResponse({"error": "invalid_request", "detail": [
                 {"loc": ["body", "device"], "msg": res.error}]}, status_code=422)

@@ -69,7 +69,9 @@ def join(address: Annotated[str | None, typer.Option(
     if not run:
         out.print(shlex.join(argv), markup=False, highlight=False, soft_wrap=True)
         return
-    os.execvp(argv[0], argv)
+    # the raylet hands its environment to every Ray worker: no daemon token goes with it
+    secret = {"GPU_MANAGER_TOKEN", *((fleet.token_env,) if fleet and fleet.token_env else ())}
+    os.execvpe(argv[0], argv, {k: v for k, v in os.environ.items() if k not in secret})
 
 
 def _daemon_vram(url: str, token: str | None) -> int | None:

@@ -8,26 +8,30 @@ answered with that host's answer plus where it went. Without `fleet:` they answe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gpu_manager.api.body import Body
 from gpu_manager.api.docs import answers
 from gpu_manager.api.errors import ApiError
 from gpu_manager.api.leases import AcquireBody, LeaseAnswer
 from gpu_manager.config.fleet import FleetConfig
+from gpu_manager.fleet.acquires import FleetAcquires
 from gpu_manager.fleet.members import RayMembership
 from gpu_manager.fleet.peers import Peers
 from gpu_manager.fleet.runner import Fleet, FleetError, Placed, Target
 
 DryRun = Annotated[bool, Query(description="Choose the host, act on none.")]
-Exclude = Annotated[list[str] | None, Query(description="Hosts to leave out (a placement "
-                                            "that failed there).")]
+Exclude = Annotated[list[str] | None, Query(max_length=64, description="Hosts to leave out "
+                                            "(a placement that failed there).")]
+ServiceName = Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                                  description="A service of the hosts' services.yaml")]
 WHY = {404: "`fleet_disabled`: this daemon has no `fleet:`; `unknown_phase` / "
             "`unknown_service`: no host of the fleet declares it.",
        409: "`insufficient_vram`: no host has room, even by preempting (`hosts`: each "
@@ -62,6 +66,18 @@ class FleetAcquireBody(AcquireBody):
     model_config = ConfigDict(strict=True)
     device: None = None  # a card is the chosen host's choice
     exclude: list[str] = Field(default_factory=list, max_length=64)
+
+
+class FleetReleaseBody(BaseModel):
+    model_config = ConfigDict(strict=True)
+    session_id: str = Field(min_length=1, max_length=200)
+
+
+class FleetReleased(Body):
+    success: bool
+    session_id: str
+    hosts: list[str] = Field(description="The hosts where the session was released (or its "
+                             "acquire in flight cancelled)")
 
 
 class FleetLeaseAnswer(LeaseAnswer):
@@ -110,26 +126,60 @@ def make_router(fleet: Fleet | None, auth: Any, post: tuple[int, ...]) -> APIRou
                             dry_run, exclude)
 
     @router.post("/fleet/service/{name}/start", dependencies=deps, responses=many)
-    async def start(name: Annotated[str, Path(max_length=64)], dry_run: DryRun = False,
+    async def start(name: ServiceName, dry_run: DryRun = False,
                     exclude: Exclude = None) -> Any:
         """Start NAME on a host that declares it and has room for it."""
         return await placed(Target(f"service {name}", f"/gpu/service/{name}/start?dry_run=true",
                                    f"/gpu/service/{name}/start"), dry_run, exclude)
 
+    acquires = FleetAcquires(fleet) if fleet is not None else None
+    if fleet is not None and acquires is not None:
+        fleet.closers.append(acquires.aclose)
+
     @router.post("/fleet/acquire", dependencies=deps, responses=answers(
         *post, 404, 409, 502, 503, 504, ok=FleetLeaseAnswer, why=WHY))
-    async def acquire(body: FleetAcquireBody, dry_run: DryRun = False) -> Any:
+    async def acquire(body: FleetAcquireBody, request: Request, dry_run: DryRun = False) -> Any:
         """A lease on the host that can give the VRAM: the answer is that host's lease,
-        with its `url` (renew and release there) and `cuda_visible_devices`."""
+        with its `url` (renew and release there) and `cuda_visible_devices`. A retry with the
+        same session id joins the placement in flight (and its answer, for a few seconds
+        after). `pid` is not passed on: it names a process of the caller's host, not of the
+        host chosen (acquire at that host's own daemon to tie a lease to a process)."""
         want = {"priority": body.priority, "vram_mb": body.vram_mb}
-        lease = body.model_dump(exclude={"exclude", "device"}, exclude_none=True)
-        deadline = time.monotonic() + body.timeout_ms / 1000
-        # the host's acquire waits in its queue for at most what is left of ours
-        lease["timeout_ms"] = max(0, int((deadline - time.monotonic()) * 1000))
+        lease = body.model_dump(exclude={"exclude", "device", "pid", "max_preempt", "wait"},
+                                exclude_none=True)
         target = Target(f"a lease of {body.vram_mb if body.vram_mb is not None else 'all'} MB",
                         "/gpu/acquire/plan", "/gpu/acquire", plan_body=want, act_body=lease,
-                        act_timeout_s=body.timeout_ms / 1000 + 5, unknown="")
-        return await placed(target, dry_run, body.exclude)
+                        unknown="", lease=True,
+                        deadline=time.monotonic() + body.timeout_ms / 1000)
+        if dry_run:
+            return await placed(target, True, body.exclude)
+        need()  # 404 without a fleet
+        assert acquires is not None  # with a fleet, there are its acquires
+
+        async def connected() -> bool:
+            return not await request.is_disconnected()
+
+        try:
+            p = await acquires.acquire(body.session_id, lambda: need().place(
+                target, exclude=frozenset(body.exclude)), connected)
+        except FleetError as exc:
+            raise ApiError(exc.code, exc.detail, status=exc.status, **exc.extra) from None
+        return _answer(p, False)
+
+    @router.post("/fleet/release", dependencies=deps, responses=answers(
+        *post, 404, 503, ok=FleetReleased, why=WHY))
+    async def release(body: FleetReleaseBody) -> dict[str, Any]:
+        """Release a session wherever it is held (or its acquire in flight): every live
+        host is asked. For a client that lost track of where its lease went."""
+        f = need()
+        try:
+            hosts = [h for h in await f.hosts() if h.alive]
+        except FleetError as exc:
+            raise ApiError(exc.code, exc.detail, status=exc.status) from None
+        replies = await asyncio.gather(*(f.peers.call(h, "POST", "/gpu/release", json={
+            "session_id": body.session_id}) for h in hosts))
+        done = sorted(r.host.name for r in replies if r.ok)
+        return {"success": bool(done), "session_id": body.session_id, "hosts": done}
 
     return router
 
@@ -143,8 +193,12 @@ def _answer(p: Placed, dry_run: bool) -> Any:
         raise ApiError("fleet_unavailable", f"{p.host.name} did not answer: {p.reply.error}",
                        status=504 if "within" in p.reply.error else 502, **where)
     if isinstance(body, dict) and "session_id" in body:  # a lease: the host's answer, flat
-        return JSONResponse({**body, **where}, status_code=p.reply.status or 502)
+        status = p.reply.status or 502
+        return JSONResponse({**body, **where}, status_code=502 if status >= 500 and status
+                            not in (502, 503, 504) else status)
     status = p.reply.status or 502
+    if status >= 500 and status not in (502, 503, 504):
+        status = 502  # the host failed (a 500 of its own): a bad gateway, as documented
     if status >= 300:
         return JSONResponse({**(body if isinstance(body, dict) else {"detail": body}),
                              **where}, status_code=status)

@@ -13,8 +13,11 @@ import asyncio
 import importlib
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from loguru import logger
 
 from gpu_manager.config.fleet import HOST_LABEL, PORT_LABEL
 
@@ -44,20 +47,27 @@ class Membership(Protocol):
     async def aclose(self) -> None: ...
 
 
-def hosts_of(nodes: list[tuple[str, bool, str, Mapping[str, str], Mapping[str, float]]]
-             ) -> list[Host]:
+# Ray's node table, a row per node: (node id, alive, address, labels, resources)
+Row = tuple[str, bool, str, Mapping[str, str], Mapping[str, float]]
+
+
+def hosts_of(nodes: list[Row]) -> list[Host]:
     """Hosts from (node id, alive, address, labels, resources) rows: only nodes labelled
     as a fleet host; a host name on several nodes (a node restarted: its old entry stays
     in Ray's table as dead) is its live node, else its last."""
     by_name: dict[str, Host] = {}
     for node_id, alive, address, labels, resources in nodes:
         name, port = labels.get(HOST_LABEL), labels.get(PORT_LABEL)
-        if not name or not port or not port.isdigit():
-            continue
+        if not name or not port or not port.isdigit() or not 0 < int(port) < 65536:
+            continue  # not a fleet host (or a label no daemon could listen on)
         vram = resources.get(VRAM_RESOURCE)
         host = Host(name, f"http://{_netloc(address)}:{int(port)}", node_id, alive,
                     int(vram) if vram else None, dict(labels))
         old = by_name.get(name)
+        if old is not None and old.alive and alive:
+            logger.warning(f"fleet: two live Ray nodes are labelled {HOST_LABEL}={name} "
+                           f"({old.node_id}, {node_id}): the first is used")
+            continue
         if old is None or alive or not old.alive:
             by_name[name] = host
     return sorted(by_name.values(), key=lambda h: h.name)
@@ -84,35 +94,49 @@ class StaticMembership:
 
 
 class RayMembership:
-    """Ray's node table through a GCS client, each question within `timeout_s`, answers
-    reused for `ttl_s` (a placement asks once, not once per host)."""
+    """Ray's node table through a GCS client, answers (and failures) reused for `ttl_s`.
+
+    The reads run on one thread of their own, one at a time: a GCS client that hangs (its
+    constructor waits ~40 s for an unreachable head, whatever its timeout) holds that thread
+    only, never the daemon's shared executor. Callers share the read in flight, each within
+    its own deadline; a read that outlives a caller goes on and serves the next."""
 
     def __init__(self, address: str, timeout_s: float, ttl_s: float) -> None:
         self.address = address.removeprefix("ray://")
         self.timeout_s = timeout_s
         self.ttl_s = ttl_s
         self._client: Any = None
-        self._cached: tuple[float, list[Host]] | None = None
-        self._lock = asyncio.Lock()
+        self._cached: tuple[float, list[Host] | MembershipError] | None = None
+        self._reading: asyncio.Future[list[Row]] | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fleet-gcs")
 
     async def hosts(self) -> list[Host]:
-        async with self._lock:  # one question in flight; the others share its answer
-            now = time.monotonic()
-            if self._cached is not None and now - self._cached[0] < self.ttl_s:
-                return list(self._cached[1])
-            try:
-                # the thread is left to finish on its own if it outlives the deadline:
-                # the GCS client's own timeout ends it soon after
-                async with asyncio.timeout(self.timeout_s + 1):
-                    rows = await asyncio.to_thread(self._read)
-            except TimeoutError:
-                raise MembershipError(f"Ray at {self.address} did not answer within "
-                                      f"{self.timeout_s + 1:g}s") from None
-            hosts = hosts_of(rows)
-            self._cached = (time.monotonic(), hosts)
-            return list(hosts)
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < max(self.ttl_s, 0.0):
+            return _answer(self._cached[1])
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.get_running_loop().run_in_executor(self._pool, self._read)
+            self._reading.add_done_callback(self._keep)
+        try:
+            async with asyncio.timeout(self.timeout_s + 1):
+                rows = await asyncio.shield(self._reading)
+        except TimeoutError:
+            raise MembershipError(f"Ray at {self.address} did not answer within "
+                                  f"{self.timeout_s + 1:g}s") from None
+        return hosts_of(rows)
 
-    def _read(self) -> list[tuple[str, bool, str, Mapping[str, str], Mapping[str, float]]]:
+    def _keep(self, fut: asyncio.Future[list[Row]]) -> None:
+        """A read's outcome, kept for `ttl_s` (a failure too: Ray down is asked again at
+        most that often, not once per caller)."""
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        outcome: list[Host] | MembershipError = (
+            hosts_of(fut.result()) if exc is None else exc if isinstance(exc, MembershipError)
+            else MembershipError(f"Ray at {self.address}: {exc}"))
+        self._cached = (time.monotonic(), outcome)
+
+    def _read(self) -> list[Row]:
         try:  # the fleet extra, on demand; Ray's GCS client is not in its typed surface
             gcs_client: Any = importlib.import_module("ray._raylet").GcsClient
             alive_state = importlib.import_module("ray.core.generated.gcs_pb2").GcsNodeInfo.ALIVE
@@ -131,3 +155,11 @@ class RayMembership:
 
     async def aclose(self) -> None:
         self._client = None
+        # a read stuck in Ray's client is left to its thread (not joined: shutdown goes on)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _answer(outcome: list[Host] | MembershipError) -> list[Host]:
+    if isinstance(outcome, MembershipError):
+        raise outcome
+    return list(outcome)

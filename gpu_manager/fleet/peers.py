@@ -56,6 +56,8 @@ class Peers:
             return Reply(host, None, None, f"no answer within {timeout.read:g}s", sent)
         except httpx.HTTPError as exc:
             return Reply(host, None, None, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a URL no socket can take, a client closed at shutdown
+            return Reply(host, None, None, f"{type(exc).__name__}: {exc}", False)
         try:
             body = resp.json()
         except ValueError:

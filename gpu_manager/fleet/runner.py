@@ -10,8 +10,9 @@ sent but not answered is not tried again elsewhere: it may still be running ther
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from gpu_manager.config.fleet import FleetConfig
@@ -22,16 +23,33 @@ from gpu_manager.fleet.placement import Option, Refused, choose, option, preempt
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """What is placed: how each host is asked (its dry run) and told (the act)."""
+    """What is placed: how each host is asked (its dry run) and told (the act).
+
+    The act carries what the chosen host's dry run promised, `max_preempt` (the highest
+    priority it preempted; -1: none), so a host whose room went meanwhile refuses (409)
+    instead of preempting more than the placement chose to. A lease's act (`lease`) also
+    waits for room only at the last place tried (`wait`), and all of it within `deadline`.
+    """
 
     label: str  # for people: "phase 2", "service tts", "a lease of 8000 MB"
     plan_path: str
     act_path: str
     plan_body: Any = None
     act_body: Any = None
-    act_timeout_s: float | None = None
     unknown: str = "unknown_service"  # the code of a host that does not declare it
-    params: Mapping[str, str] = field(default_factory=dict)  # the act's query
+    lease: bool = False
+    deadline: float | None = None  # time.monotonic(): a lease's timeout
+
+    def act(self, chosen: Option, last: bool, margin_s: float,
+            default_s: float) -> tuple[Any, dict[str, str], float]:
+        """(body, query, HTTP timeout) of the act on the host `chosen` names."""
+        limit = chosen.cost[0]
+        if not self.lease:
+            return self.act_body, {"max_preempt": str(limit)}, default_s
+        left = max(0.0, (self.deadline or time.monotonic()) - time.monotonic())
+        body = {**(self.act_body or {}), "max_preempt": limit, "wait": last,
+                "timeout_ms": int(left * 1000)}
+        return body, {}, left + margin_s
 
 
 class FleetError(Exception):
@@ -64,6 +82,8 @@ class Fleet:
         self.cfg = cfg
         self.membership = membership
         self.peers = peers
+        # what else ends with the fleet (the routes' acquires in flight), first
+        self.closers: list[Callable[[], Awaitable[None]]] = []
 
     async def hosts(self) -> list[Host]:
         try:
@@ -88,27 +108,31 @@ class Fleet:
 
     async def place(self, target: Target, *, dry_run: bool = False,
                     exclude: frozenset[str] = frozenset()) -> Placed:
-        """Ask, choose, act (unless `dry_run`); again without a host that refused its act."""
+        """Ask, choose, act (unless `dry_run`); again without a host that refused its act,
+        while places, hosts and the target's deadline last."""
         attempts: list[dict[str, Any]] = []
         left_out = set(exclude)
-        for _ in range(self.cfg.attempts):
+        for n in range(1, self.cfg.attempts + 1):
             placed = await self._choose(target, left_out, attempts)
             if dry_run:
                 return placed
-            reply = await self.peers.call(
-                placed.host, "POST", target.act_path, json=target.act_body,
-                params=dict(target.params),
-                timeout_s=target.act_timeout_s or self.cfg.operation_timeout_s)
+            last = n == self.cfg.attempts or len(placed.options) == 1
+            body, params, timeout = target.act(placed.chosen, last, self.cfg.peer_timeout_s,
+                                               self.cfg.operation_timeout_s)
+            reply = await self.peers.call(placed.host, "POST", target.act_path, json=body,
+                                          params=params, timeout_s=timeout)
             if reply.status == 409 or not reply.sent:  # stale, or it went away: elsewhere
-                attempts.append({"host": placed.host.name,
-                                 **refused(placed.host.name, reply.status, reply.body,
-                                           reply.error).as_dict()})
+                attempts.append(refused(placed.host.name, reply.status, reply.body,
+                                        reply.error).as_dict())
                 left_out.add(placed.host.name)
+                if target.deadline is not None and time.monotonic() >= target.deadline:
+                    break
                 continue
             placed.reply = reply
             return placed
-        raise FleetError("insufficient_vram", f"{target.label}: every place tried refused "
-                         f"it ({len(attempts)} attempts)", 409, hosts=[], attempts=attempts)
+        raise FleetError("insufficient_vram", f"no host of the fleet took {target.label}: "
+                         + "; ".join(f"{a['host']}: {a['detail']}" for a in attempts), 409,
+                         hosts=attempts, attempts=attempts)
 
     async def _choose(self, target: Target, exclude: set[str],
                       attempts: list[dict[str, Any]]) -> Placed:
@@ -130,6 +154,9 @@ class Fleet:
         options = [option(name, p, priorities.get(name, {})) for name, p in plans.items()]
         best = choose(options)
         if best is None:
+            if attempts:  # every option went at the act: their refusals, then the rest
+                refusals += [Refused(a["host"], a["error"], a["detail"], a.get("short_mb"),
+                                     tuple(a.get("blockers") or ())) for a in attempts]
             raise _no_host(target, refusals, attempts)
         host = next(h for h in live if h.name == best.host)
         return Placed(host, best, sorted(options, key=lambda o: o.host),
@@ -149,6 +176,8 @@ class Fleet:
         return out
 
     async def aclose(self) -> None:
+        for close in self.closers:
+            await close()
         await self.peers.aclose()
         await self.membership.aclose()
 

@@ -33,12 +33,16 @@ from typing import Any
 
 import httpx
 import ray
+from loguru import logger
 from ray import exceptions as rex
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gpu_manager.config.fleet import HOST_LABEL, PORT_LABEL
 
 URL_ENV = "GPU_MANAGER_FLEET_URL"
+# .options() the fleet sets itself
+RESERVED = frozenset({"scheduling_strategy", "max_retries", "max_restarts", "retry_exceptions",
+                      "max_task_retries"})
 TOKEN_ENV = "GPU_MANAGER_TOKEN"
 # What a lost node, a dead worker or a hard pin to a dead node raises: placed again elsewhere.
 GONE = (rex.NodeDiedError, rex.WorkerCrashedError, rex.TaskUnschedulableError,
@@ -70,8 +74,8 @@ class FleetPlacementError(Exception):
 @dataclass(frozen=True)
 class Options:
     vram_mb: int
-    fleet_url: str
-    token: str | None
+    fleet_url: str | None  # None: found through Ray's node labels at each placement
+    token: str | None = field(repr=False)
     priority: int = 1
     ttl_s: float = 30.0
     attempts: int = 3
@@ -83,48 +87,72 @@ class Options:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
-def fleet_url(explicit: str | None = None) -> str:
-    """Where to ask the fleet: `explicit`, else $GPU_MANAGER_FLEET_URL, else the first
-    live Ray node labelled as a fleet host (every fleet daemon answers for all)."""
+def fleet_urls(explicit: str | None) -> list[str]:
+    """Where to ask the fleet: `explicit`, else $GPU_MANAGER_FLEET_URL, else every live Ray
+    node labelled as a fleet host (any fleet daemon answers for all), asked at each
+    placement: the host asked first may be the one that went away."""
     url = explicit or os.environ.get(URL_ENV)
     if url:
-        return url.rstrip("/")
+        return [url.rstrip("/")]
     nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    urls = []
     for node in nodes:
         labels = node.get("Labels") or {}
-        if node.get("Alive") and labels.get(HOST_LABEL) and labels.get(PORT_LABEL):
-            return f"http://{node['NodeManagerAddress']}:{labels[PORT_LABEL]}"
-    raise FleetPlacementError("no live Ray node is labelled as a fleet host "
-                              f"({HOST_LABEL}, {PORT_LABEL}): run `gpu-manager fleet join`",
-                              [], [])
+        port = str(labels.get(PORT_LABEL) or "")
+        if node.get("Alive") and labels.get(HOST_LABEL) and port.isdigit():
+            address = str(node["NodeManagerAddress"])
+            urls.append(f"http://{f'[{address}]' if ':' in address else address}:{port}")
+    if not urls:
+        raise FleetPlacementError("no live Ray node is labelled as a fleet host "
+                                  f"({HOST_LABEL}, {PORT_LABEL}): run `gpu-manager fleet "
+                                  "join`", [], [])
+    return urls
 
 
 def place(opts: Options, exclude: set[str], requester: str) -> dict[str, Any]:
-    """The host the fleet chooses now (a dry run: nothing is held yet)."""
+    """The host the fleet chooses now (a dry run: nothing is held yet), asked of the first
+    fleet daemon that answers."""
     body = {"session_id": f"place-{os.getpid()}-{time.monotonic_ns()}", "requester": requester,
             "priority": opts.priority, "vram_mb": opts.vram_mb, "exclude": sorted(exclude)}
-    try:
-        resp = httpx.post(f"{opts.fleet_url}/fleet/acquire", params={"dry_run": "true"},
-                          json=body, headers=opts.headers(), timeout=opts.http_timeout_s,
-                          trust_env=False)
-        answer = resp.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        raise FleetPlacementError(f"the fleet at {opts.fleet_url} did not answer: {exc}",
-                                  [], []) from exc
-    if resp.status_code != 200:
-        raise FleetPlacementError(str(answer.get("detail") or answer), answer.get("hosts", []),
-                                  answer.get("attempts", []))
-    return dict(answer)
+    why = "no fleet daemon to ask"
+    for url in fleet_urls(opts.fleet_url):
+        try:
+            resp = httpx.post(f"{url}/fleet/acquire", params={"dry_run": "true"}, json=body,
+                              headers=opts.headers(), timeout=opts.http_timeout_s,
+                              trust_env=False)
+            answer = resp.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            why = f"the fleet at {url} did not answer: {exc}"
+            continue
+        if not isinstance(answer, dict):
+            why = f"the fleet at {url} answered HTTP {resp.status_code} without a JSON object"
+            continue
+        if resp.status_code != 200:
+            raise FleetPlacementError(str(answer.get("detail") or answer),
+                                      answer.get("hosts", []), answer.get("attempts", []))
+        return answer
+    raise FleetPlacementError(why, [], [])
+
+
+def terms(placed: dict[str, Any], last: bool) -> dict[str, Any]:
+    """The placement with what its lease asks of the host: to preempt no more than its dry
+    run did (a host whose room went meanwhile refuses at once instead), and to wait for
+    room only at the last place tried."""
+    preempts = placed.get("placement", {}).get("chosen", {}).get("preempts", [])
+    limit = max((int(p["priority"]) for p in preempts), default=-1)
+    return {**placed, "terms": {"max_preempt": limit, "wait": last}}
 
 
 class HeldLease:
     """A lease on one host's daemon held by this process: acquired, renewed, released."""
 
     def __init__(self, opts: Options, host: str, url: str, session_id: str, requester: str,
-                 metadata: dict[str, Any]) -> None:
+                 metadata: dict[str, Any], terms: dict[str, Any] | None = None) -> None:
         self.opts, self.host, self.url = opts, host, url.rstrip("/")
+        self.terms = terms or {}  # what the placement promised: max_preempt, wait
         self.session_id, self.requester, self.metadata = session_id, requester, metadata
         self.answer: dict[str, Any] = {}
+        self.lost: str | None = None  # why the lease went while held (its daemon said so)
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -136,7 +164,7 @@ class HeldLease:
         body = {"session_id": self.session_id, "requester": self.requester,
                 "priority": self.opts.priority, "vram_mb": self.opts.vram_mb,
                 "ttl_s": self.opts.ttl_s, "pid": os.getpid(), "metadata": self.metadata,
-                "timeout_ms": int(self.opts.acquire_timeout_s * 1000)}
+                "timeout_ms": int(self.opts.acquire_timeout_s * 1000), **self.terms}
         try:
             resp = self._post("/gpu/acquire", body, self.opts.acquire_timeout_s + 5)
             answer: dict[str, Any] = resp.json()
@@ -155,9 +183,12 @@ class HeldLease:
             try:
                 resp = self._post("/gpu/renew", {"session_id": self.session_id},
                                   self.opts.http_timeout_s)
-                if resp.status_code in (404, 409):
-                    return  # gone or lost: nothing left to renew
-            except httpx.HTTPError:
+                if resp.status_code in (404, 409):  # gone or lost: nothing left to renew
+                    self.lost = str(resp.json().get("error") or resp.status_code)
+                    logger.error(f"GPU lease {self.session_id} on {self.host} was lost while "
+                                 f"held ({self.lost}): this process no longer holds its VRAM")
+                    return
+            except (httpx.HTTPError, ValueError):
                 continue  # its TTL is the bound; try again at the next beat
 
     def release(self) -> None:
@@ -178,7 +209,7 @@ def _leased_call(fn: Callable[..., Any], opts: Options, placed: dict[str, Any],
                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     ids = _ids()
     lease = HeldLease(opts, placed["host"], placed["url"], f"ray-task-{ids['ray_task_id']}",
-                      f"ray:{getattr(fn, '__name__', 'task')}", ids)
+                      f"ray:{getattr(fn, '__name__', 'task')}", ids, placed["terms"])
     answer = lease.acquire()
     visible = answer.get("cuda_visible_devices")
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -202,8 +233,8 @@ def _place_and_run(fn: Callable[..., Any], opts: Options, args: tuple[Any, ...],
     excluded: set[str] = set()
     tried: list[dict[str, Any]] = []
     name = f"ray:{getattr(fn, '__name__', 'task')}"
-    for _ in range(opts.attempts):
-        placed = place(opts, excluded, name)
+    for n in range(1, opts.attempts + 1):
+        placed = terms(place(opts, excluded, name), n == opts.attempts)
         ref = _leased_remote.options(
             max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
                 placed["node_id"], soft=False), **opts.ray_options).remote(
@@ -213,6 +244,8 @@ def _place_and_run(fn: Callable[..., Any], opts: Options, args: tuple[Any, ...],
         except PlacementRefused as exc:  # stale: that host's room went meanwhile
             why = exc.why
         except GONE as exc:  # its node (or worker) died under it
+            if isinstance(exc, rex.RayTaskError):
+                raise  # the user's own code met a dead worker of its own: its error
             why = f"{type(exc).__name__}: {exc}".splitlines()[0]
         tried.append({"host": placed["host"], "error": why})
         excluded.add(placed["host"])
@@ -244,8 +277,10 @@ def _leased_class(cls: type) -> type:
             ids = _ids()
             self._gpum_lease = HeldLease(opts, placed["host"], placed["url"],
                                          f"ray-actor-{ids['ray_actor_id']}",
-                                         f"ray:{cls.__name__}", ids)
-            self._gpum_lease.acquire()
+                                         f"ray:{cls.__name__}", ids, placed["terms"])
+            visible = self._gpum_lease.acquire().get("cuda_visible_devices")
+            if visible:  # several GPUs: the card granted, before the user's code loads
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible
             try:
                 super().__init__(*args, **kwargs)
             except BaseException:
@@ -272,8 +307,9 @@ class FleetActorClass:
         """An actor handle on the host that had the VRAM, its lease held."""
         excluded: set[str] = set()
         tried: list[dict[str, Any]] = []
-        for _ in range(self._opts.attempts):
-            placed = place(self._opts, excluded, f"ray:{self._name}")
+        for n in range(1, self._opts.attempts + 1):
+            placed = terms(place(self._opts, excluded, f"ray:{self._name}"),
+                           n == self._opts.attempts)
             handle = self._remote.options(
                 max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
                     placed["node_id"], soft=False), **self._opts.ray_options).remote(
@@ -286,6 +322,9 @@ class FleetActorClass:
                               "error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
                 excluded.add(placed["host"])
                 ray.kill(handle)
+            except BaseException:
+                ray.kill(handle)  # nothing half-made is left holding a lease
+                raise
         raise FleetPlacementError(f"ray:{self._name}: {len(tried)} places tried, none took "
                                   "it", [], tried)
 
@@ -300,9 +339,13 @@ def remote(vram_mb: int, *, fleet: str | None = None, token: str | None = None,
     `ray_options`: passed to `.options()` (num_cpus, resources, ...)."""
     if vram_mb < 0 or attempts < 1:
         raise ValueError("vram_mb must be >= 0 and attempts >= 1")
+    taken = sorted(set(ray_options) & RESERVED)
+    if taken:
+        raise ValueError(f"{', '.join(taken)}: set by the fleet (pinning to the chosen host, "
+                         "placing again instead of Ray's retries)")
 
     def wrap(obj: Any) -> Any:
-        opts = Options(vram_mb, fleet_url(fleet), token or os.environ.get(TOKEN_ENV),
+        opts = Options(vram_mb, fleet, token or os.environ.get(TOKEN_ENV),
                        priority, ttl_s, attempts, acquire_timeout_s,
                        ray_options=dict(ray_options))
         if isinstance(obj, type):

@@ -9,6 +9,10 @@ import psutil
 from gpu_manager.orchestrator.ledger import ClientLease
 
 HOLDER_CHECK_S = 1.0  # how often leases with a pid are checked for their process's exit
+# psutil derives a create time from the boot time, which follows the wall clock: a clock
+# step (NTP, a resumed VM) moves every process's create time with it. A pid reused within
+# this much of the old process's start is not told apart (a pid cycles far slower).
+SAME_START_S = 2.0
 
 
 def pid_created(pid: int) -> float | None:
@@ -31,4 +35,5 @@ async def orphaned(active: list[ClientLease], timeout_s: float) -> list[ClientLe
                 lambda: [pid_created(x.pid) if x.pid is not None else None for x in held])
     except TimeoutError:
         return []
-    return [x for x, c in zip(held, created, strict=True) if c != x.pid_created]
+    return [x for x, c in zip(held, created, strict=True)
+            if c is None or x.pid_created is None or abs(c - x.pid_created) > SAME_START_S]

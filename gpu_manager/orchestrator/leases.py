@@ -32,16 +32,10 @@ from gpu_manager.lock import LockHeld, LockLost, LockUnavailable
 from gpu_manager.orchestrator.core import Orchestrator
 from gpu_manager.orchestrator.deadlines import lock_call
 from gpu_manager.orchestrator.holders import HOLDER_CHECK_S, orphaned, pid_created
+from gpu_manager.orchestrator.lease_fit import card_budget, fit
 from gpu_manager.orchestrator.ledger import ClientLease, LostLease, lease_name
 from gpu_manager.orchestrator.operations import Operation, OperationError
-from gpu_manager.planner import (
-    Plan,
-    PlannerInventory,
-    Refusal,
-    ServiceSpec,
-    StartService,
-    plan,
-)
+from gpu_manager.planner import Plan, Refusal, StartService
 from gpu_manager.units import Event
 
 RETRY_S = 0.5  # re-try the head of the queue at least this often (foreign usage may drop)
@@ -75,6 +69,10 @@ class _Acquire:
     op: Operation | None = None  # the attempt's operation, once it has one
     # Given up before it was granted: (code, why): released by its client, or shutdown.
     abandoned: tuple[str, str] | None = None
+    # False: no waiting for room: a grant that cannot be had now (its plan refused, or
+    # others queued first) is refused at once (a fleet then places it elsewhere); a plan
+    # that can run still runs to its end within the timeout.
+    wait: bool = True
 
 
 class LeaseManager:
@@ -111,7 +109,8 @@ class LeaseManager:
     async def acquire(self, session_id: str, requester: str, client_priority: int,
                       timeout_ms: int, vram_mb: int | None = None, ttl_s: float | None = None,
                       metadata: dict[str, Any] | None = None, legacy: bool = False,
-                      device: int | None = None, pid: int | None = None) -> AcquireResult:
+                      device: int | None = None, pid: int | None = None,
+                      max_preempt: int | None = None, wait: bool = True) -> AcquireResult:
         t0 = time.monotonic()
         existing = self.get(session_id)
         if existing is not None:  # a retry of a request that already succeeded: idempotent
@@ -151,8 +150,9 @@ class LeaseManager:
                   self.cfg.max_ttl_s)
         lease = ClientLease(session_id, requester, self.scale(client_priority), client_priority,
                             mb, ttl, legacy, dict(metadata or {}), device=device,
-                            pid=pid if created is not None else None, pid_created=created)
-        a = _Acquire(lease, t0, t0 + min(timeout_ms / 1000, self.cfg.max_wait_s))
+                            pid=pid if created is not None else None, pid_created=created,
+                            max_preempt=max_preempt)
+        a = _Acquire(lease, t0, t0 + min(timeout_ms / 1000, self.cfg.max_wait_s), wait=wait)
         a.task = asyncio.create_task(self._run(a), name=f"acquire-{session_id}")
         self._pending[session_id] = a
         a.task.add_done_callback(lambda _: self._forget(session_id, a))
@@ -160,22 +160,9 @@ class LeaseManager:
 
     async def plan(self, client_priority: int, vram_mb: int | None,
                    device: int | None = None) -> Plan | Refusal | str:
-        """What an acquire of `vram_mb` would do now (a fleet asks every host before it
-        places one): the plan (its preemptions, the room left), the planner's refusal, or
-        why no wait could ever make it fit. Pure: nothing is reserved, nothing queued."""
-        budget = self.card_budget(device)
-        mb = vram_mb if vram_mb is not None else self.cfg.default_vram_mb
-        mb = budget if mb is None else mb
-        if 0 < budget < mb:
-            return (f"{mb} MB is more than this GPU can ever give ({budget} MB: its total "
-                    "less the reserve)")
-        await self.orch.refresh_pids()
-        inv = self.orch.planner_inventory()
-        name = lease_name(f"plan-{next(self._seq)}")
-        spec = ServiceSpec(name, mb, self.scale(client_priority), preemptible=False,
-                           stoppable=False, devices=None if device is None else (device,))
-        return plan(PlannerInventory({**inv.services, name: spec}, inv.phases),
-                    self.orch.observed(), StartService(name))
+        """What an acquire would do now, nothing reserved (see `lease_fit.fit`)."""
+        return await fit(self.orch, self.cfg, self.scale(client_priority), vram_mb, device,
+                         f"plan-{next(self._seq)}")
 
     def _forget(self, session_id: str, a: _Acquire) -> None:
         if self._pending.get(session_id) is a:
@@ -216,9 +203,13 @@ class LeaseManager:
                         return result
                     if isinstance(outcome, tuple):
                         code, last = outcome
-                        if code == "unavailable":
-                            result = AcquireResult(None, last, self._ms(t0), "unavailable")
+                        if code == "unavailable" or not a.wait:
+                            result = AcquireResult(None, last, self._ms(t0), code)
                             return result
+                elif not a.wait and a.abandoned is None:
+                    result = AcquireResult(None, "others are waiting for this GPU first",
+                                           self._ms(t0), "refused")
+                    return result
                 if a.abandoned is not None:
                     code, why = a.abandoned
                     result = AcquireResult(None, why, self._ms(t0), code)
@@ -266,13 +257,7 @@ class LeaseManager:
             a.attempt.cancel()
 
     def card_budget(self, device: int | None) -> int:
-        """The most one lease can get: the card's total less its reserve (`device`), or the
-        largest card's (any)."""
-        observed = self.orch.observed()
-        if not observed.devices:  # one card
-            return observed.total_mb - observed.reserve_mb
-        return max((c.total_mb - c.reserve_mb for i, c in observed.devices.items()
-                    if device is None or i == device), default=0)
+        return card_budget(self.orch, device)
 
     @staticmethod
     def _ms(t0: float) -> int:
@@ -288,14 +273,14 @@ class LeaseManager:
             return "refused", f"session {lease.session_id!r} is already being acquired"
         held = False
         try:
-            plan = await orch.dry_run(StartService(lease.name))
+            plan = await orch.dry_run(StartService(lease.name, lease.max_preempt))
             if not isinstance(plan, Plan):
                 return "refused", plan.message
             # The daemon owns the GPU lock for as long as the lease is held, so legacy code
             # taking gpu_mutex sees the GPU as owned; taken before the transition, kept after.
             await lock_call("acquire", orch.keeper.hold(lease.name), orch.bounds.lock_io_s)
             held = True
-            a.op = Operation(StartService(lease.name))
+            a.op = Operation(StartService(lease.name, lease.max_preempt))
             await orch.execute(a.op)
         except OperationError as exc:
             why: tuple[str, str] = ("refused", exc.detail)

@@ -61,6 +61,8 @@ class ClientLease:
     # children's, is the lease's, not foreign. None: not given, or not found on this host.
     pid: int | None = None
     pid_created: float | None = None
+    # The highest priority its grant may preempt (None: any); see PreparePhase.max_preempt.
+    max_preempt: int | None = None
     # Its grant reached a client (an answer to a caller still connected, or a renewal): a
     # grant no caller received expires within seconds instead of its whole TTL.
     claimed: bool = False

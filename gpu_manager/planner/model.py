@@ -133,11 +133,16 @@ class ObservedState:
 @dataclass(frozen=True, slots=True)
 class PreparePhase:
     phase: int
+    # The highest priority this request may preempt (-1: none); None: any the rules allow.
+    # A fleet sends what the host's dry run promised: a plan that now needs more is refused
+    # (it was stale) instead of preempting more than the placement chose to.
+    max_preempt: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StartService:
     name: str
+    max_preempt: int | None = None  # as PreparePhase's
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from gpu_manager.planner.common import can_sleep, edges, sleep_frees, usage_mb, 
 from gpu_manager.planner.model import (
     RELEASES,
     Action,
+    Blocker,
     ObservedState,
     Plan,
     PlannerInventory,
@@ -47,6 +48,26 @@ from gpu_manager.planner.model import (
 
 
 def plan(inv: PlannerInventory, state: ObservedState, request: Request) -> Plan | Refusal:
+    result = _plan(inv, state, request)
+    limit = getattr(request, "max_preempt", None)
+    if limit is None or isinstance(result, Refusal):
+        return result
+    over = [s for s in result.steps if s.preemption and s.action in RELEASES
+            and (inv.services[s.service].priority if s.service in inv.services else 1 << 30)
+            > limit]
+    if not over:
+        return result
+    allowed_ = "nothing" if limit < 0 else f"up to priority {limit}"
+    return Refusal(request, "insufficient_vram", (
+        f"it would now preempt {', '.join(s.service for s in over)}, and the request allows "
+        f"preempting {allowed_} (a placement made on an earlier plan)"),
+        tuple(Blocker(s.service, s.mb, "its preemption is not allowed by the request",
+                      s.devices[0] if len(s.devices) == 1 and len(state.devices) > 1
+                      else None) for s in over),
+        sum(s.mb for s in over))
+
+
+def _plan(inv: PlannerInventory, state: ObservedState, request: Request) -> Plan | Refusal:
     if len(state.devices) < 2:
         return core.plan(inv, state, request)
     match request:
