@@ -12,10 +12,12 @@ test removes c's node: tests that need c come before it.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -243,6 +245,76 @@ def test_a_ray_actor_holds_its_lease_until_it_dies(clean: FleetHosts) -> None:
     wait_for(lambda: leases(clean, "b") == [], 15, "the dead actor's lease reclaimed")
     event = lease_event(clean.daemons["b"], held["session_id"], "holder_exited")
     assert event["requester"] == "ray:Worker"
+
+
+class _Placements(BaseHTTPRequestHandler):
+    """In front of a fleet daemon for the Ray tasks' placing: passes every request on, and
+    records each placement it answered (the host chosen, the hosts left out)."""
+
+    target = ""
+    seen: ClassVar[list[tuple[str, list[str]]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        r = httpx.post(self.target + self.path, content=body, trust_env=False, timeout=30,
+                       headers={"Content-Type": "application/json"})
+        if r.status_code == 200:
+            type(self).seen.append((r.json()["host"], json.loads(body)["exclude"]))
+        self.send_response(r.status_code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _wait_for_file(path: str) -> None:
+    deadline = time.monotonic() + 60
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_ray_task_whose_host_went_full_is_placed_again(clean: FleetHosts,
+                                                          tmp_path: Path) -> None:
+    """The task is placed on c; while it waits for c's one CPU, someone takes c's room. Its
+    lease is refused at c (at once: the placement allowed no preemption and this was not
+    its last place), and the task is placed again without c and runs on b."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from gpu_manager.fleet import remote
+
+    _Placements.target, _Placements.seen = clean.daemons["a"].url, []
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _Placements)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    go = tmp_path / "go"
+    try:
+        blocker = ray.remote(num_cpus=1)(_wait_for_file).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(clean.node_id("c"), soft=False)
+        ).remote(str(go))
+
+        @remote(vram_mb=6000, fleet=f"http://127.0.0.1:{proxy.server_port}")
+        def where() -> str:
+            return str(ray.get_runtime_context().get_node_id())
+
+        ref = where.remote()
+        wait_for(lambda: _Placements.seen, 30, "the task placed")
+        assert _Placements.seen == [("c", [])]
+        r = clean.daemons["c"].post("/gpu/acquire", json={
+            "session_id": "thief", "requester": "other", "vram_mb": 6000})
+        assert r.status_code == 200, r.text
+        go.touch()  # c's CPU free: the task runs there, and its lease is refused
+        assert ray.get(ref, timeout=60) == clean.node_id("b")
+        assert _Placements.seen == [("c", []), ("b", ["c"])]
+        ray.get(blocker, timeout=30)
+    finally:
+        go.touch()
+        proxy.shutdown()
+        proxy.server_close()
+    assert [x["session_id"] for x in leases(clean, "c")] == ["thief"]
+    wait_for(lambda: leases(clean, "b") == [], 10, "the task's lease released on b")
 
 
 def _job(flags: str, block_on: str) -> str:
