@@ -94,7 +94,10 @@ def fleet_urls(explicit: str | None) -> list[str]:
     url = explicit or os.environ.get(URL_ENV)
     if url:
         return [url.rstrip("/")]
-    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    # (Ray's own function is untyped: named through a typed alias, no ignore is needed
+    # whether mypy sees Ray installed or not)
+    read_nodes: Callable[[], list[dict[str, Any]]] = ray.nodes
+    nodes = read_nodes()
     urls = []
     for node in nodes:
         labels = node.get("Labels") or {}
