@@ -199,8 +199,8 @@ async def test_a_stale_plan_is_refused_at_once_and_placed_again(clean: FleetHost
     took = time.monotonic() - t0
     assert taken == ["c"]
     [attempt] = placed.attempts
-    assert (attempt["host"], attempt["error"]) == ("c", "not_granted")
-    assert "would now preempt small" in attempt["detail"]  # c's own words
+    assert (attempt.host, attempt.error) == ("c", "not_granted")
+    assert "would now preempt small" in attempt.detail  # c's own words
     assert placed.host.name == "b" and placed.reply is not None and placed.reply.ok
     assert took < 10, took  # refused at once, not after the 20 s it could have waited
     assert [x["session_id"] for x in leases(clean, "b")] == ["mine"]

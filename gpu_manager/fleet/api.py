@@ -9,18 +9,20 @@ answered with that host's answer plus where it went. Without `fleet:` they answe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from gpu_manager.api.body import Body
 from gpu_manager.api.docs import answers
 from gpu_manager.api.errors import ApiError
-from gpu_manager.api.leases import AcquireBody, LeaseAnswer
+from gpu_manager.api.leases import AcquireBody, LeaseAnswer, ReleaseBody
 from gpu_manager.config.fleet import FleetConfig
 from gpu_manager.fleet.acquires import FleetAcquires
 from gpu_manager.fleet.members import RayMembership
@@ -68,11 +70,6 @@ class FleetAcquireBody(AcquireBody):
     exclude: list[str] = Field(default_factory=list, max_length=64)
 
 
-class FleetReleaseBody(BaseModel):
-    model_config = ConfigDict(strict=True)
-    session_id: str = Field(min_length=1, max_length=200)
-
-
 class FleetReleased(Body):
     success: bool
     session_id: str
@@ -106,10 +103,8 @@ def make_router(fleet: Fleet | None, auth: Any, post: tuple[int, ...]) -> APIRou
         return fleet
 
     async def placed(target: Target, dry_run: bool, exclude: list[str] | None) -> Any:
-        try:
+        with refusal():
             p = await need().place(target, dry_run=dry_run, exclude=frozenset(exclude or ()))
-        except FleetError as exc:
-            raise ApiError(exc.code, exc.detail, status=exc.status, **exc.extra) from None
         return _answer(p, dry_run)
 
     @router.get("/fleet/status", responses=answers(404, ok=FleetStatus, why=WHY))
@@ -159,23 +154,19 @@ def make_router(fleet: Fleet | None, auth: Any, post: tuple[int, ...]) -> APIRou
         async def connected() -> bool:
             return not await request.is_disconnected()
 
-        try:
+        with refusal():
             p = await acquires.acquire(body.session_id, lambda: need().place(
                 target, exclude=frozenset(body.exclude)), connected)
-        except FleetError as exc:
-            raise ApiError(exc.code, exc.detail, status=exc.status, **exc.extra) from None
         return _answer(p, False)
 
     @router.post("/fleet/release", dependencies=deps, responses=answers(
         *post, 404, 503, ok=FleetReleased, why=WHY))
-    async def release(body: FleetReleaseBody) -> dict[str, Any]:
+    async def release(body: ReleaseBody) -> dict[str, Any]:
         """Release a session wherever it is held (or its acquire in flight): every live
         host is asked. For a client that lost track of where its lease went."""
         f = need()
-        try:
+        with refusal():
             hosts = [h for h in await f.hosts() if h.alive]
-        except FleetError as exc:
-            raise ApiError(exc.code, exc.detail, status=exc.status) from None
         replies = await asyncio.gather(*(f.peers.call(h, "POST", "/gpu/release", json={
             "session_id": body.session_id}) for h in hosts))
         done = sorted(r.host.name for r in replies if r.ok)
@@ -184,21 +175,28 @@ def make_router(fleet: Fleet | None, auth: Any, post: tuple[int, ...]) -> APIRou
     return router
 
 
+@contextlib.contextmanager
+def refusal() -> Iterator[None]:
+    """The fleet's refusal as the API's error (its code, status, every host's answer)."""
+    try:
+        yield
+    except FleetError as exc:
+        raise ApiError(exc.code, exc.detail, status=exc.status, **exc.extra) from None
+
+
 def _answer(p: Placed, dry_run: bool) -> Any:
     where = p.as_dict()
     if dry_run or p.reply is None:
         return {"success": True, "dry_run": True, **where}
     body = p.reply.body
-    if p.reply.error is not None:  # sent, not answered: it may still run there
+    if p.reply.status is None:  # sent, not answered: it may still run there
         raise ApiError("fleet_unavailable", f"{p.host.name} did not answer: {p.reply.error}",
-                       status=504 if "within" in p.reply.error else 502, **where)
-    if isinstance(body, dict) and "session_id" in body:  # a lease: the host's answer, flat
-        status = p.reply.status or 502
-        return JSONResponse({**body, **where}, status_code=502 if status >= 500 and status
-                            not in (502, 503, 504) else status)
-    status = p.reply.status or 502
+                       status=504 if p.reply.timed_out else 502, **where)
+    status = p.reply.status
     if status >= 500 and status not in (502, 503, 504):
         status = 502  # the host failed (a 500 of its own): a bad gateway, as documented
+    if isinstance(body, dict) and "session_id" in body:  # a lease: the host's answer, flat
+        return JSONResponse({**body, **where}, status_code=status)
     if status >= 300:
         return JSONResponse({**(body if isinstance(body, dict) else {"detail": body}),
                              **where}, status_code=status)

@@ -47,6 +47,7 @@ class Membership(Protocol):
     async def aclose(self) -> None: ...
 
 
+_TOLD: set[tuple[str, str]] = set()  # pairs of nodes claiming one host, already logged
 # Ray's node table, a row per node: (node id, alive, address, labels, resources)
 Row = tuple[str, bool, str, Mapping[str, str], Mapping[str, float]]
 
@@ -65,8 +66,10 @@ def hosts_of(nodes: list[Row]) -> list[Host]:
                     int(vram) if vram else None, dict(labels))
         old = by_name.get(name)
         if old is not None and old.alive and alive:
-            logger.warning(f"fleet: two live Ray nodes are labelled {HOST_LABEL}={name} "
-                           f"({old.node_id}, {node_id}): the first is used")
+            if (old.node_id, node_id) not in _TOLD:  # once, not at every read of the table
+                _TOLD.add((old.node_id, node_id))
+                logger.warning(f"fleet: two live Ray nodes are labelled {HOST_LABEL}={name} "
+                               f"({old.node_id}, {node_id}): the first is used")
             continue
         if old is None or alive or not old.alive:
             by_name[name] = host

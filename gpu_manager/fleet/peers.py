@@ -19,6 +19,7 @@ class Reply:
     body: Any
     error: str | None = None  # why there was no answer: unreachable, timed out
     sent: bool = True  # False: the request never left (a refused connection)
+    timed_out: bool = False  # sent, and no answer within the call's deadline
 
     @property
     def ok(self) -> bool:
@@ -53,7 +54,7 @@ class Peers:
             return Reply(host, None, None, f"unreachable: {exc or type(exc).__name__}", False)
         except httpx.TimeoutException as exc:
             sent = not isinstance(exc, httpx.ConnectTimeout)
-            return Reply(host, None, None, f"no answer within {timeout.read:g}s", sent)
+            return Reply(host, None, None, f"no answer within {timeout.read:g}s", sent, sent)
         except httpx.HTTPError as exc:
             return Reply(host, None, None, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a URL no socket can take, a client closed at shutdown

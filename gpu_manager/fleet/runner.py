@@ -66,7 +66,7 @@ class Placed:
     chosen: Option
     options: list[Option]
     refusals: list[Refused]
-    attempts: list[dict[str, Any]]
+    attempts: list[Refused]  # the hosts that refused the act (their dry run was stale)
     reply: Reply | None = None  # the host's answer to the act (None: a dry run)
 
     def as_dict(self) -> dict[str, Any]:
@@ -74,7 +74,7 @@ class Placed:
                 "placement": {"chosen": self.chosen.as_dict(),
                               "options": [o.as_dict() for o in self.options],
                               "refused": [r.as_dict() for r in self.refusals],
-                              "attempts": self.attempts}}
+                              "attempts": [a.as_dict() for a in self.attempts]}}
 
 
 class Fleet:
@@ -110,7 +110,7 @@ class Fleet:
                     exclude: frozenset[str] = frozenset()) -> Placed:
         """Ask, choose, act (unless `dry_run`); again without a host that refused its act,
         while places, hosts and the target's deadline last."""
-        attempts: list[dict[str, Any]] = []
+        attempts: list[Refused] = []
         left_out = set(exclude)
         for n in range(1, self.cfg.attempts + 1):
             placed = await self._choose(target, left_out, attempts)
@@ -123,24 +123,24 @@ class Fleet:
                                           params=params, timeout_s=timeout)
             if reply.status == 409 or not reply.sent:  # stale, or it went away: elsewhere
                 attempts.append(refused(placed.host.name, reply.status, reply.body,
-                                        reply.error).as_dict())
+                                        reply.error))
                 left_out.add(placed.host.name)
                 if target.deadline is not None and time.monotonic() >= target.deadline:
                     break
                 continue
             placed.reply = reply
             return placed
+        tried = [a.as_dict() for a in attempts]
         raise FleetError("insufficient_vram", f"no host of the fleet took {target.label}: "
-                         + "; ".join(f"{a['host']}: {a['detail']}" for a in attempts), 409,
-                         hosts=attempts, attempts=attempts)
+                         + "; ".join(f"{a.host}: {_why(a)}" for a in attempts), 409,
+                         hosts=tried, attempts=tried)
 
     async def _choose(self, target: Target, exclude: set[str],
-                      attempts: list[dict[str, Any]]) -> Placed:
+                      attempts: list[Refused]) -> Placed:
         hosts = [h for h in await self.hosts() if h.name not in exclude]
         live = [h for h in hosts if h.alive]
         replies = await asyncio.gather(*(
             self.peers.call(h, "POST", target.plan_path, json=target.plan_body) for h in live))
-        options: list[Option] = []
         refusals = [Refused(h.name, "host_down", "its Ray node is dead") for h in hosts
                     if not h.alive]
         plans: dict[str, Mapping[str, Any]] = {}
@@ -154,10 +154,8 @@ class Fleet:
         options = [option(name, p, priorities.get(name, {})) for name, p in plans.items()]
         best = choose(options)
         if best is None:
-            if attempts:  # every option went at the act: their refusals, then the rest
-                refusals += [Refused(a["host"], a["error"], a["detail"], a.get("short_mb"),
-                                     tuple(a.get("blockers") or ())) for a in attempts]
-            raise _no_host(target, refusals, attempts)
+            # every option went at the act: their refusals with the rest
+            raise _no_host(target, refusals + attempts, attempts)
         host = next(h for h in live if h.name == best.host)
         return Placed(host, best, sorted(options, key=lambda o: o.host),
                       sorted(refusals, key=lambda r: r.host), attempts)
@@ -182,8 +180,7 @@ class Fleet:
         await self.membership.aclose()
 
 
-def _no_host(target: Target, refusals: list[Refused],
-             attempts: list[dict[str, Any]]) -> FleetError:
+def _no_host(target: Target, refusals: list[Refused], attempts: list[Refused]) -> FleetError:
     hosts = [r.as_dict() for r in sorted(refusals, key=lambda r: r.host)]
     why = "; ".join(f"{r.host}: {_why(r)}" for r in sorted(refusals, key=lambda r: r.host))
     asked = [r for r in refusals if r.error not in ("unreachable", "host_down", "bad_answer")]
@@ -196,7 +193,7 @@ def _no_host(target: Target, refusals: list[Refused],
     else:
         code, status = "insufficient_vram", 409
     return FleetError(code, f"no host of the fleet can take {target.label}: {why}", status,
-                      hosts=hosts, attempts=attempts)
+                      hosts=hosts, attempts=[a.as_dict() for a in attempts])
 
 
 def _why(r: Refused) -> str:
