@@ -67,8 +67,9 @@ class FleetAcquires:
 
     def _on_done(self, session_id: str, e: _Entry, _task: asyncio.Task[Placed]) -> None:
         e.done_at = time.monotonic()
-        if not e.task.cancelled():
-            e.task.exception()  # retrieved: every caller hears it
+        failed = e.task.cancelled() or e.task.exception() is not None  # (retrieved here)
+        if (failed or not granted(e.task.result())) and self._entries.get(session_id) is e:
+            del self._entries[session_id]  # only a grant is kept for retries; a no is not
         if e.callers == 0:  # every caller left before the answer
             self._settle(session_id, e)
 
