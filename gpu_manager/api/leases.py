@@ -59,7 +59,6 @@ class PlanBody(BaseModel):
     """An acquire's fit check: what granting it would do now (nothing is reserved)."""
 
     model_config = STRICT
-    requester: str | None = Field(default=None, max_length=200)
     priority: Annotated[Literal[1, 2], BeforeValidator(json_int)] = 1
     vram_mb: Annotated[int, Field(ge=0), BeforeValidator(json_int)] | None = None
     device: Annotated[int, Field(ge=0, le=63), BeforeValidator(json_int)] | None = None
@@ -181,8 +180,7 @@ def with_cards(body: type[B], cards: list[int]) -> type[B]:
     enum: list[Any] = list(cards)
     device: Any = Annotated[int, Field(json_schema_extra={"enum": enum}),
                             BeforeValidator(json_int), AfterValidator(managed)] | None
-    mine = create_model(body.__name__, __base__=body, device=(device, None))
-    return mine
+    return create_model(body.__name__, __base__=body, device=(device, None))
 
 
 def make_router(daemon: Daemon, auth: Any, post: tuple[int, ...]) -> APIRouter:

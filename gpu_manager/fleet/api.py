@@ -13,7 +13,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
@@ -67,6 +67,9 @@ class FleetPlaced(Body):
 class FleetAcquireBody(AcquireBody):
     model_config = ConfigDict(strict=True)
     device: None = None  # a card is the chosen host's choice
+    # the act's terms are the placement's own (what the chosen host's dry run promised)
+    max_preempt: None = None
+    wait: Literal[True] = True
     exclude: list[str] = Field(default_factory=list, max_length=64)
 
 

@@ -54,7 +54,7 @@ class AcquireResult:
     lease: ClientLease | None
     error: str | None
     wait_ms: int
-    code: str = "ok"  # ok, timeout, unavailable, invalid, too_large, cancelled
+    code: str = "ok"  # ok, timeout, unavailable, invalid, too_large, cancelled, refused
 
 
 @dataclass
@@ -128,7 +128,7 @@ class LeaseManager:
             known = ", ".join(str(c) for c in self.orch.cards)
             return AcquireResult(None, f"device {device} is not managed by this daemon "
                                  f"(devices: {known})", 0, "invalid")
-        budget = self.card_budget(device)
+        budget = card_budget(self.orch, device)
         mb = vram_mb if vram_mb is not None else self.cfg.default_vram_mb
         mb = budget if mb is None else mb
         if 0 < budget < mb:
@@ -255,9 +255,6 @@ class LeaseManager:
             a.op.cancelled_because = why
         if a.attempt is not None:
             a.attempt.cancel()
-
-    def card_budget(self, device: int | None) -> int:
-        return card_budget(self.orch, device)
 
     @staticmethod
     def _ms(t0: float) -> int:
