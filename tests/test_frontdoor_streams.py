@@ -47,6 +47,22 @@ class _EndsEarly(BaseHTTPRequestHandler):
         pass
 
 
+class _ClosesFresh(BaseHTTPRequestHandler):
+    """Reads each request and closes its connection unanswered: a server that got the
+    request (and may have acted on it) and died before answering."""
+
+    protocol_version = "HTTP/1.1"
+    requests: list[str] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.requests.append(self.path)
+        self.close_connection = True
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
 class _ClosesKeptAlive(BaseHTTPRequestHandler):
     """Answers the first request of each connection, and closes the connection, unanswered,
     when a second one comes on it: the race of a server closing an idle connection."""
@@ -84,6 +100,14 @@ def test_done_is_seen_whatever_the_chunking() -> None:
     for byte in range(len(CHUNK)):
         watch.feed(CHUNK[byte:byte + 1])
     assert not watch.seen
+    # SSE lets the space after `data:` go; only the last event is the end: `[DONE]` quoted
+    # in a token, or an event after it, is no end
+    for body, ends in ((CHUNK + b"data:[DONE]\n\n", True),
+                       (CHUNK.replace(b'"a"', b'"data: [DONE]"'), False),
+                       (DONE_MARK + b"\n\n" + CHUNK, False)):
+        watch = DoneWatch()
+        watch.feed(body)
+        assert watch.seen is ends, body
 
 
 def test_a_stream_that_ends_without_done_is_an_error_to_the_sdk(tmp_path: Path) -> None:
@@ -118,6 +142,7 @@ def test_a_kept_alive_connection_closed_under_a_request_is_tried_once_more(
     threading.Thread(target=closes.serve_forever, daemon=True).start()
     d = DaemonProc(tmp_path, extra_services=served(
         "closes", free_port(), "closes", vram=1000, serve_port=closes.server_address[1])).start()
+    _ClosesKeptAlive.requests = []
     try:
         for _ in range(3):
             r = httpx.post(f"{d.url}/v1/embeddings", json={"model": "closes", "input": "x"},
@@ -126,7 +151,37 @@ def test_a_kept_alive_connection_closed_under_a_request_is_tried_once_more(
         ports = _ClosesKeptAlive.requests
         # each later request went out on the kept-alive connection first, then on a new one
         assert len(ports) == 5 and len(set(ports)) == 3, ports
+        # not through /svc: a request there, on the same kept-alive connection, is never
+        # sent twice: 502, sent once; the next goes on a fresh connection and is answered
+        r = httpx.post(f"{d.url}/svc/closes/v1/embeddings", json={"input": "x"},
+                       trust_env=False, timeout=30)
+        assert r.status_code == 502, r.text
+        assert len(ports) == 6, ports
+        r = httpx.post(f"{d.url}/svc/closes/v1/embeddings", json={"input": "x"},
+                       trust_env=False, timeout=30)
+        assert r.status_code == 200, r.text
+        assert len(ports) == 7, ports
     finally:
         d.close()
         closes.shutdown()
         closes.server_close()
+
+
+def test_a_request_closed_unanswered_on_a_fresh_connection_is_not_sent_again(
+        tmp_path: Path) -> None:
+    """The server got it and closed without an answer: it may have acted on it, so the door
+    answers 502 rather than send it twice."""
+    fresh = ThreadingHTTPServer(("127.0.0.1", 0), _ClosesFresh)
+    threading.Thread(target=fresh.serve_forever, daemon=True).start()
+    d = DaemonProc(tmp_path, extra_services=served(
+        "fresh", free_port(), "fresh", vram=1000, serve_port=fresh.server_address[1])).start()
+    _ClosesFresh.requests = []
+    try:
+        r = httpx.post(f"{d.url}/v1/embeddings", json={"model": "fresh", "input": "x"},
+                       trust_env=False, timeout=30)
+        assert r.status_code == 502, r.text
+        assert _ClosesFresh.requests == ["/v1/embeddings"]  # once
+    finally:
+        d.close()
+        fresh.shutdown()
+        fresh.server_close()

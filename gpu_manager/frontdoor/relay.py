@@ -11,8 +11,10 @@ byte, an SSE `error` event in an event stream, else the body ends short).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -220,24 +222,40 @@ class Relay:
             self.stats.answered(self.name, code, time.monotonic() - t0)
 
     async def _open(self, receive: Receive) -> httpx.Response:
-        """Send the request upstream; the answer's head. A kept-alive connection that the
-        upstream closed just as the request went out on it (llama.cpp's server closes one
-        after an error raised inside an event stream it had already ended) fails before any
-        answer: a body we hold is sent once more, on a fresh connection. A body streamed up
-        from the client cannot be sent twice."""
+        """Send the request upstream; the answer's head.
+
+        Resent once, narrowly: llama.cpp's server closes a kept-alive connection a moment
+        after an error raised inside an event stream it had already ended, so the next
+        request sent on that pooled connection meets the close instead of an answer. Only
+        that race is resent: a `/v1` request whose body we hold, that went out on a reused
+        connection (never a fresh one: a server that closes a new connection unanswered
+        did get the request), and met a close or a reset before its answer began, or a
+        failed write, within RACE_S of being sent (a server that worked on it takes
+        longer). Outside that race, a request that may have been acted on is not sent
+        twice; inside it, one the server received and acted on within RACE_S and then
+        dropped its connection for would be (a crash so soon after: its resend meets the
+        dead server)."""
         up, cfg = self.up, self.cfg
         timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=cfg.chunk_timeout_s,
                                 write=cfg.chunk_timeout_s, pool=cfg.connect_timeout_s)
         for retry in (False, True):
+            fresh: list[str] = []  # a new connection's events: not the idle-close race
             request = self.client.build_request(
                 up.method, up.url, headers=up.headers, timeout=timeout,
-                content=up.body if up.body is not None else self._body(receive))
+                content=up.body if up.body is not None else self._body(receive),
+                extensions={"trace": functools.partial(_connects, fresh)})
+            sent = time.monotonic()
             try:
                 return await self.client.send(request, stream=True)
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                if retry or up.body is None:
+                # a reset, a failed write, or a close with no byte of answer; not a
+                # malformed answer (a server that answered, badly)
+                unanswered = not isinstance(exc, httpx.RemoteProtocolError) or \
+                    "without sending a response" in str(exc)
+                if retry or up.body is None or not self.openai or fresh or not unanswered \
+                        or time.monotonic() - sent > RACE_S:
                     raise
-                logger.info(f"{self.name}: the connection closed under the request "
+                logger.info(f"{self.name}: the kept-alive connection closed under the request "
                             f"({type(exc).__name__}: {exc}); sending it once more")
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
@@ -268,6 +286,11 @@ class Relay:
 # Responses API, say, ends with an event of its own).
 DONE_ROUTES = ("/chat/completions", "/completions")
 DONE_MARK = b"data: [DONE]"
+DONE_LINE = re.compile(rb"data: ?\[DONE\]")
+TAIL = 64  # bytes of a stream's end kept: its last line is shorter
+# The idle-close race: a close that meets a request this soon after it was sent is the
+# server's close of an idle connection, not an answer it failed (see `_open`).
+RACE_S = 0.5
 
 
 def ends_with_done(url: str, response: httpx.Response) -> bool:
@@ -278,19 +301,27 @@ def ends_with_done(url: str, response: httpx.Response) -> bool:
 
 
 class DoneWatch:
-    """Sees `data: [DONE]` go by in a relayed stream, whatever the chunking: the marker may
-    straddle two chunks, so the tail of the last one is kept."""
+    """Whether a relayed stream ended with the `data: [DONE]` event, whatever the chunking:
+    only the stream's tail is kept (a few bytes a chunk, no copy of the chunk), and only
+    its last event counts (`[DONE]` quoted inside a token is no end; SSE allows the space
+    after `data:` to be left out)."""
 
     def __init__(self) -> None:
-        self.seen = False
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
-        if self.seen:
-            return
-        window = self._tail + chunk
-        self.seen = DONE_MARK in window
-        self._tail = window[-(len(DONE_MARK) - 1):]
+        self._tail = (self._tail + chunk[-TAIL:])[-TAIL:]
+
+    @property
+    def seen(self) -> bool:
+        return DONE_LINE.fullmatch(self._tail.rstrip().rsplit(b"\n", 1)[-1].strip()) \
+            is not None
+
+
+async def _connects(seen: list[str], event: str, _info: dict[str, object]) -> None:
+    """httpcore's trace hook: note the events of a new connection being opened."""
+    if event.startswith("connection.connect_tcp"):
+        seen.append(event)
 
 
 async def _close(response: httpx.Response) -> None:

@@ -22,9 +22,8 @@ import os
 import sys
 
 from gpu_manager.paths import sim_dir
-from gpu_manager.sim.registry import SimRegistry, SimulatedOOM, visible_devices
+from gpu_manager.sim.registry import SimRegistry, hold
 
-EXIT_OOM = 3
 EXIT_NOT_FOUND = 127  # what a shell answers for a command it cannot run
 
 
@@ -48,16 +47,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # The cards the daemon handed it (by our UUIDs), as the stand-ins read them.
-    visible = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
-    device, also = ((args.device, ()) if args.device is not None
-                    else (visible[0], visible[1:]) if visible else (0, ()))
+    # on the cards the daemon handed it (by our UUIDs), as the stand-ins hold them
     name = args.name or os.path.basename(args.command[0])
-    try:
-        SimRegistry(sim_dir()).register(os.getpid(), args.vram_mb, name, device, also)
-    except SimulatedOOM as exc:
-        print(exc, file=sys.stderr, flush=True)
-        return EXIT_OOM
+    refused = hold(SimRegistry(sim_dir()), args.vram_mb, name, args.device)
+    if refused is not None:
+        return refused
     try:
         os.execvp(args.command[0], args.command)  # never returns on success
     except OSError as exc:

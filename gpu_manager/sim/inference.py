@@ -168,9 +168,9 @@ class OpenAiRoutes:
         where = "in the messages" if chat else "in your prompt"
         return Reply(400, {"error": {
             "message": f"This model's maximum context length is {context} tokens. However, "
-                       f"you requested {asked} tokens ({prompt} {where}, {limit} in the "
+                       f"you requested {asked} tokens ({prompt} {where}, {limit or 0} in the "
                        "completion). Please reduce the length of the messages or completion.",
-            "type": "invalid_request_error", "param": "messages",
+            "type": "invalid_request_error", "param": "messages" if chat else "prompt",
             "code": "context_length_exceeded"}})
 
     def _chunks(self, head: dict[str, Any], chat: bool, tokens: list[str], finish: str,

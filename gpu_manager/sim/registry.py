@@ -25,6 +25,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -90,6 +91,30 @@ SIM_UUID_PREFIX = "GPU-simulated-"
 def sim_uuid(index: int) -> str:
     """A simulated card's UUID: what the daemon puts in CUDA_VISIBLE_DEVICES."""
     return f"{SIM_UUID_PREFIX}{index}"
+
+
+EXIT_OOM = 3  # how a workload that found no room on the simulated GPU exits (as CUDA's OOM)
+
+
+def placement(device: int | None) -> tuple[int, tuple[int, ...]]:
+    """(card, other cards) to hold memory on: `device`, else what CUDA_VISIBLE_DEVICES
+    names (the daemon hands a placed service its cards there), else card 0."""
+    if device is not None:
+        return device, ()
+    visible = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return (visible[0], visible[1:]) if visible else (0, ())
+
+
+def hold(registry: SimRegistry, mb: int, name: str, device: int | None) -> int | None:
+    """Register `mb` for this process on its card(s); EXIT_OOM (said on stderr) when the
+    simulated GPU has no room, else None."""
+    card, also = placement(device)
+    try:
+        registry.register(os.getpid(), mb, name, card, also)
+    except SimulatedOOM as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return EXIT_OOM
+    return None
 
 
 def visible_devices(value: str | None) -> tuple[int, ...]:

@@ -59,10 +59,9 @@ from gpu_manager.sim.memory import (
     SimulatedBackend,
     allocate_cuda,
 )
-from gpu_manager.sim.registry import SimRegistry, SimulatedOOM, visible_devices
+from gpu_manager.sim.registry import EXIT_OOM, SimRegistry, SimulatedOOM, hold, placement
 from gpu_manager.sim.serving import DEFAULT_UTIL_PCT, Busy, Serving
 
-EXIT_OOM = 3
 EXIT_CRASH = 70
 
 
@@ -128,21 +127,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def placement(args: argparse.Namespace) -> tuple[int, tuple[int, ...]]:
-    """(card, other cards) to hold memory on: `--device`, else what CUDA_VISIBLE_DEVICES
-    names (the daemon hands a placed service its cards there), else card 0."""
-    if args.device is not None:
-        return args.device, ()
-    visible = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
-    return (visible[0], visible[1:]) if visible else (0, ())
-
-
 def _start_api(args: argparse.Namespace, registry: SimRegistry | None,
                serving: Serving) -> Api:
     """Take the full VRAM, in parts that the API's sleep and wake release and take back."""
     parts = model_parts(args.api, args.vram_mb - args.sleep_vram_mb, args.weights_mb)
     backend: Backend
-    device, also = placement(args)
+    device, also = placement(args.device)
     if registry is None:
         # CUDA numbers only the visible cards: the first one it sees is ours
         backend = CudaBackend(args.device or 0)
@@ -185,12 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     elif registry is None:
         buffer = allocate_cuda(args.vram_mb, args.device or 0)
     else:
-        device, also = placement(args)
-        try:
-            registry.register(os.getpid(), args.vram_mb, args.name, device, also)
-        except SimulatedOOM as exc:
-            print(exc, file=sys.stderr, flush=True)
-            return EXIT_OOM
+        refused = hold(registry, args.vram_mb, args.name, args.device)
+        if refused is not None:
+            return refused
     # The memory is held; it is released by the process's death, never by unregistering,
     # so the release delay models the driver's teardown for every way of dying.
 

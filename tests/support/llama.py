@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from tests.support.daemon import ROOT, DaemonProc
-from tests.support.env import unavailable
+from tests.support.env import unavailable, wait_for
 
 MAKE_MODEL = ROOT / "examples" / "llama_cpp" / "make_tiny_model.py"
 VRAM_MB = 6000
@@ -88,15 +88,15 @@ def service(d: DaemonProc, name: str) -> dict[str, Any]:
 
 def wait_service(d: DaemonProc, name: str, cond: Callable[[dict[str, Any]], bool],
                  timeout: float, what: str) -> dict[str, Any]:
-    """Poll the daemon's status until `cond` holds for the service; its status then."""
-    deadline = time.monotonic() + timeout
-    while True:
-        svc = service(d, name)
-        if cond(svc):
-            return svc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}: {svc}")
-        time.sleep(0.02)
+    """Wait until `cond` holds for the service's status (within `timeout`); that status."""
+    seen: list[dict[str, Any]] = []
+
+    def holds() -> bool:
+        seen.append(service(d, name))
+        return cond(seen[-1])
+
+    wait_for(holds, timeout, what, every=0.02)
+    return seen[-1]
 
 
 def events_through(d: DaemonProc, op_id: str, timeout: float = 15) -> list[dict[str, Any]]:
